@@ -1,0 +1,101 @@
+"""Named fault points: a test-only way to make races reproducible.
+
+A fault spec is a comma-separated list of ``POINT[@ID]=ACTION[:ARG]``, given as the pool
+option ``faults=`` or in the environment variable ``PROCPOOL_FAULTS`` (read when the pool is
+created; workers get the pool's spec). ``@ID`` limits a fault to the worker with that id.
+Actions:
+
+* ``delay:SECONDS`` — sleep there (widen a race window deterministically);
+* ``raise`` — raise ``procpool.FaultInjected``;
+* ``kill`` — SIGKILL the process at that exact point;
+* ``exit`` — ``os._exit(3)`` at that point.
+
+Points (worker side unless marked parent):
+
+==========================  ==============================================================
+``worker.start``            the worker process started, before it touches its slot
+``worker.busy``             a work item was received, before its function runs
+``worker.idle``             a result was sent, before waiting for the next message
+``detach.before_lock``      the worker renamed itself dying, before taking the attach lock
+``detach.locked``           holding the Manager attach lock, before freeing its id
+``detach.after``            after detaching, before exiting (id free, process alive)
+``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
+``create.start``            parent: just before one worker process is started
+``teardown.before_wait``    parent: completion installed, before waiting on it
+==========================  ==============================================================
+
+With no spec the check is a dictionary lookup on an empty dict.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from .errors import FaultInjected
+
+ENV = "PROCPOOL_FAULTS"
+
+POINTS = frozenset(
+    {
+        "worker.start",
+        "worker.busy",
+        "worker.idle",
+        "detach.before_lock",
+        "detach.locked",
+        "detach.after",
+        "create.after_alloc",
+        "create.start",
+        "teardown.before_wait",
+    }
+)
+ACTIONS = frozenset({"delay", "raise", "kill", "exit"})
+
+Spec = dict[str, list[tuple[int | None, str, float]]]
+
+
+def parse(text: str | None) -> Spec:
+    """Parse a fault spec; a malformed one raises ValueError naming the bad entry."""
+    spec: Spec = {}
+    if not text:
+        return spec
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        point, sep, action = entry.partition("=")
+        if not sep:
+            raise ValueError(f"fault {entry!r}: expected POINT[@ID]=ACTION[:ARG]")
+        point, _, wid = point.strip().partition("@")
+        if point not in POINTS:
+            raise ValueError(f"fault {entry!r}: unknown point {point!r}; known: {', '.join(sorted(POINTS))}")
+        name, _, arg = action.strip().partition(":")
+        if name not in ACTIONS:
+            raise ValueError(f"fault {entry!r}: unknown action {name!r}; known: {', '.join(sorted(ACTIONS))}")
+        try:
+            value = float(arg) if arg else 0.0
+            target = int(wid) if wid else None
+        except ValueError:
+            raise ValueError(f"fault {entry!r}: bad number") from None
+        spec.setdefault(point, []).append((target, name, value))
+    return spec
+
+
+def hit(spec: Spec, point: str, wid: int | None = None) -> None:
+    """Run the actions armed at ``point`` (for worker ``wid``), if any."""
+    actions = spec.get(point)
+    if not actions:
+        return
+    for target, name, value in actions:
+        if target is not None and target != wid:
+            continue
+        if name == "delay":
+            time.sleep(value)
+        elif name == "raise":
+            raise FaultInjected(f"fault injected at {point}")
+        elif name == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(10)  # SIGKILL is asynchronous only in theory
+        elif name == "exit":
+            os._exit(3)

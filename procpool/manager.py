@@ -1,0 +1,198 @@
+"""Cross-process locks served by a multiprocessing Manager: ``pool->manager_arb`` and the
+attach mutex.
+
+One Manager server process per program serves the locks of all its pools. Two things the
+stock ``SyncManager.Lock()`` does not give us, and why:
+
+* **A SIGKILLed holder must not block the next acquirer forever.** A stock Manager lock is
+  a plain ``threading.Lock`` in the server: if the process holding it dies, it stays held.
+  ``RobustLock`` records its owner as (pid, start time); a waiter that finds the owner gone
+  (no such process, a different process with a recycled pid, or a zombie) takes the lock
+  over and counts the takeover in ``broken``. Releases wake waiters at once through a
+  condition; only a dead owner is discovered by polling (every ``OWNER_POLL`` s).
+* **The server must not outlive its program.** A Manager server started by a program that
+  is SIGKILLed keeps running forever. Ours watches its parent's sentinel and exits when it
+  becomes readable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from multiprocessing import connection, parent_process
+from multiprocessing.managers import BaseManager, BaseProxy
+from typing import Any
+
+import psutil
+
+OWNER_POLL = 0.05
+
+Owner = tuple[int, float]
+
+
+def _round_ct(ct: float) -> float:
+    return round(ct, 2)
+
+
+_self_owner: Owner | None = None
+
+
+def self_owner() -> Owner:
+    """This process's identity as a lock owner: (pid, start time). Cached per process."""
+    global _self_owner
+    pid = os.getpid()
+    if _self_owner is None or _self_owner[0] != pid:
+        _self_owner = (pid, _round_ct(psutil.Process(pid).create_time()))
+    return _self_owner
+
+
+def owner_alive(owner: Owner) -> bool:
+    pid, ct = owner
+    try:
+        p = psutil.Process(pid)
+        return _round_ct(p.create_time()) == ct and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class _RobustLockServer:
+    """Lives in the Manager server. Guards: ``_cond`` guards ``_owner`` and ``broken``."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: Owner | None = None
+        self.broken = 0
+
+    def acquire(self, owner: Owner, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        owner = (int(owner[0]), float(owner[1]))
+        with self._cond:
+            while self._owner is not None:
+                if not owner_alive(self._owner):
+                    # The holder died inside its critical section. What it was protecting
+                    # (an id-table slot) is repaired by whoever holds the lock next: the
+                    # parent re-checks the dead worker's slot generation before trusting it.
+                    self.broken += 1
+                    break
+                wait = OWNER_POLL
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    wait = min(wait, left)
+                self._cond.wait(wait)
+            self._owner = owner
+            return True
+
+    def release(self, owner: Owner) -> None:
+        owner = (int(owner[0]), float(owner[1]))
+        with self._cond:
+            if self._owner != owner:
+                raise RuntimeError(f"lock released by {owner}, but held by {self._owner}")
+            self._owner = None
+            self._cond.notify()
+
+    def owner(self) -> Owner | None:
+        return self._owner
+
+    def broken_count(self) -> int:
+        return self.broken
+
+
+class _RobustLockProxy(BaseProxy):
+    _exposed_ = ("acquire", "release", "owner", "broken_count")
+
+    def acquire(self, owner: Owner, timeout: float | None = None) -> bool:
+        return self._callmethod("acquire", (owner, timeout))
+
+    def release(self, owner: Owner) -> None:
+        self._callmethod("release", (owner,))
+
+    def owner(self) -> Owner | None:
+        return self._callmethod("owner")
+
+    def broken_count(self) -> int:
+        return self._callmethod("broken_count")
+
+
+class ManagerLock:
+    """A cross-process lock held in the Manager; picklable into workers.
+
+    Use as a context manager. Acquiring from a second thread of the same process while held
+    is a deadlock, exactly as with ``threading.Lock``.
+    """
+
+    def __init__(self, proxy: _RobustLockProxy, name: str) -> None:
+        self._proxy = proxy
+        self.name = name
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._proxy.acquire(self_owner(), timeout)
+
+    def release(self) -> None:
+        self._proxy.release(self_owner())
+
+    def owner(self) -> Owner | None:
+        return self._proxy.owner()
+
+    @property
+    def broken(self) -> int:
+        """How many times a waiter took this lock over from a dead owner."""
+        return self._proxy.broken_count()
+
+    def __enter__(self) -> ManagerLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<ManagerLock {self.name}>"
+
+
+class _Manager(BaseManager):
+    pass
+
+
+_Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
+
+
+def _server_init() -> None:
+    """Runs in the Manager server process before it serves."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle("procpool: manager")
+    except Exception:  # pragma: no cover - the title is cosmetic
+        pass
+    parent = parent_process()
+    if parent is not None:
+        sentinel = parent.sentinel
+
+        def watch() -> None:
+            connection.wait([sentinel])
+            os._exit(0)
+
+        threading.Thread(target=watch, name="procpool-parent-watch", daemon=True).start()
+
+
+_manager: _Manager | None = None
+_manager_pid = 0
+_manager_lock = threading.Lock()  # guards _manager and _manager_pid (this process's threads)
+
+
+def get_manager(ctx: Any) -> _Manager:
+    """The program's Manager, started on first use (shared by every pool of the program)."""
+    global _manager, _manager_pid
+    with _manager_lock:
+        if _manager is None or _manager_pid != os.getpid():
+            m = _Manager(ctx=ctx)
+            m.start(initializer=_server_init)
+            _manager, _manager_pid = m, os.getpid()
+        return _manager
+
+
+def new_lock(ctx: Any, name: str) -> ManagerLock:
+    return ManagerLock(get_manager(ctx).RobustLock(), name)  # type: ignore[attr-defined]

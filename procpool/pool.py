@@ -1,0 +1,878 @@
+"""WorkerPool: the userspace ``struct worker_pool``.
+
+Worker state machine, as the parent sees it::
+
+      _create_workers()                _destroy_worker()                 (worker's exit path)
+   ─────────────────────► idle ⇄ busy ──(idle only)──► dying ─────────────────────────────► gone
+   M: alloc lowest id,     L: idle list  L: off the idle list,   title kworker/dying,           │
+   start the process          + current    DIE flag + message,   M: free id, last one out       │
+   (arbiter thread)                        return at once        completes the teardown wait    │
+                                                                                                 │
+   a crash at any point ─► sentinel readable ─► _reap(): drain its socket, fail the item it ◄───┘
+                           was running (WorkerLost), free its id on its behalf, maybe complete
+
+Path of one work item::
+
+   submit()   [caller thread]  pickle (fn, args, kwargs) ─► L: idle worker? ─yes─► send to it
+                                                              │ no
+                                                              └─► worklist (+ wake the arbiter to grow)
+   worker     recv ─► run ─► send (seq, ok, value, traceback)
+   arbiter    [one thread]     recv ─► L: next item from the worklist ─► send; or enter idle
+                               ─► set the Future
+
+Threads in the parent: callers (submit, close, stats), and one *arbiter* thread that owns the
+selector: it receives results, reaps exited workers, grows the pool when work waits and culls
+idle workers past their timeout. It never blocks on a worker.
+
+Teardown (``close``), the seed's ``put_unbound_pool()``::
+
+   L: closing; destroy idle workers (busy ones are destroyed as they go idle and nothing is
+   left to run) ─► wait: no attached worker, no pending item ─► M arb + attach: ids left?
+   install the detach completion ─► wait on it ─► wait until every process is reaped ─►
+   stop the arbiter ─► unlink the id table
+
+Guards:  L = self._lock (parent only)     M = Manager locks (any process)
+         I = set in __init__, read-only after    A = arbiter thread only
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import multiprocessing
+import os
+import pickle
+import selectors
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from . import faults as _faults
+from .errors import PoolClosed, ProcpoolError, RemoteTraceback, TeardownTimeout, WorkerLost
+from .idtable import FLAG_DIE, IdTable
+from .manager import new_lock
+from .worker import DIE, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_main, worker_title
+
+#: Idle workers kept regardless of load, and busy workers per extra idle one kept
+#: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
+KEEP_IDLE = 2
+MAX_IDLE_WORKERS_RATIO = 4
+#: After the OS refuses a new process, wait this long before trying again (kernel: 1 s).
+CREATE_COOLDOWN = 1.0
+#: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
+KILL_GRACE = 1.0
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A consistent snapshot of a pool's counters (taken under the pool lock)."""
+
+    nr_workers: int  # attached workers (idle + busy), dying ones excluded
+    nr_idle: int
+    nr_busy: int
+    nr_dying: int  # destroyed, process not reaped yet
+    nr_pending: int  # items waiting for a worker
+    created: int
+    destroyed: int
+    items_done: int  # items that ended with a result or their function's exception
+    lost: int  # workers that died without being destroyed
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker process, as ``WorkerPool.workers()`` reports it."""
+
+    id: int
+    pid: int
+    state: str  # 'idle' | 'busy' | 'dying'
+    title: str
+
+
+class _Item:
+    __slots__ = ("seq", "future", "payload")
+
+    def __init__(self, seq: int, future: Future, payload: bytes) -> None:
+        self.seq = seq
+        self.future = future
+        self.payload = payload
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    __slots__ = ("id", "gen", "proc", "conn", "pid", "state", "current", "idle_since", "kill_reason")
+
+    def __init__(self, wid: int, gen: int, proc: Any, conn: Any) -> None:
+        self.id = wid  # I
+        self.gen = gen  # I
+        self.proc = proc  # I
+        self.conn = conn  # I: parent end of the socket pair
+        self.pid: int = proc.pid  # I
+        self.state = "idle"  # L
+        self.current: _Item | None = None  # L: the item it runs
+        self.idle_since = time.monotonic()  # L
+        self.kill_reason: str | None = None  # L: why the parent killed it, if it did
+
+
+# -- pool ids: small ints, unique among this program's live pools ---------------------------
+
+_ids_lock = threading.Lock()  # guards _pool_ids
+_pool_ids: set[int] = set()
+_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+
+
+def _alloc_pool_id() -> int:
+    with _ids_lock:
+        pid = next(i for i in itertools.count() if i not in _pool_ids)
+        _pool_ids.add(pid)
+        return pid
+
+
+def _free_pool_id(pid: int) -> None:
+    with _ids_lock:
+        _pool_ids.discard(pid)
+
+
+@atexit.register
+def _close_live_pools() -> None:
+    """At interpreter exit, close pools their owners forgot (pending work still runs)."""
+    for pool in list(_live_pools):
+        pool.close(wait=True)
+
+
+def resolve_context(mp_context: Any) -> Any:
+    """The multiprocessing context for workers: forkserver unless told otherwise.
+
+    forkserver is the default because it is safe when the parent runs threads (a fork of a
+    threaded parent can copy a lock held by another thread) while each new worker is still
+    only a fork of a small single-threaded server, with procpool already imported there.
+    """
+    if mp_context is None:
+        mp_context = "forkserver"
+    if isinstance(mp_context, str):
+        try:
+            ctx = multiprocessing.get_context(mp_context)
+        except ValueError:
+            raise ValueError(f"mp_context: unknown start method {mp_context!r}") from None
+    else:
+        ctx = mp_context
+    method = ctx.get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "mp_context: procpool does not start workers with 'fork' (unsafe in a threaded parent, "
+            "and every worker would inherit every other worker's pipes); use 'forkserver' (the "
+            "default) or 'spawn'"
+        )
+    if method == "forkserver":
+        _preload_into_forkserver(ctx)
+    return ctx
+
+
+def _preload_into_forkserver(ctx: Any) -> None:
+    # Importing procpool once in the fork server, not once per worker, is most of a cold
+    # start. Keep whatever preload list the program set (default: ['__main__']).
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return  # already running; too late to change what it preloaded
+    mods = list(getattr(server, "_preload_modules", ["__main__"]))
+    if "procpool.worker" not in mods:
+        ctx.set_forkserver_preload(mods + ["procpool.worker"])
+
+
+def _dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """Pickle one call in the caller's thread; on failure, name the part that failed."""
+    try:
+        return seq.to_bytes(SEQ_BYTES, "little") + pickle.dumps((fn, args, kwargs), PICKLE_PROTOCOL)
+    except Exception as exc:
+        parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
+        parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
+        for what, obj in parts:
+            try:
+                pickle.dumps(obj, PICKLE_PROTOCOL)
+            except Exception as part_exc:
+                raise TypeError(f"submit(): {what} cannot be pickled: {part_exc}") from exc
+        raise TypeError(f"submit(): the call cannot be pickled: {exc}") from exc
+
+
+def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+class WorkerPool:
+    """A pool of worker processes with asynchronous worker destruction.
+
+    ``min_workers`` processes start at once and the pool never culls below them; a submit that
+    finds no idle worker starts another, up to ``max_workers``; idle workers beyond "2 idle
+    plus 1 per 4 busy" are destroyed once idle for ``idle_timeout`` seconds. Destroying a
+    worker never waits for it: the worker detaches itself on its way out, and only ``close``
+    waits, once, for the last one to leave.
+
+    ``title_prefix`` replaces ``kworker`` in the process titles. ``linger_dying`` (debug) keeps
+    a dying worker alive that many seconds after it detached, so ``kworker/dying`` and id
+    reuse can be watched in ps/htop. ``faults`` arms fault points (tests only; see
+    ``procpool.faults``). ``mp_context`` is a start method name or context ('forkserver' by
+    default, or 'spawn').
+    """
+
+    def __init__(
+        self,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        idle_timeout: float = 300.0,
+        *,
+        title_prefix: str = "kworker",
+        linger_dying: float = 0.0,
+        mp_context: Any = None,
+        faults: str | None = None,
+    ) -> None:
+        if max_workers is None:
+            max_workers = max(os.cpu_count() or 1, (min_workers or 0))
+        _check_number("max_workers", max_workers, minimum=1, integer=True)
+        if min_workers is None:
+            min_workers = min(KEEP_IDLE, max_workers)
+        _check_number("min_workers", min_workers, minimum=0, integer=True)
+        if min_workers > max_workers:
+            raise ValueError(f"min_workers ({min_workers}) must not exceed max_workers ({max_workers})")
+        _check_number("idle_timeout", idle_timeout, minimum=0)
+        _check_number("linger_dying", linger_dying, minimum=0)
+        if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
+            raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
+        fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
+        self._faults = _faults.parse(fault_text)  # I
+
+        self.min_workers = min_workers  # I
+        self.max_workers = max_workers  # I
+        self.idle_timeout = float(idle_timeout)  # I
+        self.title_prefix = title_prefix  # I
+        self.linger_dying = float(linger_dying)  # I
+        self._ctx = resolve_context(mp_context)  # I
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when workers or items go away
+        self._workers: dict[int, _Worker] = {}  # L: attached workers by id (idle + busy)
+        self._idle: deque[_Worker] = deque()  # L: most recently idle at the right; cull from the left
+        self._dying: set[_Worker] = set()  # L: destroyed, not reaped yet
+        self._worklist: deque[_Item] = deque()  # L: items waiting for a worker
+        self._closing = False  # L: close() was called; submit refuses
+        self._no_create = False  # M arb: teardown passed the point of no return
+        self._created = self._destroyed = self._items_done = self._lost = 0  # L
+        self._create_retry_at = 0.0  # A: creation cooldown after the OS refused a process
+        self._create_error: BaseException | None = None  # A: why the last creation failed
+        self._completions_seen = 0  # set from the id table just before it is freed
+        self._seq = itertools.count()
+        self._teardown_thread: threading.Thread | None = None
+        self._closed = threading.Event()  # set when teardown finished
+
+        self.id = _alloc_pool_id()  # I
+        self._table: IdTable | None = None
+        try:
+            # Dying workers keep their ids until they detach, so a pool under churn can hold
+            # more ids than workers for a moment; when the table is full, creation waits for
+            # the next detach.
+            self._table = IdTable.create(self.id, capacity=2 * max_workers + 2)
+            self._arb = new_lock(self._ctx, f"pool{self.id}.manager_arb")  # M: one creator/teardown
+            self._attach = new_lock(self._ctx, f"pool{self.id}.attach")  # M: id alloc/free, completion
+            self._completion_r, self._completion_w = self._ctx.Pipe(duplex=False)
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._sel = selectors.DefaultSelector()  # A (and __init__ before the arbiter starts)
+            self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+            self._create_workers(min_workers)
+            if len(self._workers) < min_workers:
+                raise OSError(f"procpool: could not start {min_workers} workers") from self._create_error
+        except BaseException:
+            self._abort_init()
+            raise
+        self._arbiter_thread = threading.Thread(target=self._arbiter, name=f"procpool-arbiter-{self.id}", daemon=True)
+        self._arbiter_thread.start()
+        _live_pools.add(self)
+
+    def _abort_init(self) -> None:
+        for w in list(self._workers.values()):
+            try:
+                w.proc.kill()
+                w.proc.join(5)
+            except Exception:
+                pass
+        if self._table is not None:
+            self._table.destroy()
+        _free_pool_id(self.id)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)``; returns a ``concurrent.futures.Future``.
+
+        The call is pickled here, in the caller's thread, so an unpicklable function or
+        argument raises TypeError naming it, and nothing is queued.
+        """
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
+        seq = next(self._seq)
+        payload = _dumps_call(seq, fn, args, kwargs)
+        fut: Future = Future()
+        item = _Item(seq, fut, payload)
+        wake = False
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if self._idle:
+                w: _Worker | None = self._idle.pop()
+                fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
+                self._start_item(w, item)
+            else:
+                w = None
+                self._worklist.append(item)
+                wake = self._need_more_worker()
+        if w is not None:
+            self._send(w, item)
+        elif wake:
+            self._wake()
+        return fut
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            nr_idle = len(self._idle)
+            return PoolStats(
+                nr_workers=len(self._workers),
+                nr_idle=nr_idle,
+                nr_busy=len(self._workers) - nr_idle,
+                nr_dying=len(self._dying),
+                nr_pending=len(self._worklist),
+                created=self._created,
+                destroyed=self._destroyed,
+                items_done=self._items_done,
+                lost=self._lost,
+            )
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker process of the pool, dying ones included, with its title as ps shows it."""
+        import psutil
+
+        with self._lock:
+            rows = [(w.id, w.pid, w.state) for w in self._workers.values()]
+            rows += [(w.id, w.pid, "dying") for w in self._dying]
+        out = []
+        for wid, pid, state in sorted(rows, key=lambda r: (r[2] == "dying", r[0], r[1])):
+            try:
+                title = " ".join(psutil.Process(pid).cmdline()).strip()
+            except psutil.Error:
+                title = (
+                    dying_title(self.title_prefix)
+                    if state == "dying"
+                    else worker_title(self.title_prefix, self.id, wid)
+                )
+            out.append(WorkerInfo(wid, pid, state, title))
+        return out
+
+    @property
+    def table_name(self) -> str:
+        """The name of this pool's shared-memory id table (in /dev/shm)."""
+        assert self._table is not None
+        return self._table.name
+
+    def destroy_idle(self, n: int = 1) -> int:
+        """Asynchronously destroy up to ``n`` idle workers, longest idle first.
+
+        Returns how many were flagged; never waits for a process (the seed's destroy_worker).
+        """
+        _check_number("n", n, minimum=0, integer=True)
+        with self._lock:
+            count = 0
+            while count < n and self._idle:
+                self._destroy_worker(self._idle.popleft())
+                count += 1
+        return count
+
+    def close(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
+        """Tear the pool down (the seed's put_unbound_pool()); idempotent.
+
+        Idle workers are destroyed at once; busy ones finish their item, and pending items
+        still run unless ``cancel_futures``. With ``wait``, returns only once every worker
+        detached and no process of the pool remains. ``timeout`` bounds the wait for running
+        and pending items: after it, pending items fail with PoolClosed, and busy workers get
+        SIGTERM, then SIGKILL, their items failing with TeardownTimeout.
+        """
+        if timeout is not None:
+            _check_number("timeout", timeout, minimum=0)
+        cancelled: list[_Item] = []
+        with self._lock:
+            first = not self._closing
+            self._closing = True
+            if first:
+                if cancel_futures:
+                    cancelled = list(self._worklist)
+                    self._worklist.clear()
+                while self._idle:
+                    self._destroy_worker(self._idle.popleft())
+                self._teardown_thread = threading.Thread(
+                    target=self._teardown, args=(timeout,), name=f"procpool-teardown-{self.id}", daemon=True
+                )
+        for item in cancelled:
+            item.future.cancel()
+        if first:
+            _live_pools.discard(self)
+            self._wake()
+            assert self._teardown_thread is not None
+            if wait and threading.current_thread() is not self._arbiter_thread:
+                self._teardown(timeout)
+                return
+            # close() from a done-callback runs on the arbiter thread, which teardown must
+            # join: hand teardown to its own thread instead of deadlocking.
+            self._teardown_thread.start()
+        elif wait:
+            self._closed.wait()
+
+    shutdown = close
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(wait=True)
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if self._closed.is_set() else "closing" if self._closing else "running"
+        return f"<WorkerPool u{self.id} {state} workers={s.nr_workers} idle={s.nr_idle} dying={s.nr_dying}>"
+
+    # -- policies (L held) --------------------------------------------------------------------
+
+    def _need_more_worker(self) -> bool:
+        """Work waits, nobody idle to take it, and room for another worker."""
+        return bool(self._worklist) and not self._idle and len(self._workers) < self.max_workers
+
+    def _too_many_workers(self) -> bool:
+        """More idle workers than "2 plus 1 per 4 busy", and above min_workers."""
+        nr_idle = len(self._idle)
+        nr_busy = len(self._workers) - nr_idle
+        return (
+            len(self._workers) > self.min_workers
+            and nr_idle > KEEP_IDLE
+            and (nr_idle - KEEP_IDLE) * MAX_IDLE_WORKERS_RATIO >= nr_busy
+        )
+
+    # -- transitions (L held) -----------------------------------------------------------------
+
+    def _start_item(self, w: _Worker, item: _Item) -> None:
+        """``item`` is already RUNNING (see _next_item); ``w`` is off the idle list."""
+        w.state = "busy"
+        w.current = item
+
+    def _next_item(self) -> _Item | None:
+        while self._worklist:
+            item = self._worklist.popleft()
+            if item.future.set_running_or_notify_cancel():
+                return item
+        return None
+
+    def _enter_idle(self, w: _Worker) -> None:
+        w.state = "idle"
+        w.idle_since = time.monotonic()
+        self._idle.append(w)
+
+    def _destroy_worker(self, w: _Worker) -> None:
+        """The seed's destroy_worker(): off the books, DIE, wake. Never waits. L held; the
+        caller already took ``w`` off the idle list."""
+        del self._workers[w.id]
+        self._dying.add(w)
+        w.state = "dying"
+        self._destroyed += 1
+        assert self._table is not None
+        self._table.set_flags(w.id, FLAG_DIE)
+        try:
+            w.conn.send_bytes(DIE)
+        except OSError:
+            pass  # already dead: the arbiter reaps it
+        self._changed.notify_all()
+
+    def _after_item(self, w: _Worker) -> _Item | None:
+        """The worker ``w`` finished its item: give it the next one, or idle/destroy it."""
+        nxt = self._next_item()
+        if nxt is not None:
+            self._start_item(w, nxt)
+        elif self._closing:
+            self._destroy_worker(w)
+        else:
+            self._enter_idle(w)
+        return nxt
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _send(self, w: _Worker, item: _Item) -> None:
+        # Only the thread that moved `w` to busy sends to it, so no lock is needed here. If
+        # the worker is dead the send fails; its sentinel makes the arbiter fail the item.
+        try:
+            w.conn.send_bytes(item.payload)
+        except OSError:
+            pass
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (already awake) or closed (pool gone)
+
+    # -- creation (arbiter thread, or __init__ before the arbiter starts) ------------------------
+
+    def _create_workers(self, n: int) -> int:
+        """Start up to ``n`` workers and put them to work. Returns how many started.
+
+        LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
+        for the ids; starts processes holding only M arb; takes L to adopt them.
+        """
+        if n <= 0:
+            return 0
+        assert self._table is not None
+        started: list[_Worker] = []
+        with self._arb:
+            if self._no_create:
+                return 0
+            with self._attach:
+                ids = []
+                for _ in range(n):
+                    got = self._table.alloc()
+                    if got is None:
+                        break
+                    ids.append(got)
+            _faults.hit(self._faults, "create.after_alloc")
+            for i, (wid, gen) in enumerate(ids):
+                try:
+                    _faults.hit(self._faults, "create.start", wid)
+                    started.append(self._start_process(wid, gen))
+                except Exception as exc:
+                    # The OS (or a fault point) refused: give back the ids not used, retry later.
+                    with self._attach:
+                        for wid2, gen2 in ids[i:]:
+                            self._table.free(wid2, gen2)
+                    self._create_retry_at = time.monotonic() + CREATE_COOLDOWN
+                    self._create_error = exc
+                    break
+        sends = []
+        with self._lock:
+            for w in started:
+                self._workers[w.id] = w
+                self._created += 1
+                self._sel.register(w.conn, selectors.EVENT_READ, ("conn", w))
+                self._sel.register(w.proc.sentinel, selectors.EVENT_READ, ("exit", w))
+                if self._closing and not self._worklist:
+                    self._destroy_worker(w)
+                    continue
+                nxt = self._next_item()
+                if nxt is not None:
+                    self._start_item(w, nxt)
+                    sends.append((w, nxt))
+                else:
+                    self._enter_idle(w)
+        for w, item in sends:
+            self._send(w, item)
+        return len(started)
+
+    def _start_process(self, wid: int, gen: int) -> _Worker:
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        spec = WorkerSpec(
+            pool_id=self.id,
+            wid=wid,
+            gen=gen,
+            table_name=self.table_name,
+            title_prefix=self.title_prefix,
+            conn=child_end,
+            completion=self._completion_w,
+            attach_lock=self._attach,
+            linger_dying=self.linger_dying,
+            faults=self._faults,
+        )
+        proc = self._ctx.Process(target=worker_main, args=(spec,), name=worker_title(self.title_prefix, self.id, wid))
+        try:
+            proc.start()
+        finally:
+            child_end.close()
+        assert self._table is not None
+        self._table.set_pid(wid, proc.pid)
+        return _Worker(wid, gen, proc, parent_end)
+
+    # -- the arbiter thread ---------------------------------------------------------------------
+
+    def _arbiter(self) -> None:
+        """One loop, one job per function: results, reaping, growing, culling."""
+        sel = self._sel
+        while True:
+            timeout = self._next_timeout()
+            for key, _ in sel.select(timeout):
+                kind, w = key.data
+                if kind == "conn":
+                    self._on_message(w)
+                elif kind == "exit":
+                    self._reap(w)
+                else:
+                    self._drain_wake()
+            with self._lock:
+                if self._stop_arbiter:
+                    return
+                grow = self._nr_to_create()
+            if grow and time.monotonic() >= self._create_retry_at:
+                self._create_workers(grow)
+            self._cull_idle()
+
+    _stop_arbiter = False  # L: set by teardown once every process is reaped
+
+    def _nr_to_create(self) -> int:
+        if not self._need_more_worker():
+            return 0
+        return min(len(self._worklist), self.max_workers - len(self._workers))
+
+    def _next_timeout(self) -> float | None:
+        now = time.monotonic()
+        with self._lock:
+            waits = []
+            if self._worklist and self._create_retry_at > now:
+                waits.append(self._create_retry_at - now)
+            if self._idle and self._too_many_workers():
+                waits.append(self._idle[0].idle_since + self.idle_timeout - now)
+        return max(0.0, min(waits)) if waits else None
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_message(self, w: _Worker) -> None:
+        try:
+            data = w.conn.recv_bytes()
+        except (EOFError, OSError):
+            # The worker is gone; its sentinel will say how. Stop watching the socket.
+            self._unregister(w.conn)
+            return
+        self._handle_result(w, data)
+
+    def _handle_result(self, w: _Worker, data: bytes) -> None:
+        try:
+            seq, ok, value, tb = pickle.loads(data)
+        except Exception as exc:
+            seq, ok, value, tb = None, False, ProcpoolError(f"the result could not be unpickled: {exc!r}"), None
+        with self._lock:
+            item = w.current
+            w.current = None
+            self._items_done += 1
+            nxt = self._after_item(w)
+        if nxt is not None:
+            self._send(w, nxt)
+        if item is None or (seq is not None and seq != item.seq):  # pragma: no cover - protocol bug
+            raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
+        if ok:
+            item.future.set_result(value)
+        else:
+            if tb is not None and isinstance(value, BaseException):
+                value.__cause__ = RemoteTraceback(tb)
+            item.future.set_exception(value)
+
+    def _reap(self, w: _Worker) -> None:
+        """A worker process exited. Reap it; if it was not destroyed, it crashed: fail its
+        item and free its id on its behalf."""
+        self._unregister(w.proc.sentinel)
+        # A result it sent just before dying is still in the socket: take it first, or a
+        # finished item would be reported lost.
+        try:
+            while w.conn.poll(0):
+                self._handle_result(w, w.conn.recv_bytes())
+        except (EOFError, OSError):
+            pass
+        self._unregister(w.conn)
+        w.proc.join(1.0)
+        exitcode = w.proc.exitcode
+        with self._lock:
+            lost = None
+            if w in self._dying:
+                self._dying.discard(w)
+            else:
+                self._lost += 1
+                del self._workers[w.id]
+                if w.state == "idle":
+                    self._idle.remove(w)
+                lost, w.current = w.current, None
+                w.state = "dying"
+            reason = w.kill_reason
+            self._changed.notify_all()
+        self._detach_on_behalf(w)
+        if lost is not None:
+            how = _describe_exit(exitcode)
+            if reason is not None:
+                err: WorkerLost = TeardownTimeout(
+                    f"worker {w.id} (pid {w.pid}) of pool u{self.id} was {how} by close() after {reason}"
+                )
+            else:
+                err = WorkerLost(
+                    f"worker {w.id} (pid {w.pid}) of pool u{self.id} was lost: {how} while running the item"
+                )
+            lost.future.set_exception(err)
+        w.conn.close()
+        try:
+            w.proc.close()
+        except ValueError:
+            pass
+        self._wake()  # re-evaluate growth: the pool may need a replacement
+
+    def _detach_on_behalf(self, w: _Worker) -> None:
+        """Free a dead worker's id if it did not get to detach itself (it may have died
+        holding the attach lock: the Manager hands the lock over once it sees the owner
+        gone, and the generation check makes a half-done detach safe to redo)."""
+        assert self._table is not None
+        if not self._table.owned_by(w.id, w.gen):
+            return
+        with self._attach:
+            self._table.free(w.id, w.gen)
+            self._maybe_complete()
+
+    def _maybe_complete(self) -> None:
+        """M attach held."""
+        assert self._table is not None
+        if self._table.should_complete():
+            self._table.mark_completed()
+            self._completion_w.send_bytes(b"p")
+
+    def _cull_idle(self) -> None:
+        """The seed's idle_worker_timeout(): destroy the longest-idle workers past the timeout."""
+        now = time.monotonic()
+        with self._lock:
+            while self._idle and self._too_many_workers():
+                w = self._idle[0]
+                if now - w.idle_since < self.idle_timeout:
+                    break
+                self._idle.popleft()
+                self._destroy_worker(w)
+
+    def _unregister(self, fileobj: Any) -> None:
+        try:
+            self._sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # -- teardown ---------------------------------------------------------------------------------
+
+    def _teardown(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._wait_drained(deadline)
+            assert self._table is not None
+            with self._arb:
+                self._no_create = True
+                with self._attach:
+                    waiting = self._table.nr_allocated() > 0
+                    if waiting:
+                        self._table.install_completion()
+            if waiting:
+                _faults.hit(self._faults, "teardown.before_wait")
+                self._wait_completion(deadline)
+            self._wait_reaped(deadline)
+            with self._lock:
+                self._stop_arbiter = True
+            self._wake()
+            self._arbiter_thread.join()
+        finally:
+            self._free_resources()
+            self._closed.set()
+
+    def _wait_drained(self, deadline: float | None) -> None:
+        """Wait until no worker is attached and no item waits; past the deadline, give up on
+        pending items and kill the busy workers."""
+        with self._lock:
+            while self._workers or self._worklist:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(left)
+            else:
+                return
+        self._escalate("its timeout ran out")
+
+    def _escalate(self, reason: str) -> None:
+        with self._lock:
+            abandoned = list(self._worklist)
+            self._worklist.clear()
+            victims = list(self._workers.values()) + list(self._dying)
+            for w in victims:
+                w.kill_reason = reason
+        for item in abandoned:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for w in victims:
+                try:
+                    os.kill(w.pid, sig)
+                except ProcessLookupError:
+                    pass
+            end = time.monotonic() + KILL_GRACE
+            with self._lock:
+                while (self._workers or self._dying) and time.monotonic() < end:
+                    self._changed.wait(end - time.monotonic())
+                if not self._workers and not self._dying:
+                    return
+
+    def _wait_completion(self, deadline: float | None) -> None:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._completion_r.poll(left):
+            return
+        self._escalate("its timeout ran out while workers were still detaching")
+        self._completion_r.poll(KILL_GRACE)
+
+    def _wait_reaped(self, deadline: float | None) -> None:
+        with self._lock:
+            while self._workers or self._dying:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self._changed.wait(left)
+            else:
+                return
+        self._escalate("its timeout ran out while dying workers were still alive")
+
+    def _free_resources(self) -> None:
+        for conn in (self._completion_r, self._completion_w):
+            conn.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._sel.close()
+        if self._table is not None:
+            self._completions_seen = self._table.completions
+            self._table.destroy()
+            self._table = None
+        _free_pool_id(self.id)
+
+    @property
+    def completions(self) -> int:
+        """How many times the detach completion completed: 0 until teardown, then at most 1
+        (0 too when no worker was left attached to wait for)."""
+        if self._table is not None:
+            return self._table.completions
+        return self._completions_seen
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "vanished (exit status unknown)"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exited with status {exitcode}"

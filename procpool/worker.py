@@ -1,0 +1,163 @@
+"""The worker process, and the parent's handle on it.
+
+A worker runs ``worker_main`` in its own OS process. Its whole life, from its own side::
+
+    start ─► title kworker/u<pool>:<id> ─► slot: pid, idle ─► loop: recv ─► busy ─► run ─► send result ─► idle
+                                                                 │
+                                   DIE message ◄─────────────────┘  (or EOF: the parent is gone)
+                                        │
+    exit path: title kworker/dying ─► slot: dying ─► M attach lock: free id; last one out and a
+               teardown waiting? complete the detach completion ─► (linger_dying) ─► os._exit(0)
+
+Nothing essential follows the detach, so the exit skips interpreter finalization: a dying
+worker costs the system one ``_exit``. The kworker/dying rename comes *before* the id is
+freed, so a new worker that takes the id at once never shares a title with a live process.
+
+Wire format on the worker's socket pair (one per worker, parent end in the parent only):
+
+* parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
+  number + pickle of ``(fn, args, kwargs)`` made in the submitting thread;
+* worker → parent: pickle of ``(seq, ok, value, traceback_text)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import faults
+from .errors import ProcpoolError
+from .idtable import BUSY, DYING, IDLE, IdTable
+from .manager import ManagerLock
+
+DIE = b"D"
+SEQ_BYTES = 8
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def worker_title(prefix: str, pool_id: int, wid: int) -> str:
+    return f"{prefix}/u{pool_id}:{wid}"
+
+
+def dying_title(prefix: str) -> str:
+    return f"{prefix}/dying"
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker process is started with (pickled into it by multiprocessing)."""
+
+    pool_id: int
+    wid: int
+    gen: int
+    table_name: str
+    title_prefix: str
+    conn: Any  # multiprocessing Connection, the worker's end
+    completion: Any  # write end of the pool's detach completion pipe
+    attach_lock: ManagerLock
+    linger_dying: float = 0.0
+    faults: faults.Spec = field(default_factory=dict)
+
+
+def _set_title(title: str) -> None:
+    import setproctitle
+
+    setproctitle.setproctitle(title)  # command line (ps, htop)
+    setproctitle.setthreadtitle(title)  # comm (ps -o comm, /proc/PID/comm), ≤ 15 bytes
+
+
+class RemoteError(ProcpoolError):
+    """A worker-side exception that could not be pickled back; carries its repr."""
+
+
+def _error_message(seq: int, exc: BaseException) -> bytes:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        return pickle.dumps((seq, False, exc, tb), PICKLE_PROTOCOL)
+    except Exception:
+        # The exception itself (or something it holds) cannot cross the process boundary:
+        # send its repr instead, so the item still ends in an error that says what happened.
+        return pickle.dumps((seq, False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process. Never returns: the process ends in ``os._exit``."""
+    # Ctrl-C in a terminal signals the whole process group; the parent decides what a
+    # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wid, fspec = spec.wid, spec.faults
+    _set_title(worker_title(spec.title_prefix, spec.pool_id, wid))
+    faults.hit(fspec, "worker.start", wid)
+    table = IdTable.attach(spec.table_name)
+    table.set_pid(wid, os.getpid())
+    table.set_state(wid, IDLE)
+    conn = spec.conn
+    recv, send = conn.recv_bytes, conn.send_bytes
+    loads, dumps = pickle.loads, pickle.dumps
+    while True:
+        try:
+            msg = recv()
+        except (EOFError, OSError):
+            # The parent is gone (or closed us): there is no teardown to report to, and its
+            # resource tracker will reclaim the table. Leave at once.
+            _exit(0)
+        if msg == DIE:
+            break
+        seq = int.from_bytes(msg[:SEQ_BYTES], "little")
+        table.set_state(wid, BUSY)
+        faults.hit(fspec, "worker.busy", wid)
+        try:
+            fn, args, kwargs = loads(memoryview(msg)[SEQ_BYTES:])
+            out = dumps((seq, True, fn(*args, **kwargs), None), PICKLE_PROTOCOL)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
+            out = _error_message(seq, exc)
+        table.add_done(wid)
+        table.set_state(wid, IDLE)
+        try:
+            send(out)
+        except OSError:
+            _exit(0)
+        faults.hit(fspec, "worker.idle", wid)
+    exit_path(spec, table)
+
+
+def exit_path(spec: WorkerSpec, table: IdTable) -> None:
+    """The seed's exit path: rename, detach (maybe completing the teardown), exit."""
+    wid, fspec = spec.wid, spec.faults
+    _set_title(dying_title(spec.title_prefix))
+    table.set_state(wid, DYING)
+    faults.hit(fspec, "detach.before_lock", wid)
+    lock = spec.attach_lock
+    try:
+        lock.acquire()
+    except (EOFError, OSError):
+        _exit(0)  # the Manager is gone: so is the parent; nobody waits for us
+    try:
+        faults.hit(fspec, "detach.locked", wid)
+        table.free(wid, spec.gen)
+        if table.should_complete():
+            # Last one out while a teardown waits: complete the detach completion. The flag
+            # is set under the same lock, so exactly one process ever gets here.
+            table.mark_completed()
+            spec.completion.send_bytes(b"c")
+    finally:
+        lock.release()
+    faults.hit(fspec, "detach.after", wid)
+    if spec.linger_dying > 0:
+        time.sleep(spec.linger_dying)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
