@@ -1,0 +1,101 @@
+"""Shared test helpers. Every test is checked for leftovers: worker processes of this test
+process's pools, zombies among our children, and id tables in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import psutil
+import pytest
+
+from procpool.idtable import SHM_DIR, segment_prefix
+
+TITLE_PREFIXES = ("kworker/", "ptest")
+
+
+def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``pred`` until it is truthy; fail after ``timeout`` s. For facts that the OS only
+    shows asynchronously (a process exiting, a title changing), never to wait out a race."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def title_of(pid: int) -> str | None:
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
+        return None
+
+
+def comm_of(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.Error:
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def worker_processes(root: int | None = None) -> list[psutil.Process]:
+    """Live descendants of ``root`` (default: this process) with a worker title."""
+    out = []
+    for p in psutil.Process(root or os.getpid()).children(recursive=True):
+        try:
+            title = " ".join(p.cmdline()).strip()
+            if title.startswith(TITLE_PREFIXES) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def live_titles(pool) -> dict[int, str]:
+    """pid -> title of the pool's worker processes, read from outside with psutil."""
+    out = {}
+    for w in pool.workers():
+        t = title_of(w.pid)
+        if t is not None and alive(w.pid):
+            out[w.pid] = t
+    return out
+
+
+def my_segments(pid: int | None = None) -> list[str]:
+    prefix = f"{segment_prefix()}{pid or os.getpid()}-"
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    wait_until(lambda: not worker_processes(), timeout=10, what="no worker process left")
+    zombies = [
+        c.pid for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE
+    ]
+    if zombies:
+        # A zombie for a short moment is normal (exit before reap); one that stays is a leak.
+        wait_until(
+            lambda: not [c for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE],
+            timeout=5,
+            what=f"zombies {zombies} to be reaped",
+        )
+    assert my_segments() == [], "id table left in /dev/shm"
+
+
+def _status(p: psutil.Process) -> str | None:
+    try:
+        return p.status()
+    except psutil.Error:
+        return None

@@ -1,0 +1,210 @@
+"""Crashes at every moment: the pool stays usable and no item vanishes (invariants 4-7)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import tasks
+from conftest import alive, my_segments, wait_until
+
+import procpool
+from procpool.idtable import IdTable
+
+
+def busy_pid(pool) -> int:
+    return wait_until(lambda: next((w.pid for w in pool.workers() if w.state == "busy"), None), what="a busy worker")
+
+
+def test_sigkilled_busy_worker_fails_only_its_item(tmp_path):
+    release = tmp_path / "go"
+    with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+        victim_fut = pool.submit(tasks.touch_and_wait, str(tmp_path / "m"), str(tmp_path / "never"))
+        wait_until(lambda: (tmp_path / "m").exists(), what="victim running")
+        victim = busy_pid(pool)
+        victim_id = next(w.id for w in pool.workers() if w.pid == victim)
+        others = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(5)]
+        os.kill(victim, signal.SIGKILL)
+        err = victim_fut.exception(timeout=5)
+        assert isinstance(err, procpool.WorkerLost)
+        assert isinstance(err, procpool.ProcpoolError)
+        from concurrent.futures.process import BrokenProcessPool
+
+        assert isinstance(err, BrokenProcessPool)
+        msg = str(err)
+        assert f"worker {victim_id}" in msg and f"pid {victim}" in msg and "SIGKILL" in msg
+        release.touch()
+        assert [f.result(timeout=10) for f in others] == list(range(5))
+        st = pool.stats()
+        assert st.lost == 1 and st.nr_workers == 2  # replaced, because work was waiting
+        table = IdTable.attach(pool.table_name, writable=False)
+        try:
+            assert table.nr_allocated() == 2  # its id was freed on its behalf and reused
+        finally:
+            table.close()
+
+
+def test_worker_lost_is_seen_quickly():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        fut = pool.submit(tasks.forever)
+        pid = busy_pid(pool)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        assert isinstance(fut.exception(timeout=5), procpool.WorkerLost)
+        # Generous bound (the issue asks for 100 ms; CI machines are noisy): the loss is
+        # noticed by the process sentinel, not by a polling timeout.
+        assert time.monotonic() - t0 < 2.0
+
+
+def test_function_calling_os_exit_is_a_lost_worker():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        err = pool.submit(tasks.exit_hard, 7).exception(timeout=10)
+        assert isinstance(err, procpool.WorkerLost) and "exited with status 7" in str(err)
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+
+
+@pytest.mark.parametrize("state", ["idle", "dying"])
+def test_killed_idle_or_dying_worker_leaves_the_pool_usable(state):
+    opts = {"linger_dying": 3.0} if state == "dying" else {}
+    pool = procpool.WorkerPool(min_workers=2, max_workers=2, **opts)
+    try:
+        victim = pool.workers()[0]
+        if state == "dying":
+            pool.destroy_idle(1)
+            victim = next(w for w in pool.workers() if w.state == "dying")
+            wait_until(lambda: pool.stats().nr_dying == 1)
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_until(lambda: not alive(victim.pid), what="victim gone")
+        wait_until(lambda: victim.pid not in {w.pid for w in pool.workers()}, what="victim reaped")
+        assert [pool.submit(tasks.square, i).result(timeout=10) for i in range(4)] == [0, 1, 4, 9]
+    finally:
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 10
+
+
+def test_worker_killed_holding_the_manager_lock_does_not_block_the_next_one():
+    # Worker 0 is SIGKILLed at the exact moment it holds the Manager attach lock mid-detach.
+    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults="detach.locked@0=kill")
+    pids = [w.pid for w in pool.workers()]
+    t0 = time.monotonic()
+    pool.close()
+    assert time.monotonic() - t0 < 10
+    assert pool._attach.broken >= 1  # the next acquirer took the lock over from the dead owner
+    assert pool.completions == 1
+    assert not any(alive(p) for p in pids)
+
+
+def test_worker_destroyed_before_it_ever_ran():
+    # The worker is still starting (delayed before it touches its slot) when it is destroyed.
+    with procpool.WorkerPool(min_workers=2, max_workers=2, faults="worker.start@1=delay:0.5") as pool:
+        assert pool.destroy_idle(2) == 2
+        assert pool.stats().nr_workers == 0
+        assert pool.submit(tasks.square, 7).result(timeout=10) == 49
+
+
+def test_teardown_while_the_manager_is_creating_a_worker():
+    # Creation stalls after allocating ids under the lock; close() arrives meanwhile and must
+    # wait for the creator (M arb), then still see every worker detach.
+    pool = procpool.WorkerPool(min_workers=0, max_workers=2, faults="create.after_alloc=delay:0.5")
+    fut = pool.submit(tasks.square, 8)
+    time.sleep(0.1)  # let the arbiter enter the stalled creation (the fault holds it 0.5 s)
+    pool.close()
+    assert fut.result(timeout=0) == 64
+    assert my_segments() == []
+
+
+def test_creation_failure_is_retried_after_a_cooldown():
+    # The first start of worker 0 raises; the pool retries after its cooldown and the item runs.
+    pool = procpool.WorkerPool(min_workers=0, max_workers=1, faults="create.start=raise")
+    try:
+        fut = pool.submit(tasks.square, 2)
+        time.sleep(0.3)
+        assert not fut.done() and pool.stats().nr_workers == 0
+        pool._faults.clear()  # the OS "recovers"
+        assert fut.result(timeout=5) == 4
+    finally:
+        pool.close()
+
+
+def test_never_returning_function_is_killed_by_close_timeout():
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+    running = pool.submit(tasks.forever)
+    busy = busy_pid(pool)
+    pending = pool.submit(tasks.square, 1)
+    t0 = time.monotonic()
+    pool.close(timeout=0.3)
+    assert time.monotonic() - t0 < 5
+    assert isinstance(running.exception(timeout=0), procpool.TeardownTimeout)
+    assert isinstance(pending.exception(timeout=0), procpool.PoolClosed)
+    assert not alive(busy)
+
+
+def test_kill_storm_loses_no_item():
+    # Kill random busy workers while 200 items flow: every item ends as a result or WorkerLost.
+    with procpool.WorkerPool(min_workers=2, max_workers=3) as pool:
+        futs = [pool.submit(tasks.sleep_then, 0.005, i) for i in range(200)]
+        stop = threading.Event()
+
+        def killer():
+            while not stop.is_set():
+                for w in pool.workers():
+                    if w.state == "busy":
+                        try:
+                            os.kill(w.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                        break
+                time.sleep(0.05)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            outcomes = []
+            for i, f in enumerate(futs):
+                exc = f.exception(timeout=30)
+                outcomes.append("lost" if isinstance(exc, procpool.WorkerLost) else f.result())
+                if exc is None:
+                    assert f.result() == i
+        finally:
+            stop.set()
+            t.join()
+        assert len(outcomes) == 200 and outcomes.count("lost") >= 1
+        assert pool.stats().lost == outcomes.count("lost")
+
+
+PARENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, procpool
+    def main():
+        pool = procpool.WorkerPool(min_workers=3, max_workers=3)
+        print(pool.table_name, *[w.pid for w in pool.workers()], flush=True)
+        time.sleep(60)
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        name, *pids = proc.stdout.readline().split()
+        pids = [int(p) for p in pids]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        assert os.path.exists(f"/dev/shm/{name}")
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not any(alive(p) for p in pids), timeout=2, what="workers gone within 2 s")
+        wait_until(lambda: not os.path.exists(f"/dev/shm/{name}"), timeout=5, what="table unlinked")
+    finally:
+        proc.kill()
+        proc.wait()

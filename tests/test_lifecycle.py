@@ -1,0 +1,276 @@
+"""The seed's lifecycle in real processes, watched from outside with psutil."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+import pytest
+import tasks
+from conftest import alive, comm_of, live_titles, my_segments, title_of, wait_until
+
+import procpool
+from procpool.idtable import IdTable
+
+
+def test_submit_returns_results_and_workers_are_titled():
+    with procpool.WorkerPool(min_workers=3, max_workers=3) as pool:
+        assert pool.submit(tasks.square, 9).result(timeout=10) == 81
+        workers = pool.workers()
+        assert sorted(w.id for w in workers) == [0, 1, 2]
+        for w in workers:
+            expected = f"kworker/u{pool.id}:{w.id}"
+            assert title_of(w.pid) == expected  # command line: ps, htop
+            assert comm_of(w.pid) == expected  # comm: ps -o comm, /proc/PID/comm
+            assert psutil.Process(w.pid).status() != psutil.STATUS_ZOMBIE
+        pids = {w.pid for w in workers}
+    assert not any(alive(p) for p in pids)
+
+
+def test_id_table_is_readable_from_outside_and_matches_stats():
+    with procpool.WorkerPool(min_workers=2, max_workers=4) as pool:
+        reader = IdTable.attach(pool.table_name, writable=False)
+        try:
+            mode = os.stat(f"/dev/shm/{pool.table_name}").st_mode & 0o777
+            assert mode == 0o600
+            wait_until(lambda: all(s.pid and s.state_name == "idle" for s in reader.slots() if s.state), what="idle")
+            used = {s.id: s.pid for s in reader.slots() if s.state_name != "free"}
+            assert used == {w.id: w.pid for w in pool.workers()}
+            st = pool.stats()
+            assert st.nr_workers == len(used) == 2 and st.nr_idle == 2 and st.nr_busy == 0
+            pool.submit(tasks.square, 3).result(timeout=10)
+            wait_until(lambda: sum(s.items_done for s in reader.slots()) == 1, what="items_done mirrored")
+        finally:
+            reader.close()
+
+
+def test_destroy_does_not_wait_for_the_worker_to_exit():
+    # Every exiting worker takes 2 s after detaching: destroy must return long before.
+    with procpool.WorkerPool(min_workers=2, max_workers=2, faults="detach.after=delay:2") as pool:
+        victim = next(w for w in pool.workers() if w.id == 0)
+        assert pool.destroy_idle(1) == 1
+        # The process is certainly still there: destroy returned without waiting for it.
+        assert alive(victim.pid)
+        st = pool.stats()
+        assert (st.nr_workers, st.nr_idle, st.nr_dying, st.destroyed) == (1, 1, 1, 1)
+        wait_until(lambda: title_of(victim.pid) == "kworker/dying", what="dying title")
+        assert comm_of(victim.pid) == "kworker/dying"
+
+
+def test_dying_worker_id_is_reused_without_duplicate_titles():
+    with procpool.WorkerPool(min_workers=0, max_workers=3, linger_dying=3.0) as pool:
+        pool.submit(tasks.square, 1).result(timeout=10)
+        first = pool.workers()[0]
+        assert first.id == 0
+        pool.destroy_idle(1)
+        # Once detached (id freed) the dying process lingers; a new worker takes id 0 at once.
+        table = IdTable.attach(pool.table_name, writable=False)
+        try:
+            wait_until(lambda: table.slot(0).state_name == "free", what="id 0 freed")
+        finally:
+            table.close()
+        assert pool.submit(tasks.whoami).result(timeout=10) != first.pid
+        new = [w for w in pool.workers() if w.state != "dying"]
+        assert [w.id for w in new] == [0]
+        titles = live_titles(pool)
+        assert titles[first.pid] == "kworker/dying"
+        assert titles[new[0].pid] == f"kworker/u{pool.id}:0"
+        assert len(set(titles.values())) == len(titles)
+
+
+def test_churn_keeps_ids_lowest_free_and_titles_distinct():
+    with procpool.WorkerPool(min_workers=0, max_workers=4, linger_dying=0.2) as pool:
+        table = IdTable.attach(pool.table_name, writable=False)
+        for round_ in range(5):
+            # Dying workers detach (free their ids) while their processes still linger.
+            wait_until(lambda: table.nr_allocated() == pool.stats().nr_workers, what="detached")
+            futs = [pool.submit(tasks.sleep_then, 0.05, i) for i in range(4)]
+            assert [f.result(timeout=10) for f in futs] == list(range(4))
+            attached = sorted(w.id for w in pool.workers() if w.state != "dying")
+            assert attached == list(range(len(attached)))  # lowest free ids
+            titles = live_titles(pool)
+            named = [t for t in titles.values() if t != "kworker/dying"]
+            assert len(named) == len(set(named)), titles
+            pool.destroy_idle(1 + round_ % 3)
+        table.close()
+
+
+def test_close_waits_for_every_detach_and_leaves_nothing():
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults="detach.before_lock=delay:0.3")
+    pids = [w.pid for w in pool.workers()]
+    name = pool.table_name
+    pool.close()
+    assert pool.completions == 1  # the last detacher completed the teardown wait, once
+    assert not any(alive(p) for p in pids)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert my_segments() == []
+
+
+def test_close_with_no_worker_left_does_not_wait():
+    pool = procpool.WorkerPool(min_workers=0, max_workers=2)
+    pool.close()
+    assert pool.completions == 0
+
+
+def test_busy_workers_finish_their_items_during_close():
+    pool = procpool.WorkerPool(min_workers=1, max_workers=2)
+    futs = [pool.submit(tasks.sleep_then, 0.2, i) for i in range(4)]
+    pool.close()
+    assert [f.result(timeout=0) for f in futs] == [0, 1, 2, 3]
+
+
+def test_cancel_futures_cancels_pending_items():
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+    running = pool.submit(tasks.sleep_then, 0.3, "ran")
+    pending = [pool.submit(tasks.square, i) for i in range(5)]
+    pool.close(cancel_futures=True)
+    assert running.result(timeout=0) == "ran"
+    assert all(f.cancelled() for f in pending)
+
+
+def test_close_is_idempotent_and_submit_after_close_fails():
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+    pool.close(wait=False)
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        pool.submit(tasks.square, 2)
+
+
+def test_idle_workers_shrink_to_two_plus_one_per_four_busy():
+    release = threading.Event()
+    with procpool.WorkerPool(min_workers=0, max_workers=8, idle_timeout=0.3) as pool:
+        futs = [pool.submit(tasks.sleep_then, 0.3, i) for i in range(8)]
+        wait_until(lambda: pool.stats().nr_workers == 8, what="growth to 8")
+        assert [f.result(timeout=10) for f in futs] == list(range(8))
+        # All idle now: the idle timeout culls the longest-idle down to 2 (KEEP_IDLE).
+        wait_until(lambda: pool.stats().nr_workers == 2, what="shrink to 2")
+        wait_until(lambda: len(live_titles(pool)) == 2, what="culled processes gone")
+        st = pool.stats()
+        assert (st.nr_idle, st.destroyed) == (2, 6)
+    release.set()
+
+
+def test_min_workers_are_never_culled():
+    with procpool.WorkerPool(min_workers=3, max_workers=6, idle_timeout=0.05) as pool:
+        futs = [pool.submit(tasks.sleep_then, 0.2) for _ in range(6)]
+        [f.result(timeout=10) for f in futs]
+        wait_until(lambda: pool.stats().nr_workers == 3, what="shrink to min_workers")
+        assert pool.stats().nr_workers == 3
+
+
+def test_burst_grows_up_to_max_workers_and_no_further(tmp_path):
+    release = tmp_path / "go"
+    with procpool.WorkerPool(min_workers=1, max_workers=4) as pool:
+        futs = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(10)]
+        wait_until(lambda: pool.stats().nr_busy == 4, what="4 busy workers")
+        st = pool.stats()
+        assert (st.nr_workers, st.nr_pending) == (4, 6)
+        assert len(live_titles(pool)) == 4
+        release.touch()
+        assert [f.result(timeout=10) for f in futs] == list(range(10))
+        assert pool.stats().created == 4
+
+
+def test_function_exception_is_reraised_with_the_worker_traceback():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        fut = pool.submit(tasks.fail, "boom")
+        with pytest.raises(ValueError, match="boom") as info:
+            fut.result(timeout=10)
+        cause = info.value.__cause__
+        assert isinstance(cause, procpool.RemoteTraceback)
+        assert "in fail" in cause.tb and "ValueError: boom" in cause.tb
+        assert pool.submit(tasks.square, 4).result(timeout=10) == 16  # worker survived
+
+
+def test_every_item_ends_as_result_or_exception():
+    with procpool.WorkerPool(min_workers=2, max_workers=3) as pool:
+        futs = [pool.submit(tasks.maybe_fail, i) for i in range(300)]
+        for i, f in enumerate(futs):
+            if i % 7 == 3:
+                assert isinstance(f.exception(timeout=20), KeyError)
+            else:
+                assert f.result(timeout=20) == i
+        assert pool.stats().items_done == 300
+
+
+def test_unpicklable_argument_is_named_and_harms_nothing():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        with pytest.raises(TypeError, match=r"argument 1 \(Unpicklable\) cannot be pickled"):
+            pool.submit(tasks.identity, 1, tasks.Unpicklable())
+        with pytest.raises(TypeError, match="keyword argument 'x'"):
+            pool.submit(tasks.identity, x=threading.Lock())
+        with pytest.raises(TypeError, match="function"):
+            pool.submit(lambda: 1)
+        with pytest.raises(TypeError, match="needs a callable"):
+            pool.submit(42)
+        assert pool.submit(tasks.square, 5).result(timeout=10) == 25
+        assert pool.stats().nr_pending == 0
+
+
+def test_unpicklable_result_fails_only_that_item():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        err = pool.submit(tasks.return_unpicklable).exception(timeout=10)
+        assert err is not None and "Unpicklable" in str(err)
+        assert pool.submit(tasks.square, 6).result(timeout=10) == 36
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, text",
+    [
+        ({"min_workers": 5, "max_workers": 2}, ValueError, "min_workers"),
+        ({"max_workers": 0}, ValueError, "max_workers"),
+        ({"idle_timeout": -1}, ValueError, "idle_timeout"),
+        ({"linger_dying": -0.5}, ValueError, "linger_dying"),
+        ({"max_workers": "4"}, TypeError, "max_workers"),
+        ({"title_prefix": "has space"}, ValueError, "title_prefix"),
+        ({"mp_context": "fork"}, ValueError, "fork"),
+        ({"mp_context": "nonsense"}, ValueError, "nonsense"),
+        ({"faults": "nowhere=kill"}, ValueError, "unknown point"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, exc, text):
+    with pytest.raises(exc, match=text):
+        procpool.WorkerPool(**kwargs)
+
+
+def test_bad_close_timeout_is_named():
+    with procpool.WorkerPool(min_workers=0, max_workers=1) as pool:
+        with pytest.raises(ValueError, match="timeout"):
+            pool.close(timeout=-1)
+
+
+def test_pool_ids_are_small_and_unique_among_live_pools():
+    a = procpool.WorkerPool(min_workers=0, max_workers=1)
+    b = procpool.WorkerPool(min_workers=0, max_workers=1, title_prefix="ptest")
+    try:
+        assert a.id != b.id
+        fut = b.submit(tasks.whoami)
+        assert title_of(fut.result(timeout=10)) == f"ptest/u{b.id}:0"
+    finally:
+        a.close()
+        b.close()
+    c = procpool.WorkerPool(min_workers=0, max_workers=1)
+    try:
+        assert c.id == min(a.id, b.id)  # lowest free again
+    finally:
+        c.close()
+
+
+def test_default_start_method_is_safe_with_threads_in_the_parent():
+    # A thread holding a lock while the pool starts workers: with fork, a child could copy
+    # the held lock; procpool's default (forkserver) never forks this process.
+    held = threading.Lock()
+    held.acquire()
+    t = threading.Thread(target=held.acquire)
+    t.start()
+    try:
+        with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+            assert pool._ctx.get_start_method() == "forkserver"
+            for w in pool.workers():
+                assert psutil.Process(w.pid).ppid() != os.getpid()
+            assert pool.submit(tasks.square, 2).result(timeout=10) == 4
+    finally:
+        held.release()
+        t.join()
