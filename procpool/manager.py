@@ -69,19 +69,21 @@ class _RobustLockServer:
         owner = (int(owner[0]), float(owner[1]))
         with self._cond:
             while self._owner is not None:
-                if not owner_alive(self._owner):
-                    # The holder died inside its critical section. What it was protecting
-                    # (an id-table slot) is repaired by whoever holds the lock next: the
-                    # parent re-checks the dead worker's slot generation before trusting it.
-                    self.broken += 1
-                    break
                 wait = OWNER_POLL
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
                     wait = min(wait, left)
-                self._cond.wait(wait)
+                held_by = self._owner
+                if not self._cond.wait(wait) and self._owner == held_by and not owner_alive(held_by):
+                    # The holder died inside its critical section. What it was protecting
+                    # (an id-table slot) is repaired by whoever holds the lock next: the
+                    # parent re-checks the dead worker's slot generation before trusting it.
+                    # (Liveness is checked only after a quiet wait: a psutil look-up per
+                    # waiter per wake-up would make the server the bottleneck of a teardown.)
+                    self.broken += 1
+                    break
             self._owner = owner
             return True
 
