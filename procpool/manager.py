@@ -153,6 +153,16 @@ class ManagerLock:
     def __repr__(self) -> str:
         return f"<ManagerLock {self.name}>"
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt without an incref round trip to the Manager: the program's own proxy keeps
+        # the lock alive, and a worker should not pay a connection at start for a lock it
+        # only takes on its way out.
+        return (_rebuild_lock, (self._proxy._token, self.name))
+
+
+def _rebuild_lock(token: Any, name: str) -> ManagerLock:
+    return ManagerLock(_RobustLockProxy(token, "pickle", authkey=None, incref=False), name)
+
 
 class _Manager(BaseManager):
     pass

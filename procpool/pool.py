@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
 import os
 import pickle
 import selectors
@@ -57,7 +58,8 @@ from . import faults as _faults
 from .errors import PoolClosed, ProcpoolError, RemoteTraceback, TeardownTimeout, WorkerLost
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
-from .worker import DIE, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_main, worker_title
+from .spawner import get_spawner, stop_spawner
+from .worker import DIE, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_title
 
 #: Idle workers kept regardless of load, and busy workers per extra idle one kept
 #: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
@@ -141,9 +143,12 @@ def _free_pool_id(pid: int) -> None:
 
 @atexit.register
 def _close_live_pools() -> None:
-    """At interpreter exit, close pools their owners forgot (pending work still runs)."""
+    """At interpreter exit, close pools their owners forgot (pending work still runs), then
+    let the spawner go. Registered after multiprocessing's own exit hook (imported above), so
+    it runs before that hook joins child processes such as the spawner."""
     for pool in list(_live_pools):
         pool.close(wait=True)
+    stop_spawner()
 
 
 def resolve_context(mp_context: Any) -> Any:
@@ -553,15 +558,11 @@ class WorkerPool:
             for i, (wid, gen) in enumerate(ids):
                 try:
                     _faults.hit(self._faults, "create.start", wid)
-                    started.append(self._start_process(wid, gen))
                 except Exception as exc:
-                    # The OS (or a fault point) refused: give back the ids not used, retry later.
-                    with self._attach:
-                        for wid2, gen2 in ids[i:]:
-                            self._table.free(wid2, gen2)
-                    self._create_retry_at = time.monotonic() + CREATE_COOLDOWN
-                    self._create_error = exc
+                    self._creation_failed(ids[i:], exc)
+                    ids = ids[:i]
                     break
+            started = self._start_processes(ids)
         sends = []
         with self._lock:
             for w in started:
@@ -582,28 +583,55 @@ class WorkerPool:
             self._send(w, item)
         return len(started)
 
-    def _start_process(self, wid: int, gen: int) -> _Worker:
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        spec = WorkerSpec(
-            pool_id=self.id,
-            wid=wid,
-            gen=gen,
-            table_name=self.table_name,
-            title_prefix=self.title_prefix,
-            conn=child_end,
-            completion=self._completion_w,
-            attach_lock=self._attach,
-            linger_dying=self.linger_dying,
-            faults=self._faults,
-        )
-        proc = self._ctx.Process(target=worker_main, args=(spec,), name=worker_title(self.title_prefix, self.id, wid))
+    def _start_processes(self, ids: list[tuple[int, int]]) -> list[_Worker]:
+        """Have the spawner fork one worker per (id, gen), in one request. M arb held."""
+        if not ids:
+            return []
+        pairs = [self._ctx.Pipe(duplex=True) for _ in ids]
+        specs = [
+            WorkerSpec(
+                pool_id=self.id,
+                wid=wid,
+                gen=gen,
+                table_name=self.table_name,
+                title_prefix=self.title_prefix,
+                attach_lock=self._attach,
+                linger_dying=self.linger_dying,
+                faults=self._faults,
+            )
+            for wid, gen in ids
+        ]
         try:
-            proc.start()
+            results = get_spawner(self._ctx).spawn(
+                specs, [child.fileno() for _, child in pairs], self._completion_w.fileno()
+            )
+        except Exception as exc:
+            results = [exc] * len(ids)
         finally:
-            child_end.close()
+            for _, child in pairs:
+                child.close()
+        started, refused = [], []
         assert self._table is not None
-        self._table.set_pid(wid, proc.pid)
-        return _Worker(wid, gen, proc, parent_end)
+        for (wid, gen), (parent_end, _), res in zip(ids, pairs, results, strict=True):
+            if isinstance(res, BaseException):
+                parent_end.close()
+                refused.append(((wid, gen), res))
+                continue
+            self._table.set_pid(wid, res.pid)
+            started.append(_Worker(wid, gen, res, parent_end))
+        if refused:
+            self._creation_failed([r[0] for r in refused], refused[0][1])
+        return started
+
+    def _creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
+        """The OS (or a fault point) refused new processes: give the ids back, retry after a
+        cooldown (the kernel's 1 s). M arb held."""
+        assert self._table is not None
+        with self._attach:
+            for wid, gen in ids:
+                self._table.free(wid, gen)
+        self._create_retry_at = time.monotonic() + CREATE_COOLDOWN
+        self._create_error = exc
 
     # -- the arbiter thread ---------------------------------------------------------------------
 

@@ -58,9 +58,10 @@ class WorkerSpec:
     gen: int
     table_name: str
     title_prefix: str
-    conn: Any  # multiprocessing Connection, the worker's end
-    completion: Any  # write end of the pool's detach completion pipe
     attach_lock: ManagerLock
+    # Set in the worker by the spawner from the descriptors it was handed:
+    conn: Any = None  # multiprocessing Connection, the worker's end of its socket pair
+    completion: Any = None  # write end of the pool's detach completion pipe
     linger_dying: float = 0.0
     faults: faults.Spec = field(default_factory=dict)
 

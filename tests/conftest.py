@@ -81,9 +81,7 @@ def my_segments(pid: int | None = None) -> list[str]:
 def no_leftovers():
     yield
     wait_until(lambda: not worker_processes(), timeout=10, what="no worker process left")
-    zombies = [
-        c.pid for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE
-    ]
+    zombies = [c.pid for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE]
     if zombies:
         # A zombie for a short moment is normal (exit before reap); one that stays is a leak.
         wait_until(

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 
+import psutil
 import pytest
 import tasks
 from conftest import alive, my_segments, wait_until
@@ -208,3 +209,14 @@ def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_spawner_killed_loses_its_workers_and_the_pool_recovers():
+    with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+        pids = [w.pid for w in pool.workers()]
+        spawner = psutil.Process(pids[0]).parent()
+        spawner.kill()
+        wait_until(lambda: pool.stats().nr_workers == 0, what="workers written off")
+        wait_until(lambda: not any(alive(p) for p in pids), what="orphaned workers killed")
+        assert pool.submit(tasks.square, 11).result(timeout=10) == 121  # a new spawner
+        assert psutil.Process(pool.workers()[0].pid).parent().pid != spawner.pid

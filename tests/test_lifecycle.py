@@ -269,7 +269,10 @@ def test_default_start_method_is_safe_with_threads_in_the_parent():
         with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
             assert pool._ctx.get_start_method() == "forkserver"
             for w in pool.workers():
-                assert psutil.Process(w.pid).ppid() != os.getpid()
+                # Workers are forks of the single-threaded spawner, never of this process.
+                spawner = psutil.Process(w.pid).parent()
+                assert spawner.pid != os.getpid()
+                assert title_of(spawner.pid) == "procpool: spawner"
             assert pool.submit(tasks.square, 2).result(timeout=10) == 4
     finally:
         held.release()

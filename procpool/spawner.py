@@ -1,0 +1,299 @@
+"""The spawner: procpool's kthreadd.
+
+Workers are not started one by one through multiprocessing (a fork-server round trip of
+several milliseconds each, measured ~5.5 ms here). Each program has one *spawner*: a small
+single-threaded process, started once through multiprocessing (forkserver by default, so it
+is safe when the program runs threads) with procpool already imported. A pool asks it for a
+batch of workers in one message; it forks them — a fork of a single-threaded process is
+safe — and answers with their pids. Workers are the spawner's children::
+
+    program (any threads) ──request: specs + fds──► spawner (one thread) ──fork×N──► workers
+            ◄──────────── pids ─────────────────────┘        │ reaps them (SIGCHLD)
+            ◄──── exit status, on each worker's status pipe ──┘
+
+Each worker gets a *status pipe*: the read end stays in the program (the worker's sentinel:
+readable once the worker is gone), the write end stays in the spawner, which writes the exit
+status there when it reaps the worker. So a crash is noticed as soon as the kernel reports
+it, and no worker ever stays a zombie.
+
+If the program dies, the spawner sees its request socket close and exits; the workers see
+their own sockets close and exit. If the spawner dies, every status pipe closes: the program
+treats the workers as lost (and kills any that survive), then starts a new spawner.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+from multiprocessing import connection
+from typing import Any
+
+_LEN = struct.Struct("<I")
+_STATUS = struct.Struct("<i")
+#: SCM_RIGHTS carries at most 253 descriptors per message; each worker needs 2.
+MAX_BATCH = 100
+
+
+class WorkerProcess:
+    """The program's handle on a worker the spawner forked (the subset of
+    ``multiprocessing.Process`` the pool uses)."""
+
+    def __init__(self, pid: int, sentinel: int) -> None:
+        self.pid = pid
+        self.sentinel = sentinel  # read end of the status pipe
+        self.exitcode: int | None = None
+        self._closed = False
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.exitcode is not None or self._closed:
+            return
+        if not connection.wait([self.sentinel], timeout):
+            return
+        data = b""
+        try:
+            data = os.read(self.sentinel, _STATUS.size)
+        except OSError:
+            pass
+        if len(data) == _STATUS.size:
+            self.exitcode = _STATUS.unpack(data)[0]
+        else:
+            # The spawner died before it could reap this worker: the worker may even be
+            # alive, now an orphan. It has no future in this pool; make sure of that.
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.exitcode = -signal.SIGKILL
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.sentinel)
+
+
+class Spawner:
+    """Client side, in the program. Thread-safe: one request at a time on the socket."""
+
+    def __init__(self, ctx: Any) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The spawner gets its end as a multiprocessing Connection (fd passing is built into
+        # its start); it uses the raw socket underneath.
+        theirs_conn = connection.Connection(theirs.detach())
+        self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn,), name="procpool-spawner")
+        try:
+            self._proc.start()
+        finally:
+            theirs_conn.close()
+        self._sock = ours
+        self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
+        self.pid: int = self._proc.pid
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def spawn(self, specs: list[Any], conn_fds: list[int], completion_fd: int) -> list[WorkerProcess | BaseException]:
+        """Fork one worker per spec; ``conn_fds[i]`` becomes worker i's socket. Returns a
+        handle, or the exception that refused it, per spec."""
+        out: list[WorkerProcess | BaseException] = []
+        for start in range(0, len(specs), MAX_BATCH):
+            out += self._spawn_batch(
+                specs[start : start + MAX_BATCH], conn_fds[start : start + MAX_BATCH], completion_fd
+            )
+        return out
+
+    def _spawn_batch(
+        self, specs: list[Any], conn_fds: list[int], completion_fd: int
+    ) -> list[WorkerProcess | BaseException]:
+        pipes = [os.pipe() for _ in specs]
+        try:
+            payload = pickle.dumps((specs, list(sys.path)), pickle.HIGHEST_PROTOCOL)
+            fds = [completion_fd] + [fd for pair in zip(conn_fds, (w for _, w in pipes), strict=True) for fd in pair]
+            with self._lock:
+                _send_frame(self._sock, payload, fds)
+                answer = pickle.loads(_recv_frame(self._sock))
+        except BaseException:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            raise
+        handles: list[WorkerProcess | BaseException] = []
+        for (r, w), res in zip(pipes, answer, strict=True):
+            os.close(w)  # the spawner holds its own copy now
+            if isinstance(res, int):
+                handles.append(WorkerProcess(res, r))
+            else:
+                os.close(r)
+                handles.append(res)
+        return handles
+
+    def stop(self) -> None:
+        """Ask the spawner to exit (it exits when its socket closes) and reap it."""
+        try:
+            self._sock.close()
+        finally:
+            self._proc.join(5)
+            if self._proc.exitcode is None:
+                self._proc.kill()
+                self._proc.join(5)
+
+
+def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
+    data = _LEN.pack(len(payload)) + payload
+    first = socket.send_fds(sock, [data[:65536]], list(fds)) if fds else sock.send(data[:65536])
+    if first < len(data):
+        sock.sendall(data[first:])
+
+
+def _recv_exact(sock: socket.socket, n: int, buf: bytes = b"") -> bytes:
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("spawner socket closed")
+        buf += chunk
+    return buf
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    head = _recv_exact(sock, _LEN.size)
+    return _recv_exact(sock, _LEN.unpack(head)[0])
+
+
+def _recv_frame_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536 + _LEN.size, maxfds)
+    if not data:
+        raise EOFError("program socket closed")
+    data = _recv_exact(sock, _LEN.size, data)
+    (length,) = _LEN.unpack(data[: _LEN.size])
+    return _recv_exact(sock, _LEN.size + length, data)[_LEN.size :], fds
+
+
+# -- the spawner process -------------------------------------------------------------------------
+
+
+def _spawner_main(conn: connection.Connection) -> None:
+    """Single-threaded loop: fork workers on request, reap them, report their exit status."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle("procpool: spawner")
+    except Exception:  # pragma: no cover - cosmetic
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the program's to handle
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
+    status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe
+
+    def reap() -> None:
+        while status_w:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            fd = status_w.pop(pid, None)
+            if fd is not None:
+                try:
+                    os.write(fd, _STATUS.pack(os.waitstatus_to_exitcode(status)))
+                except OSError:
+                    pass
+                os.close(fd)
+
+    while True:
+        try:
+            ready, _, _ = select.select([sock, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            reap()
+        if sock in ready:
+            try:
+                payload, fds = _recv_frame_fds(sock, 1 + 2 * MAX_BATCH)
+            except (EOFError, OSError):
+                os._exit(0)  # the program is gone or done: nothing more to spawn
+            specs, sys_path = pickle.loads(payload)
+            completion_fd, rest = fds[0], fds[1:]
+            answer: list[int | BaseException] = []
+            for i, spec in enumerate(specs):
+                conn_fd, sw = rest[2 * i], rest[2 * i + 1]
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    answer.append(exc)  # its descriptors are closed with the rest below
+                    continue
+                if pid == 0:
+                    keep = {conn_fd, completion_fd}
+                    for fd in [sock.fileno(), wake_r, wake_w, *status_w.values(), *fds]:
+                        if fd not in keep:
+                            try:
+                                os.close(fd)
+                            except OSError:
+                                pass
+                    _child(spec, conn_fd, completion_fd, sys_path)
+                status_w[pid] = sw
+                answer.append(pid)
+            for fd in fds:
+                if fd not in status_w.values():
+                    os.close(fd)
+            _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+            reap()
+
+
+def _child(spec: Any, conn_fd: int, completion_fd: int, sys_path: list[str]) -> None:
+    """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sys.path[:] = sys_path
+        from .worker import worker_main
+
+        spec.conn = connection.Connection(conn_fd)
+        spec.completion = connection.Connection(completion_fd, readable=False)
+        worker_main(spec)
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+_spawner: Spawner | None = None
+_spawner_pid = 0
+_spawner_lock = threading.Lock()  # guards _spawner and _spawner_pid
+
+
+def get_spawner(ctx: Any) -> Spawner:
+    """The program's spawner, (re)started on demand."""
+    global _spawner, _spawner_pid
+    with _spawner_lock:
+        if _spawner is None or _spawner_pid != os.getpid() or not _spawner.is_alive():
+            _spawner, _spawner_pid = Spawner(ctx), os.getpid()
+        return _spawner
+
+
+def stop_spawner() -> None:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is not None and _spawner_pid == os.getpid():
+            _spawner.stop()
+        _spawner = None
