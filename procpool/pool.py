@@ -555,7 +555,7 @@ class WorkerPool:
                         break
                     ids.append(got)
             _faults.hit(self._faults, "create.after_alloc")
-            for i, (wid, gen) in enumerate(ids):
+            for i, (wid, _gen) in enumerate(ids):
                 try:
                     _faults.hit(self._faults, "create.start", wid)
                 except Exception as exc:
