@@ -191,6 +191,15 @@ def _spawner_main(conn: connection.Connection) -> None:
     except Exception:  # pragma: no cover - cosmetic
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the program's to handle
+    # Import here, once, what every worker needs on its way out: multiprocessing's Manager
+    # handshake imports hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker
+    # at the worst moment, a teardown of many at once.
+    import hashlib  # noqa: F401
+    import hmac  # noqa: F401
+
+    import psutil
+
+    psutil.boot_time()
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
     wake_r, wake_w = os.pipe()
