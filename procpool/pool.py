@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
 import os
@@ -212,8 +213,8 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
 
 
 class WorkerPool:

@@ -223,6 +223,8 @@ def test_unpicklable_result_fails_only_that_item():
         ({"max_workers": 0}, ValueError, "max_workers"),
         ({"idle_timeout": -1}, ValueError, "idle_timeout"),
         ({"linger_dying": -0.5}, ValueError, "linger_dying"),
+        ({"linger_dying": float("inf")}, ValueError, "linger_dying"),
+        ({"idle_timeout": float("nan")}, ValueError, "idle_timeout"),
         ({"max_workers": "4"}, TypeError, "max_workers"),
         ({"title_prefix": "has space"}, ValueError, "title_prefix"),
         ({"mp_context": "fork"}, ValueError, "fork"),

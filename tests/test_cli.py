@@ -1,0 +1,489 @@
+"""The ``procpool`` command, run as real processes and observed from outside.
+
+``procpool run`` runs in a subprocess (its own session, so cleanup can reach its whole process
+group); what it does is checked through ``procpool ps --json`` in another process, through
+psutil, and through /dev/shm — never through the pool object itself.
+
+Tests run in parallel under pytest-xdist, so other tests' pools are on the machine at the
+same time (and the machine's own kernel ``kworker`` threads): every check filters by the
+owner pid of the run it started, or by a title prefix unique to the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from procpool import cli, idtable
+
+CLI = [sys.executable, "-m", "procpool.cli"]
+SHM = Path(idtable.SHM_DIR)
+UID = os.getuid()
+#: Upper bound for any one condition; generous because two xdist workers share two cores.
+WAIT = 20.0
+
+T = TypeVar("T")
+
+SUMMARY_ITEMS = re.compile(r"items\s+(\d+) total: (\d+) done, (\d+) failed, (\d+) cancelled")
+SUMMARY_WORKERS = re.compile(r"workers\s+(\d+) created, (\d+) destroyed, (\d+) lost")
+PROGRESS_WORKERS = re.compile(r"\] u\d+ workers (\d+) ")
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = WAIT, interval: float = 0.05) -> T:
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Run:
+    """A ``procpool`` subprocess whose output goes to files (a pipe could fill and block it)."""
+
+    def __init__(self, args: list[str], tmp: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        tag = uuid.uuid4().hex[:8]
+        self.out_path = tmp / f"out-{tag}.txt"
+        self.err_path = tmp / f"err-{tag}.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                CLI + args, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True, text=True
+            )
+        self.pid = self.proc.pid
+        self.killed = False
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        """Stop it the polite way, then the hard way; the hard way leaves its shm to us."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+        if self.killed:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # the session we created: forkserver, workers, manager
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+            for seg in SHM.glob(f"procpool-{UID}-{self.pid}-*"):
+                seg.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start ``procpool`` subprocesses; every one is stopped at the end, pass or fail."""
+    runs: list[Run] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Run:
+        run = Run(list(args), tmp_path, env, cwd)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        run.cleanup()
+
+
+def cli_output(*args: str, env: dict[str, str] | None = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def ps_json() -> list[dict[str, Any]]:
+    res = cli_output("ps", "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def pool_of(owner_pid: int) -> dict[str, Any] | None:
+    pools = [p for p in ps_json() if p["owner_pid"] == owner_pid]
+    assert len(pools) <= 1, pools
+    return pools[0] if pools else None
+
+
+def settled_pool(owner_pid: int, nr_workers: int) -> Callable[[], dict[str, Any] | None]:
+    """A predicate: the run's pool as ps shows it, once it has ``nr_workers`` titled workers."""
+
+    def check() -> dict[str, Any] | None:
+        pool = pool_of(owner_pid)
+        if pool is None or len(pool["workers"]) != nr_workers:
+            return None
+        # "starting" slots may still carry the fork server's command line as their title.
+        if any(w["state"] not in ("idle", "busy") for w in pool["workers"]):
+            return None
+        return pool
+
+    return check
+
+
+def title_of(pid: int) -> str | None:
+    try:
+        return " ".join(psutil.Process(pid).cmdline()).strip()
+    except psutil.Error:
+        return None
+
+
+def processes_titled(prefix: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        title = title_of(proc.pid)
+        if title is not None and title.startswith(prefix):
+            found.append(proc)
+    return found
+
+
+def summary_items(out: str) -> tuple[int, int, int, int]:
+    m = SUMMARY_ITEMS.search(out)
+    assert m, f"no items summary in:\n{out}"
+    total, done, failed, cancelled = map(int, m.groups())
+    return total, done, failed, cancelled
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+# -- procpool run ----------------------------------------------------------------------------------
+
+
+def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run]) -> None:
+    # Two bursts of 24 items on 2..4 workers with a 1 s pause and a 0.2 s idle timeout: the
+    # pool must grow to 4, shrink back to 2 (the kernel's "keep 2 idle"), and grow again.
+    run = start(
+        "run", "--tasks", "48", "--task-ms", "30", "--bursts", "2", "--max-workers", "4",
+        "--idle-timeout", "0.2", "--pause", "1.0", "--interval", "0.05",
+    )  # fmt: skip
+    assert run.wait() == 0, run.err
+    out = run.out
+    assert summary_items(out) == (48, 48, 0, 0)
+    m = SUMMARY_WORKERS.search(out)
+    assert m, out
+    created, destroyed, lost = map(int, m.groups())
+    # 2 at start + 2 grown in burst 1 + 2 grown again in burst 2 after the cull took 2.
+    assert created >= 6 and destroyed == created and lost == 0, out
+    assert "every item ended" in out
+    seen = [int(n) for n in PROGRESS_WORKERS.findall(out)]
+    assert seen, f"no progress lines:\n{out}"
+    assert 4 in seen, f"never grew to 4 workers: {seen}"
+    after_peak = seen[seen.index(4) :]
+    assert 2 in after_peak, f"no shrink after the first peak: {seen}"
+    assert 4 in after_peak[after_peak.index(2) :], f"no regrowth after the cull: {seen}"
+
+
+def test_run_duration_cancels_the_rest(start: Callable[..., Run]) -> None:
+    run = start("run", "--tasks", "3000", "--task-ms", "20", "--bursts", "1", "--duration", "1", "--quiet")
+    assert run.wait() == 0, run.err
+    out = run.out
+    total, done, failed, cancelled = summary_items(out)
+    assert total == 3000 and failed == 0
+    assert done > 0 and cancelled > 0 and done + cancelled == total, out
+    assert "--duration 1s passed" in out
+    assert "[" not in out.split("procpool run:")[0], "--quiet printed progress"
+
+
+def test_ps_shows_the_running_pool_and_its_workers(start: Callable[..., Run]) -> None:
+    run = start(
+        "run", "--tasks", "100000", "--task-ms", "50", "--bursts", "1", "--min-workers", "3",
+        "--max-workers", "3", "--quiet",
+    )  # fmt: skip
+    pool = wait_for(settled_pool(run.pid, 3), "3 titled workers in procpool ps")
+    assert pool["stale"] is False and pool["owner_alive"] is True
+    assert pool["table"] == f"procpool-{UID}-{run.pid}-{pool['pool']}"
+    assert "procpool.cli" in pool["owner_cmdline"]
+    workers = pool["workers"]
+    assert sorted(w["id"] for w in workers) == [0, 1, 2]  # lowest free ids
+    assert len({w["pid"] for w in workers}) == 3
+    for w in workers:
+        expected = f"kworker/u{pool['pool']}:{w['id']}"
+        assert w["title"] == expected and w["alive"] is True
+        # Seen independently of procpool: the process's own command line, and its ancestry.
+        assert title_of(w["pid"]) == expected
+        ancestors = [p.pid for p in psutil.Process(w["pid"]).parents()]
+        assert run.pid in ancestors
+    # Items complete: some worker's counter moves while we watch.
+    before = sum(w["items_done"] for w in workers)
+    wait_for(lambda: sum(w["items_done"] for w in pool_of(run.pid)["workers"]) > before, "items_done to grow")
+
+    text = cli_output("ps")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0].split() == ["POOL", "OWNER", "STATUS", "ID", "PID", "STATE", "DONE", "AGE", "TITLE"]
+    mine = [ln for ln in lines if f"kworker/u{pool['pool']}:" in ln and f" {run.pid} " in ln]
+    assert len(mine) == 3 and all(" live " in ln for ln in mine), text.stdout
+    # Aligned: the TITLE column starts at the same offset on every row.
+    assert {ln.index("kworker/") for ln in mine} == {lines[0].index("TITLE")}
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_tears_down_cleanly(start: Callable[..., Run], sig: signal.Signals, code: int) -> None:
+    prefix = f"kwt{uuid.uuid4().hex[:8]}"
+    run = start(
+        "run", "--tasks", "100000", "--task-ms", "50", "--bursts", "1", "--max-workers", "3",
+        "--title-prefix", prefix, "--linger-dying", "0.3", "--quiet",
+    )  # fmt: skip
+    pool = wait_for(settled_pool(run.pid, 3), "3 titled workers in procpool ps")
+    assert all(w["title"] == f"{prefix}/u{pool['pool']}:{w['id']}" for w in pool["workers"])
+    family = psutil.Process(run.pid).children(recursive=True)  # fork server, manager, tracker, workers
+    assert {w["pid"] for w in pool["workers"]} <= {p.pid for p in family}
+
+    run.proc.send_signal(sig)
+    assert run.wait() == code, run.err
+    out = run.out
+    assert f"interrupted by {sig.name}" in out
+    total, done, failed, cancelled = summary_items(out)
+    assert total == 100000 and done > 0 and cancelled > 0 and done + failed + cancelled == total
+    assert re.search(r"teardown\s+\d+\.\d ms", out)
+    # Nothing of the run outlives it: no worker (live or dying), no helper, no table.
+    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
+             "every process of the run to exit")  # fmt: skip
+    assert processes_titled(prefix) == []
+    assert list(SHM.glob(f"procpool-{UID}-{run.pid}-*")) == []
+
+
+USER_MODULE = """
+import os
+
+
+def record(i):
+    # One file per item, holding the pid that ran it.
+    with open(os.path.join(os.environ["PROCPOOL_TEST_OUT"], str(i)), "w") as f:
+        f.write(str(os.getpid()))
+    return i
+
+
+def flaky(i):
+    if i % 4 == 0:
+        raise ValueError(f"bad item {i}")
+    return i
+
+
+not_callable = 42
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path: Path) -> str:
+    name = f"cli_user_{uuid.uuid4().hex[:8]}"
+    moddir = tmp_path / "mods"
+    moddir.mkdir()
+    (moddir / f"{name}.py").write_text(USER_MODULE)
+    (moddir / "cli_broken_mod.py").write_text("raise RuntimeError('broken at import')\n")
+    return name
+
+
+def test_run_func_from_the_current_directory(start: Callable[..., Run], tmp_path: Path, user_module: str) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    run = start(
+        "run", "--func", f"{user_module}:record", "--tasks", "12", "--bursts", "2", "--pause", "0",
+        "--max-workers", "3", "--quiet",
+        env=env_with(PROCPOOL_TEST_OUT=str(results)), cwd=tmp_path / "mods",
+    )  # fmt: skip
+    assert run.wait() == 0, run.err
+    assert summary_items(run.out) == (12, 12, 0, 0)
+    # The function really ran once per index, in worker processes, not in the run process.
+    assert sorted(int(p.name) for p in results.iterdir()) == list(range(12))
+    pids = {int(p.read_text()) for p in results.iterdir()}
+    assert run.pid not in pids and 1 <= len(pids) <= 3
+
+
+def test_run_func_failures_exit_1(start: Callable[..., Run], tmp_path: Path, user_module: str) -> None:
+    run = start(
+        "run", "--func", f"{user_module}:flaky", "--tasks", "12", "--bursts", "1", "--quiet",
+        env=env_with(PYTHONPATH=str(tmp_path / "mods")),
+    )  # fmt: skip
+    assert run.wait() == 1, run.err
+    assert summary_items(run.out) == (12, 9, 3, 0)
+    assert re.search(r"first failure: item [048]: ValueError: bad item [048]", run.out), run.out
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("cli_no_such_module_xyz:f", "cannot import module 'cli_no_such_module_xyz': ModuleNotFoundError"),
+        ("cli_broken_mod:f", "cannot import module 'cli_broken_mod': RuntimeError: broken at import"),
+        ("{mod}:missing", "has no attribute 'missing'"),
+        ("{mod}:not_callable", "'not_callable' is a int, not a function"),
+        ("{mod}", "expected MODULE:FUNCTION"),
+    ],
+)
+def test_run_func_errors_exit_2(tmp_path: Path, user_module: str, spec: str, message: str) -> None:
+    res = cli_output("run", "--func", spec.format(mod=user_module), env=env_with(PYTHONPATH=str(tmp_path / "mods")))
+    assert res.returncode == 2
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stdout == ""  # refused before any pool started
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "-1"], "argument --tasks: must be >= 0"),
+        (["--tasks", "many"], "argument --tasks: not an integer"),
+        (["--task-ms", "nan"], "argument --task-ms"),
+        (["--duration", "0"], "argument --duration: must be a positive number"),
+        (["--bursts", "0"], "argument --bursts"),
+        (["--no-such-option"], "unrecognized arguments"),
+        # Refused by WorkerPool itself: one line, its own words.
+        (["--min-workers", "5", "--max-workers", "2"], "min_workers (5) must not exceed max_workers (2)"),
+        (["--max-workers", "0"], "max_workers must be a finite number >= 1"),
+        (["--idle-timeout", "-1"], "idle_timeout must be a finite number >= 0"),
+        (["--idle-timeout", "nan"], "argument --idle-timeout: must be a finite number"),
+        (["--title-prefix", "a b"], "title_prefix must be a non-empty string without spaces"),
+    ],
+)
+def test_run_bad_options_exit_2(args: list[str], message: str) -> None:
+    res = cli_output("run", *args)
+    assert res.returncode == 2, res
+    assert message in res.stderr
+    assert re.search(r"^procpool( run)?: error: ", res.stderr, re.MULTILINE), res.stderr
+
+
+def test_no_command_exits_2() -> None:
+    res = cli_output()
+    assert res.returncode == 2 and "required" in res.stderr
+
+
+def test_progress_refreshes_in_place_on_a_terminal(tmp_path: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every slave end closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = subprocess.Popen(
+        CLI + ["run", "--tasks", "40", "--task-ms", "20", "--bursts", "2", "--idle-timeout", "0.1",
+               "--interval", "0.05"],
+        stdout=slave, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    try:
+        assert proc.wait(WAIT) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    reader.join(5)
+    os.close(master)
+    text = b"".join(chunks).decode()
+    refreshes = text.count("\x1b[K")
+    assert refreshes >= 3, text
+    # Every refresh rewrote the same terminal line: they all sit on one line of output.
+    progress_lines = [ln for ln in text.split("\n") if " workers " in ln and "]" in ln]
+    assert len(progress_lines) == 1 and progress_lines[0].count("\r[") == refreshes, text
+    assert summary_items(text) == (40, 40, 0, 0)
+
+
+# -- procpool ps -------------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_stale_table(path: Path, pool_id: int, owner: int, worker_pid: int) -> None:
+    # Written byte by byte with the id table's on-disk format: a stale table is one whose
+    # owner and resource tracker both died, which a test cannot arrange politely.
+    buf = bytearray(idtable.HEADER_SIZE + 2 * idtable.SLOT_SIZE)
+    idtable._HEADER.pack_into(buf, 0, idtable.MAGIC, idtable.VERSION, pool_id, owner, 2, 0, 0, time.time())
+    idtable._SLOT.pack_into(buf, idtable.HEADER_SIZE, idtable.IDLE, 0, worker_pid, 1, 7, time.time())
+    path.write_bytes(bytes(buf))
+
+
+def test_ps_marks_stale_tables_and_skips_unreadable_ones() -> None:
+    dead = _dead_pid()
+    stale = SHM / f"procpool-{UID}-{dead}-99"
+    empty = SHM / f"procpool-{UID}-{dead}-97"  # created, not yet sized: mmap refuses it
+    garbage = SHM / f"procpool-{UID}-{dead}-98"  # sized, header not written yet
+    try:
+        _write_stale_table(stale, 99, dead, dead)
+        empty.write_bytes(b"")
+        garbage.write_bytes(b"\0" * 200)
+        pools = [p for p in ps_json() if p["owner_pid"] == dead]
+        assert len(pools) == 1, pools
+        (pool,) = pools
+        assert pool["pool"] == 99 and pool["stale"] is True and pool["owner_alive"] is False
+        assert pool["owner_cmdline"] is None
+        assert pool["workers"] == [
+            {
+                "id": 0,
+                "pid": dead,
+                "state": "idle",
+                "flags": [],
+                "gen": 1,
+                "items_done": 7,
+                "in_state_s": pool["workers"][0]["in_state_s"],
+                "title": None,
+                "alive": False,
+            }
+        ]
+        text = cli_output("ps")
+        assert text.returncode == 0, text.stderr
+        row = [ln for ln in text.stdout.splitlines() if ln.startswith("u99 ") and f" {dead} " in ln]
+        assert len(row) == 1 and " stale " in row[0] and "(gone)" in row[0], text.stdout
+        assert "stale: the owner is gone" in text.stdout
+    finally:
+        for path in (stale, empty, garbage):
+            path.unlink(missing_ok=True)
+
+
+def test_ps_skips_a_segment_that_vanished(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # A pool closing between the directory listing and the attach: the name is listed, the
+    # file is gone. ps must carry on (in-process: the race cannot be timed from outside).
+    gone = f"procpool-{UID}-{_dead_pid()}-0"
+    monkeypatch.setattr(cli, "list_segments", lambda: [gone])
+    assert cli.main(["ps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert cli.main(["ps"]) == 0
+    assert capsys.readouterr().out == "no procpool pools running\n"
+
+
+def test_console_script_is_cli_main() -> None:
+    from importlib.metadata import entry_points
+
+    (ep,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "procpool"]
+    assert ep.load() is cli.main
