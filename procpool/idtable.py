@@ -49,6 +49,7 @@ _HEADER = struct.Struct("<8s I I q I I I d")
 HEADER_SIZE = 64
 #                       state flags pid gen done since
 _SLOT = struct.Struct("<I I q Q Q d")
+_U32 = struct.Struct("<I")
 SLOT_SIZE = 48
 
 # Byte offsets of single fields, for writes that must not touch neighbouring fields
@@ -169,7 +170,10 @@ class IdTable:
         return state != FREE and cur_gen == gen
 
     def nr_allocated(self) -> int:
-        return sum(1 for s in self.slots() if s.state != FREE)
+        # A raw scan (no Slot objects): called under the attach lock by every detacher.
+        buf, unpack = self._buf, _U32.unpack_from
+        end = HEADER_SIZE + SLOT_SIZE * self.capacity
+        return sum(1 for off in range(HEADER_SIZE, end, SLOT_SIZE) if unpack(buf, off)[0] != FREE)
 
     # -- the detach completion's state (M held) ------------------------------------------
 

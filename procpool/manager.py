@@ -35,16 +35,12 @@ def _round_ct(ct: float) -> float:
     return round(ct, 2)
 
 
-_self_owner: Owner | None = None
-
-
-def self_owner() -> Owner:
-    """This process's identity as a lock owner: (pid, start time). Cached per process."""
-    global _self_owner
-    pid = os.getpid()
-    if _self_owner is None or _self_owner[0] != pid:
-        _self_owner = (pid, _round_ct(psutil.Process(pid).create_time()))
-    return _self_owner
+def _identify(pid: int) -> Owner:
+    """(pid, start time) of a live process: a pid alone could be recycled by a new process."""
+    try:
+        return (pid, _round_ct(psutil.Process(pid).create_time()))
+    except psutil.NoSuchProcess:
+        return (pid, 0.0)
 
 
 def owner_alive(owner: Owner) -> bool:
@@ -64,9 +60,8 @@ class _RobustLockServer:
         self._owner: Owner | None = None
         self.broken = 0
 
-    def acquire(self, owner: Owner, timeout: float | None = None) -> bool:
+    def acquire(self, pid: int, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        owner = (int(owner[0]), float(owner[1]))
         with self._cond:
             while self._owner is not None:
                 wait = OWNER_POLL
@@ -84,14 +79,16 @@ class _RobustLockServer:
                     # waiter per wake-up would make the server the bottleneck of a teardown.)
                     self.broken += 1
                     break
-            self._owner = owner
+            # The start time is looked up here, in the long-lived server, while the caller is
+            # certainly alive (it waits for this answer): in a freshly forked worker the same
+            # psutil look-up costs far more (first use of that code, copy-on-write faults).
+            self._owner = _identify(int(pid))
             return True
 
-    def release(self, owner: Owner) -> None:
-        owner = (int(owner[0]), float(owner[1]))
+    def release(self, pid: int) -> None:
         with self._cond:
-            if self._owner != owner:
-                raise RuntimeError(f"lock released by {owner}, but held by {self._owner}")
+            if self._owner is None or self._owner[0] != pid:
+                raise RuntimeError(f"lock released by pid {pid}, but held by {self._owner}")
             self._owner = None
             self._cond.notify()
 
@@ -105,11 +102,17 @@ class _RobustLockServer:
 class _RobustLockProxy(BaseProxy):
     _exposed_ = ("acquire", "release", "owner", "broken_count")
 
-    def acquire(self, owner: Owner, timeout: float | None = None) -> bool:
-        return self._callmethod("acquire", (owner, timeout))
+    def acquire(self, pid: int, timeout: float | None = None) -> bool:
+        return self._callmethod("acquire", (pid, timeout))
 
-    def release(self, owner: Owner) -> None:
-        self._callmethod("release", (owner,))
+    def release(self, pid: int) -> None:
+        self._callmethod("release", (pid,))
+
+    def _after_fork(self) -> None:
+        # BaseProxy reconnects (incref) every proxy in every child that multiprocessing forks
+        # from the program, so a program with live pools would pay one Manager connection
+        # per lock per fork. Those children never use our locks; workers get theirs pickled.
+        self._manager = None
 
     def owner(self) -> Owner | None:
         return self._callmethod("owner")
@@ -130,10 +133,10 @@ class ManagerLock:
         self.name = name
 
     def acquire(self, timeout: float | None = None) -> bool:
-        return self._proxy.acquire(self_owner(), timeout)
+        return self._proxy.acquire(os.getpid(), timeout)
 
     def release(self) -> None:
-        self._proxy.release(self_owner())
+        self._proxy.release(os.getpid())
 
     def owner(self) -> Owner | None:
         return self._proxy.owner()

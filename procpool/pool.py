@@ -279,7 +279,6 @@ class WorkerPool:
         self._create_error: BaseException | None = None  # A: why the last creation failed
         self._completions_seen = 0  # set from the id table just before it is freed
         self._seq = itertools.count()
-        self._teardown_thread: threading.Thread | None = None
         self._closed = threading.Event()  # set when teardown finished
 
         self.id = _alloc_pool_id()  # I
@@ -425,21 +424,19 @@ class WorkerPool:
                     self._worklist.clear()
                 while self._idle:
                     self._destroy_worker(self._idle.popleft())
-                self._teardown_thread = threading.Thread(
-                    target=self._teardown, args=(timeout,), name=f"procpool-teardown-{self.id}", daemon=True
-                )
         for item in cancelled:
             item.future.cancel()
         if first:
             _live_pools.discard(self)
             self._wake()
-            assert self._teardown_thread is not None
             if wait and threading.current_thread() is not self._arbiter_thread:
                 self._teardown(timeout)
                 return
             # close() from a done-callback runs on the arbiter thread, which teardown must
             # join: hand teardown to its own thread instead of deadlocking.
-            self._teardown_thread.start()
+            threading.Thread(
+                target=self._teardown, args=(timeout,), name=f"procpool-teardown-{self.id}", daemon=True
+            ).start()
         elif wait:
             self._closed.wait()
 
