@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from multiprocessing import connection, parent_process
+from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy
 from typing import Any
 
@@ -174,38 +174,71 @@ class _Manager(BaseManager):
 _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 
 
-def _server_init() -> None:
-    """Runs in the Manager server process before it serves."""
+def _server_init(alive_fd: int, close_fds: list[int]) -> None:
+    """Runs in the Manager server process (a fork of the spawner) before it serves."""
     try:
         import setproctitle
 
         setproctitle.setproctitle("procpool: manager")
     except Exception:  # pragma: no cover - the title is cosmetic
         pass
-    parent = parent_process()
-    if parent is not None:
-        sentinel = parent.sentinel
+    for fd in close_fds:  # the spawner's own descriptors: not ours to keep open
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
-        def watch() -> None:
-            connection.wait([sentinel])
-            os._exit(0)
+    def watch() -> None:
+        # The program holds the only write end: EOF means it is gone (even SIGKILLed).
+        connection.wait([alive_fd])
+        os._exit(0)
 
-        threading.Thread(target=watch, name="procpool-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="procpool-program-watch", daemon=True).start()
+
+
+_servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
+
+
+def start_server(alive_fd: int, close_fds: list[int]) -> Any:
+    """In the spawner: fork a Manager server (a fork of a single-threaded process is safe)."""
+    import multiprocessing
+
+    m = _Manager(ctx=multiprocessing.get_context("fork"))
+    m.start(initializer=_server_init, initargs=(alive_fd, close_fds))
+    _servers.append(m)
+    return m.address
 
 
 _manager: _Manager | None = None
 _manager_pid = 0
-_manager_lock = threading.Lock()  # guards _manager and _manager_pid (this process's threads)
+_manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe; never closed
+_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w
 
 
 def get_manager(ctx: Any) -> _Manager:
-    """The program's Manager, started on first use (shared by every pool of the program)."""
-    global _manager, _manager_pid
+    """The program's Manager, started on first use (shared by every pool of the program).
+
+    The spawner forks it, so that starting it costs a fork, not a process start through
+    multiprocessing; it lives as long as the program, even if the spawner is replaced.
+    """
+    global _manager, _manager_pid, _manager_alive_w
     with _manager_lock:
         if _manager is None or _manager_pid != os.getpid():
-            m = _Manager(ctx=ctx)
-            m.start(initializer=_server_init)
-            _manager, _manager_pid = m, os.getpid()
+            from multiprocessing import current_process
+
+            from .spawner import get_spawner
+
+            alive_r, alive_w = os.pipe()
+            try:
+                address = get_spawner(ctx).start_manager(alive_r)
+            except BaseException:
+                os.close(alive_w)
+                raise
+            finally:
+                os.close(alive_r)
+            m = _Manager(address=address, authkey=bytes(current_process().authkey))
+            m.connect()
+            _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
         return _manager
 
 

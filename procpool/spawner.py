@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from multiprocessing import connection
 from typing import Any
 
@@ -83,25 +84,105 @@ class WorkerProcess:
             os.close(self.sentinel)
 
 
+class _ForkedSpawner:
+    """Handle on a spawner this program forked itself (the subset of Process used here)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.exitcode: int | None = None
+
+    def is_alive(self) -> bool:
+        self.join(0)
+        return self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exitcode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG if deadline is not None else 0)
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+            elif deadline is None or time.monotonic() >= deadline:
+                return
+            else:
+                time.sleep(0.005)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def fork_is_safe() -> bool:
+    """Is this process single-threaded, as the kernel sees it (native threads included)?
+    Only then is a fork free of locks held by some other thread."""
+    import psutil
+
+    return psutil.Process().num_threads() == 1
+
+
 class Spawner:
-    """Client side, in the program. Thread-safe: one request at a time on the socket."""
+    """Client side, in the program. Thread-safe: one request at a time on the socket.
+
+    How the spawner itself starts: when the program is single-threaded (the common case at
+    the first pool), by a plain fork — a millisecond or two, and the spawner then holds the
+    program's ``__main__`` as it is. Otherwise through the multiprocessing context
+    (forkserver by default), which is safe whatever threads the program runs.
+    """
 
     def __init__(self, ctx: Any) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The spawner gets its end as a multiprocessing Connection (fd passing is built into
-        # its start); it uses the raw socket underneath.
-        theirs_conn = connection.Connection(theirs.detach())
-        self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn,), name="procpool-spawner")
-        try:
-            self._proc.start()
-        finally:
-            theirs_conn.close()
+        if ctx.get_start_method() != "spawn" and fork_is_safe():
+            self._proc: Any = self._fork(ours, theirs)
+        else:
+            # The spawner gets its end as a multiprocessing Connection (fd passing is built
+            # into its start); it uses the raw socket underneath.
+            theirs_conn = connection.Connection(theirs.detach())
+            self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn,), name="procpool-spawner")
+            try:
+                self._proc.start()
+            finally:
+                theirs_conn.close()
         self._sock = ours
         self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
         self.pid: int = self._proc.pid
 
+    @staticmethod
+    def _fork(ours: socket.socket, theirs: socket.socket) -> _ForkedSpawner:
+        pid = os.fork()
+        if pid == 0:  # the spawner: never returns into the program's code
+            try:
+                import gc
+
+                # Objects of the program copied into this process are never collected here:
+                # a finalizer closing a descriptor number that has since been reused would
+                # close one of ours.
+                gc.freeze()
+                fd = theirs.fileno()
+                # Keep stdio and our socket, nothing else of the program's (its sockets,
+                # files, other pools' pipes): a kept copy would hide an EOF somebody waits for.
+                os.closerange(3, fd)
+                os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+                _spawner_loop(theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        return _ForkedSpawner(pid)
+
     def is_alive(self) -> bool:
         return self._proc.is_alive()
+
+    def start_manager(self, alive_fd: int) -> Any:
+        """Have the spawner fork the program's Manager server; returns its address.
+        ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
+        when it reads EOF there, i.e. when the program is gone, whatever became of us."""
+        payload = pickle.dumps(("manager", None, None), pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            _send_frame(self._sock, payload, [alive_fd])
+            answer = pickle.loads(_recv_frame(self._sock))
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def spawn(self, specs: list[Any], conn_fds: list[int], completion_fd: int) -> list[WorkerProcess | BaseException]:
         """Fork one worker per spec; ``conn_fds[i]`` becomes worker i's socket. Returns a
@@ -118,7 +199,7 @@ class Spawner:
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
-            payload = pickle.dumps((specs, list(sys.path)), pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(("spawn", specs, list(sys.path)), pickle.HIGHEST_PROTOCOL)
             fds = [completion_fd] + [fd for pair in zip(conn_fds, (w for _, w in pipes), strict=True) for fd in pair]
             with self._lock:
                 _send_frame(self._sock, payload, fds)
@@ -183,6 +264,13 @@ def _recv_frame_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]
 
 
 def _spawner_main(conn: connection.Connection) -> None:
+    """Entry point when started through multiprocessing (a threaded program)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    _spawner_loop(sock)
+
+
+def _spawner_loop(sock: socket.socket) -> None:
     """Single-threaded loop: fork workers on request, reap them, report their exit status."""
     try:
         import setproctitle
@@ -199,9 +287,9 @@ def _spawner_main(conn: connection.Connection) -> None:
 
     import psutil
 
+    from . import worker  # noqa: F401 - what every worker runs
+
     psutil.boot_time()
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
-    conn.close()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -209,7 +297,7 @@ def _spawner_main(conn: connection.Connection) -> None:
     status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe
 
     def reap() -> None:
-        while status_w:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -232,37 +320,50 @@ def _spawner_main(conn: connection.Connection) -> None:
         if wake_r in ready:
             os.read(wake_r, 4096)
             reap()
-        if sock in ready:
+        if sock not in ready:
+            continue
+        try:
+            payload, fds = _recv_frame_fds(sock, 1 + 2 * MAX_BATCH)
+        except (EOFError, OSError):
+            os._exit(0)  # the program is gone or done: nothing more to spawn
+        kind, specs, sys_path = pickle.loads(payload)
+        if kind == "manager":
+            from .manager import start_server
+
+            answer: Any
             try:
-                payload, fds = _recv_frame_fds(sock, 1 + 2 * MAX_BATCH)
-            except (EOFError, OSError):
-                os._exit(0)  # the program is gone or done: nothing more to spawn
-            specs, sys_path = pickle.loads(payload)
-            completion_fd, rest = fds[0], fds[1:]
-            answer: list[int | BaseException] = []
-            for i, spec in enumerate(specs):
-                conn_fd, sw = rest[2 * i], rest[2 * i + 1]
-                try:
-                    pid = os.fork()
-                except OSError as exc:
-                    answer.append(exc)  # its descriptors are closed with the rest below
-                    continue
-                if pid == 0:
-                    keep = {conn_fd, completion_fd}
-                    for fd in [sock.fileno(), wake_r, wake_w, *status_w.values(), *fds]:
-                        if fd not in keep:
-                            try:
-                                os.close(fd)
-                            except OSError:
-                                pass
-                    _child(spec, conn_fd, completion_fd, sys_path)
-                status_w[pid] = sw
-                answer.append(pid)
-            for fd in fds:
-                if fd not in status_w.values():
-                    os.close(fd)
+                answer = start_server(fds[0], [sock.fileno(), wake_r, wake_w])
+            except Exception as exc:
+                answer = exc
+            os.close(fds[0])
             _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
-            reap()
+            continue
+        completion_fd, rest = fds[0], fds[1:]
+        answer = []
+        for i, spec in enumerate(specs):
+            conn_fd, sw = rest[2 * i], rest[2 * i + 1]
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                answer.append(exc)  # its descriptors are closed with the rest below
+                continue
+            if pid == 0:
+                keep = {conn_fd, completion_fd}
+                for fd in [sock.fileno(), wake_r, wake_w, *status_w.values(), *fds]:
+                    if fd not in keep:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                _child(spec, conn_fd, completion_fd, sys_path)
+            status_w[pid] = sw
+            answer.append(pid)
+        live = set(status_w.values())
+        for fd in fds:
+            if fd not in live:
+                os.close(fd)
+        _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+        reap()
 
 
 def _child(spec: Any, conn_fd: int, completion_fd: int, sys_path: list[str]) -> None:

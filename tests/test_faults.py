@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import tasks
-from conftest import alive, my_segments, wait_until
+from conftest import alive, my_segments, title_of, wait_until
 
 import procpool
 from procpool.idtable import IdTable
@@ -182,10 +182,14 @@ def test_kill_storm_loses_no_item():
 
 PARENT_SCRIPT = textwrap.dedent(
     """
-    import sys, time, procpool
+    import sys, threading, time, psutil, procpool
     def main():
+        if sys.argv[1] == "threaded":  # a second thread: the spawner must not be a fork of us
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
         pool = procpool.WorkerPool(min_workers=3, max_workers=3)
-        print(pool.table_name, *[w.pid for w in pool.workers()], flush=True)
+        pids = [w.pid for w in pool.workers()]
+        helpers = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in pids]
+        print(pool.table_name, ",".join(map(str, pids)), ",".join(map(str, helpers)), flush=True)
         time.sleep(60)
     if __name__ == "__main__":
         main()
@@ -193,19 +197,27 @@ PARENT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path):
+@pytest.mark.parametrize("mode", ["single-threaded", "threaded"])
+def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path, mode):
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True)
     try:
-        name, *pids = proc.stdout.readline().split()
-        pids = [int(p) for p in pids]
+        name, pids, helpers = proc.stdout.readline().split()
+        pids = [int(p) for p in pids.split(",")]
+        helpers = [int(p) for p in helpers.split(",")]  # spawner, Manager, fork server, tracker
         assert len(pids) == 3 and all(alive(p) for p in pids)
         assert os.path.exists(f"/dev/shm/{name}")
+        spawner = psutil.Process(pids[0]).parent()
+        assert title_of(spawner.pid) == "procpool: spawner"
+        # Single-threaded, the program forks its spawner itself (fast); with threads, the
+        # spawner comes from multiprocessing's fork server, never from a fork of the program.
+        assert (spawner.ppid() == proc.pid) == (mode == "single-threaded")
         proc.kill()
         proc.wait()
         wait_until(lambda: not any(alive(p) for p in pids), timeout=2, what="workers gone within 2 s")
         wait_until(lambda: not os.path.exists(f"/dev/shm/{name}"), timeout=5, what="table unlinked")
+        wait_until(lambda: not any(alive(p) for p in helpers), timeout=5, what="spawner and Manager gone")
     finally:
         proc.kill()
         proc.wait()
