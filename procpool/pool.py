@@ -153,7 +153,9 @@ def _close_live_pools() -> None:
 
 
 def resolve_context(mp_context: Any) -> Any:
-    """The multiprocessing context for workers: forkserver unless told otherwise.
+    """The multiprocessing context that starts the program's spawner when the program runs
+    threads (see procpool.spawner; a single-threaded program forks its spawner directly):
+    forkserver unless told otherwise.
 
     forkserver is the default because it is safe when the parent runs threads (a fork of a
     threaded parent can copy a lock held by another thread) while each new worker is still
@@ -181,8 +183,8 @@ def resolve_context(mp_context: Any) -> Any:
 
 
 def _preload_into_forkserver(ctx: Any) -> None:
-    # Importing procpool once in the fork server, not once per worker, is most of a cold
-    # start. Keep whatever preload list the program set (default: ['__main__']).
+    # Importing procpool once in the fork server, not in the spawner it starts, is most of
+    # that start. Keep whatever preload list the program set (default: ['__main__']).
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
