@@ -1,15 +1,32 @@
 """procpool: the Linux kernel's workqueue worker pools, with OS processes as workers."""
 
-from .errors import FaultInjected, PoolClosed, ProcpoolError, RemoteTraceback, TeardownTimeout, WorkerLost
+from .errors import (
+    FaultInjected,
+    InitializerFailed,
+    ItemCancelled,
+    ItemTimeout,
+    PoolClosed,
+    ProcpoolError,
+    RemoteTraceback,
+    TeardownTimeout,
+    TransferError,
+    WorkerLost,
+)
+from .executor import ProcessPoolExecutor
 from .pool import PoolStats, WorkerInfo, WorkerPool
 
 __all__ = [
     "FaultInjected",
+    "InitializerFailed",
+    "ItemCancelled",
+    "ItemTimeout",
     "PoolClosed",
     "PoolStats",
+    "ProcessPoolExecutor",
     "ProcpoolError",
     "RemoteTraceback",
     "TeardownTimeout",
+    "TransferError",
     "WorkerInfo",
     "WorkerLost",
     "WorkerPool",

@@ -8,6 +8,7 @@ on this item", and ``WorkerLost`` is also a ``BrokenProcessPool`` so code writte
 
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 
 
@@ -28,6 +29,33 @@ class TeardownTimeout(WorkerLost):
 
 class PoolClosed(ProcpoolError):
     """The item was still waiting when a timed-out ``close()`` gave up on the pool."""
+
+
+class InitializerFailed(ProcpoolError, BrokenProcessPool):
+    """A worker's ``initializer`` raised; the initializer's exception is the ``__cause__``.
+
+    The item that worker was given fails with this, and so does every item still waiting: the
+    pool is *broken* (a failing initializer would fail every worker started after it), and
+    ``submit`` raises this too from then on. Items already running on other workers finish.
+    A ``BrokenProcessPool``, as ``concurrent.futures`` callers expect from a broken pool.
+    """
+
+
+class ItemTimeout(ProcpoolError, TimeoutError):
+    """The item ran longer than its ``timeout`` (``submit_with``); its worker was killed and is
+    replaced. A builtin ``TimeoutError``, so ``except TimeoutError`` catches it."""
+
+
+class ItemCancelled(ProcpoolError, CancelledError):
+    """``cancel_running()`` cancelled the item while it ran; its worker was killed and is
+    replaced. A ``concurrent.futures.CancelledError``, but the future itself is *finished*
+    with this exception, not cancelled (a running future cannot be, by the Future contract)."""
+
+
+class TransferError(ProcpoolError):
+    """The call or its result could not cross the process boundary: the call could not be
+    unpickled in the worker, or the result could not be pickled there or unpickled here.
+    The underlying error is in the message and in the ``__cause__`` chain."""
 
 
 class FaultInjected(ProcpoolError):

@@ -11,18 +11,24 @@ Worker state machine, as the parent sees it::
    a crash at any point ─► sentinel readable ─► _reap(): drain its socket, fail the item it ◄───┘
                            was running (WorkerLost), free its id on its behalf, maybe complete
 
+   Other ways to dying, all off the books at once like _destroy_worker(): a busy worker
+   *retires* after max_tasks_per_child items (DIE, normal exit path); a worker whose
+   initializer raised is destroyed (DIE) and breaks the pool; _kill_worker() (item timeout,
+   cancel_running) SIGKILLs a busy one, and _reap() fails its item with the kill's reason.
+
 Path of one work item::
 
    submit()   [caller thread]  pickle (fn, args, kwargs) ─► L: idle worker? ─yes─► send to it
                                                               │ no
                                                               └─► worklist (+ wake the arbiter to grow)
-   worker     recv ─► run ─► send (seq, ok, value, traceback)
+   worker     recv ─► run ─► send seq + (ok, value, traceback)
    arbiter    [one thread]     recv ─► L: next item from the worklist ─► send; or enter idle
                                ─► set the Future
 
 Threads in the parent: callers (submit, close, stats), and one *arbiter* thread that owns the
-selector: it receives results, reaps exited workers, grows the pool when work waits and culls
-idle workers past their timeout. It never blocks on a worker.
+selector: it receives results, reaps exited workers, grows the pool when work waits, culls
+idle workers past their timeout and kills workers whose item ran past its own timeout. It
+never blocks on a worker.
 
 Teardown (``close``), the seed's ``put_unbound_pool()``::
 
@@ -38,6 +44,7 @@ Guards:  L = self._lock (parent only)     M = Manager locks (any process)
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import math
 import multiprocessing
@@ -56,11 +63,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import faults as _faults
-from .errors import PoolClosed, ProcpoolError, RemoteTraceback, TeardownTimeout, WorkerLost
+from .errors import (
+    InitializerFailed,
+    ItemCancelled,
+    ItemTimeout,
+    PoolClosed,
+    RemoteTraceback,
+    TeardownTimeout,
+    TransferError,
+    WorkerLost,
+)
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
 from .spawner import get_spawner, stop_spawner
-from .worker import DIE, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_title
+from .worker import DIE, INIT_FAILED, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_title
 
 #: Idle workers kept regardless of load, and busy workers per extra idle one kept
 #: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
@@ -85,6 +101,7 @@ class PoolStats:
     destroyed: int
     items_done: int  # items that ended with a result or their function's exception
     lost: int  # workers that died without being destroyed
+    killed: int = 0  # of `destroyed`: SIGKILLed for an item's timeout or by cancel_running()
 
 
 @dataclass(frozen=True)
@@ -98,18 +115,19 @@ class WorkerInfo:
 
 
 class _Item:
-    __slots__ = ("seq", "future", "payload")
+    __slots__ = ("seq", "future", "payload", "timeout")
 
-    def __init__(self, seq: int, future: Future, payload: bytes) -> None:
+    def __init__(self, seq: int, future: Future, payload: bytes, timeout: float | None = None) -> None:
         self.seq = seq
         self.future = future
         self.payload = payload
+        self.timeout = timeout  # seconds it may run once a worker has it (submit_with)
 
 
 class _Worker:
     """The parent's handle on one worker process."""
 
-    __slots__ = ("id", "gen", "proc", "conn", "pid", "state", "current", "idle_since", "kill_reason")
+    __slots__ = ("id", "gen", "proc", "conn", "pid", "state", "current", "idle_since", "kill_reason", "nr_done")
 
     def __init__(self, wid: int, gen: int, proc: Any, conn: Any) -> None:
         self.id = wid  # I
@@ -120,7 +138,9 @@ class _Worker:
         self.state = "idle"  # L
         self.current: _Item | None = None  # L: the item it runs
         self.idle_since = time.monotonic()  # L
-        self.kill_reason: str | None = None  # L: why the parent killed it, if it did
+        # L: if the parent killed it, the error its item gets and the why for the message
+        self.kill_reason: tuple[type[Exception], str] | None = None
+        self.nr_done = 0  # L: items it answered (max_tasks_per_child)
 
 
 # -- pool ids: small ints, unique among this program's live pools ---------------------------
@@ -195,20 +215,65 @@ def _preload_into_forkserver(ctx: Any) -> None:
         ctx.set_forkserver_preload(mods + ["procpool.worker"])
 
 
+@functools.cache
+def _cloudpickle() -> Any:
+    """The cloudpickle module if it is installed (the optional extra), else None."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+def _dumps(obj: Any) -> bytes:
+    """Plain pickle; cloudpickle only where plain pickle fails (lambdas, closures, functions
+    of an interactive ``__main__``) and it is installed. Plain pickle stays first because it is
+    faster and pickles functions by reference, as the worker expects to import them. A worker
+    loads cloudpickle's output with plain pickle, as long as it can import cloudpickle."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    except Exception:
+        cp = _cloudpickle()
+        if cp is None:
+            raise
+        return cp.dumps(obj, PICKLE_PROTOCOL)
+
+
+def _unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> TypeError:
+    """A TypeError naming the first of ``parts`` (label, object) that cannot be pickled."""
+    for what, obj in parts:
+        try:
+            _dumps(obj)
+        except Exception as part_exc:
+            return TypeError(f"{where}: {what} cannot be pickled: {part_exc}")
+    return TypeError(f"{where}: the call cannot be pickled: {exc}")
+
+
 def _dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
     """Pickle one call in the caller's thread; on failure, name the part that failed."""
     try:
-        return seq.to_bytes(SEQ_BYTES, "little") + pickle.dumps((fn, args, kwargs), PICKLE_PROTOCOL)
+        return seq.to_bytes(SEQ_BYTES, "little") + _dumps((fn, args, kwargs))
     except Exception as exc:
         parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
         parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
         parts += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
-        for what, obj in parts:
-            try:
-                pickle.dumps(obj, PICKLE_PROTOCOL)
-            except Exception as part_exc:
-                raise TypeError(f"submit(): {what} cannot be pickled: {part_exc}") from exc
-        raise TypeError(f"submit(): the call cannot be pickled: {exc}") from exc
+        raise _unpicklable("submit()", parts, exc) from exc
+
+
+def _dumps_initializer(initializer: Callable[..., Any] | None, initargs: Any) -> bytes | None:
+    """Pickle ``(initializer, initargs)`` once, when the pool is made, so a bad one is refused
+    there and then rather than in every worker."""
+    if initializer is None:
+        return None
+    if not callable(initializer):
+        raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}: {initializer!r}")
+    initargs = tuple(initargs)
+    try:
+        return _dumps((initializer, initargs))
+    except Exception as exc:
+        parts: list[tuple[str, Any]] = [(f"initializer {initializer!r}", initializer)]
+        parts += [(f"initargs[{i}] ({type(a).__name__})", a) for i, a in enumerate(initargs)]
+        raise _unpicklable("WorkerPool()", parts, exc) from exc
 
 
 def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
@@ -233,6 +298,11 @@ class WorkerPool:
     reuse can be watched in ps/htop. ``faults`` arms fault points (tests only; see
     ``procpool.faults``). ``mp_context`` is a start method name or context ('forkserver' by
     default, or 'spawn').
+
+    ``initializer(*initargs)`` runs in each worker before its first item; if it raises, the
+    pool is broken (see ``InitializerFailed``). With ``max_tasks_per_child`` a worker retires
+    after that many items: it is destroyed like an idle one (normal exit path, counted in
+    ``destroyed``) and replaced when work waits.
     """
 
     def __init__(
@@ -245,6 +315,9 @@ class WorkerPool:
         linger_dying: float = 0.0,
         mp_context: Any = None,
         faults: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        max_tasks_per_child: int | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = max(os.cpu_count() or 1, (min_workers or 0))
@@ -256,6 +329,9 @@ class WorkerPool:
             raise ValueError(f"min_workers ({min_workers}) must not exceed max_workers ({max_workers})")
         _check_number("idle_timeout", idle_timeout, minimum=0)
         _check_number("linger_dying", linger_dying, minimum=0)
+        if max_tasks_per_child is not None:
+            _check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
+        init_payload = _dumps_initializer(initializer, initargs)
         if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
@@ -266,6 +342,8 @@ class WorkerPool:
         self.idle_timeout = float(idle_timeout)  # I
         self.title_prefix = title_prefix  # I
         self.linger_dying = float(linger_dying)  # I
+        self.max_tasks_per_child = max_tasks_per_child  # I
+        self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
         self._ctx = resolve_context(mp_context)  # I
 
         self._lock = threading.Lock()
@@ -282,6 +360,9 @@ class WorkerPool:
         self._completions_seen = 0  # set from the id table just before it is freed
         self._seq = itertools.count()
         self._closed = threading.Event()  # set when teardown finished
+        self._broken: BaseException | None = None  # L: the initializer error that broke the pool
+        self._deadlines: dict[_Worker, float] = {}  # L: busy workers whose item has a timeout
+        self._killed = 0  # L
 
         self.id = _alloc_pool_id()  # I
         self._table: IdTable | None = None
@@ -327,29 +408,87 @@ class WorkerPool:
         The call is pickled here, in the caller's thread, so an unpicklable function or
         argument raises TypeError naming it, and nothing is queued.
         """
+        return self._submit(fn, args, kwargs, None)
+
+    def submit_with(self, fn: Callable[..., Any], /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Future:
+        """``submit`` with per-item options. ``timeout``: seconds the item may run once a
+        worker has taken it (time spent waiting in the worklist does not count); past it the
+        worker is SIGKILLed and replaced, and the item fails with ``ItemTimeout`` (a builtin
+        ``TimeoutError``). A killed worker is the only sure way to stop arbitrary code."""
+        if timeout is not None:
+            _check_number("timeout", timeout, minimum=0)
+        return self._submit(fn, args, kwargs, timeout)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None) -> Future:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
         payload = _dumps_call(seq, fn, args, kwargs)
         fut: Future = Future()
-        item = _Item(seq, fut, payload)
+        item = _Item(seq, fut, payload, timeout)
         wake = False
         with self._lock:
+            if self._broken is not None:
+                raise InitializerFailed(
+                    f"pool u{self.id} is broken: a worker's initializer raised {self._broken!r}"
+                ) from self._broken
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._idle:
                 w: _Worker | None = self._idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
                 self._start_item(w, item)
+                # The arbiter sleeps until its earliest deadline: tell it about this one.
+                wake = timeout is not None
             else:
                 w = None
                 self._worklist.append(item)
                 wake = self._need_more_worker()
         if w is not None:
             self._send(w, item)
-        elif wake:
+        if wake:
             self._wake()
         return fut
+
+    def cancel_running(self, future: Future) -> bool:
+        """Cancel ``future``'s item even if it is running, which ``future.cancel()`` cannot.
+
+        A pending item is simply cancelled. A running one has its worker SIGKILLed (and
+        replaced when work waits); the future then fails with ``ItemCancelled``. Returns False
+        if the item already ended or its worker is already being killed.
+        """
+        # Two rounds: an item can leave the worklist for a worker between the scan and
+        # future.cancel(), but it is RUNNING only together with being some worker's current
+        # item (both under L), so the second scan finds it if the first missed it.
+        for _ in range(2):
+            with self._lock:
+                w = self._running_on(future)
+                if w is not None and w.state == "dying":
+                    return False  # being killed already (its timeout, an earlier cancel)
+                if w is not None:
+                    self._kill_worker(w, ItemCancelled, "by cancel_running()")
+            if w is not None:
+                self._wake()  # growth: a replacement if work waits
+                return True
+            # Outside L: cancel() runs the future's done-callbacks, which may call submit().
+            if future.cancel():
+                return True
+            if future.done():
+                return False
+        return False
+
+    def _running_on(self, future: Future) -> _Worker | None:
+        """The worker whose current item is ``future``'s: attached, or being killed. L held."""
+        for w in itertools.chain(self._workers.values(), self._dying):
+            if w.current is not None and w.current.future is future:
+                return w
+        return None
+
+    @property
+    def broken(self) -> bool:
+        """True once a worker's initializer raised: submit refuses, see ``InitializerFailed``."""
+        with self._lock:
+            return self._broken is not None
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -364,6 +503,7 @@ class WorkerPool:
                 destroyed=self._destroyed,
                 items_done=self._items_done,
                 lost=self._lost,
+                killed=self._killed,
             )
 
     def workers(self) -> list[WorkerInfo]:
@@ -429,7 +569,9 @@ class WorkerPool:
         for item in cancelled:
             item.future.cancel()
         if first:
-            _live_pools.discard(self)
+            # The pool stays in _live_pools until its teardown ends (see _teardown), so that
+            # at interpreter exit the pending work of a close(wait=False) still runs, as
+            # concurrent.futures promises for shutdown(wait=False).
             self._wake()
             if wait and threading.current_thread() is not self._arbiter_thread:
                 self._teardown(timeout)
@@ -461,6 +603,10 @@ class WorkerPool:
         """Work waits, nobody idle to take it, and room for another worker."""
         return bool(self._worklist) and not self._idle and len(self._workers) < self.max_workers
 
+    def _used_up(self, w: _Worker) -> bool:
+        """Has ``w`` run its max_tasks_per_child items? Then it retires instead of idling."""
+        return self.max_tasks_per_child is not None and w.nr_done >= self.max_tasks_per_child
+
     def _too_many_workers(self) -> bool:
         """More idle workers than "2 plus 1 per 4 busy", and above min_workers."""
         nr_idle = len(self._idle)
@@ -477,6 +623,8 @@ class WorkerPool:
         """``item`` is already RUNNING (see _next_item); ``w`` is off the idle list."""
         w.state = "busy"
         w.current = item
+        if item.timeout is not None:
+            self._deadlines[w] = time.monotonic() + item.timeout
 
     def _next_item(self) -> _Item | None:
         while self._worklist:
@@ -505,8 +653,35 @@ class WorkerPool:
             pass  # already dead: the arbiter reaps it
         self._changed.notify_all()
 
+    def _kill_worker(self, w: _Worker, error: type[Exception], why: str) -> None:
+        """Kill a busy worker for its item's sake (timeout, cancel_running): off the books at
+        once like _destroy_worker(), but by SIGKILL, and it keeps ``current`` so that _reap()
+        fails the item with ``error``. L held; never waits. If its result beats the signal,
+        the result wins (see _handle_result)."""
+        assert w.state == "busy" and w.current is not None
+        del self._workers[w.id]
+        self._deadlines.pop(w, None)
+        self._dying.add(w)
+        w.state = "dying"
+        w.kill_reason = (error, why)
+        self._destroyed += 1
+        self._killed += 1
+        assert self._table is not None
+        self._table.set_flags(w.id, FLAG_DIE)
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already dead: the arbiter reaps it
+        self._changed.notify_all()
+
     def _after_item(self, w: _Worker) -> _Item | None:
-        """The worker ``w`` finished its item: give it the next one, or idle/destroy it."""
+        """The worker ``w`` finished its item: give it the next one, or idle/destroy it, or
+        retire it after max_tasks_per_child items (the parent decides, not the worker: a worker
+        leaving by itself would free its id while this side still maps the id to it)."""
+        w.nr_done += 1
+        if self._used_up(w):
+            self._destroy_worker(w)
+            return None
         nxt = self._next_item()
         if nxt is not None:
             self._start_item(w, nxt)
@@ -598,6 +773,7 @@ class WorkerPool:
                 attach_lock=self._attach,
                 linger_dying=self.linger_dying,
                 faults=self._faults,
+                initializer=self._init_payload,
             )
             for wid, gen in ids
         ]
@@ -636,7 +812,7 @@ class WorkerPool:
     # -- the arbiter thread ---------------------------------------------------------------------
 
     def _arbiter(self) -> None:
-        """One loop, one job per function: results, reaping, growing, culling."""
+        """One loop, one job per function: results, reaping, growing, culling, item timeouts."""
         sel = self._sel
         while True:
             timeout = self._next_timeout()
@@ -655,6 +831,7 @@ class WorkerPool:
             if grow and time.monotonic() >= self._create_retry_at:
                 self._create_workers(grow)
             self._cull_idle()
+            self._kill_overdue()
 
     _stop_arbiter = False  # L: set by teardown once every process is reaped
 
@@ -671,6 +848,8 @@ class WorkerPool:
                 waits.append(self._create_retry_at - now)
             if self._idle and self._too_many_workers():
                 waits.append(self._idle[0].idle_since + self.idle_timeout - now)
+            if self._deadlines:
+                waits.append(min(self._deadlines.values()) - now)
         return max(0.0, min(waits)) if waits else None
 
     def _drain_wake(self) -> None:
@@ -690,25 +869,70 @@ class WorkerPool:
         self._handle_result(w, data)
 
     def _handle_result(self, w: _Worker, data: bytes) -> None:
+        head = data[:SEQ_BYTES]
         try:
-            seq, ok, value, tb = pickle.loads(data)
-        except Exception as exc:
-            seq, ok, value, tb = None, False, ProcpoolError(f"the result could not be unpickled: {exc!r}"), None
+            ok, value, tb = pickle.loads(memoryview(data)[SEQ_BYTES:])
+        except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
+            ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
+            value.__cause__ = exc
+        if not ok and tb is not None and isinstance(value, BaseException):
+            value.__cause__ = RemoteTraceback(tb)
+        if head == INIT_FAILED:
+            self._on_init_failed(w, value)
+            return
         with self._lock:
             item = w.current
             w.current = None
+            self._deadlines.pop(w, None)
             self._items_done += 1
-            nxt = self._after_item(w)
+            # A worker killed (item timeout, cancel_running) just as its result came is already
+            # off the books: the item keeps the result it earned; the worker gets nothing more.
+            nxt = self._after_item(w) if w.state != "dying" else None
         if nxt is not None:
             self._send(w, nxt)
-        if item is None or (seq is not None and seq != item.seq):  # pragma: no cover - protocol bug
+        seq = int.from_bytes(head, "little")
+        if item is None or seq != item.seq:  # pragma: no cover - protocol bug
             raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
         if ok:
             item.future.set_result(value)
         else:
-            if tb is not None and isinstance(value, BaseException):
-                value.__cause__ = RemoteTraceback(tb)
             item.future.set_exception(value)
+
+    def _on_init_failed(self, w: _Worker, exc: BaseException) -> None:
+        """``w``'s initializer raised, and it waits for DIE. Destroy it, fail the item it was
+        given, and break the pool: fail every waiting item and refuse new ones, since a failing
+        initializer would most likely fail every worker started after it (and
+        concurrent.futures breaks its pool too). Items running on other workers finish."""
+        with self._lock:
+            if w.kill_reason is None:
+                item, w.current = w.current, None
+            else:
+                item = None  # being killed (cancel_running): _reap fails it with that reason
+            self._deadlines.pop(w, None)
+            if w.state != "dying":  # not already destroyed (close() while it started)
+                if w.state == "idle":
+                    self._idle.remove(w)
+                self._destroy_worker(w)
+            abandoned: list[_Item] = []
+            if self._broken is None:
+                self._broken = exc
+                abandoned = list(self._worklist)
+                self._worklist.clear()
+                self._changed.notify_all()
+        if item is not None:
+            err = InitializerFailed(
+                f"worker {w.id} (pid {w.pid}) of pool u{self.id} could not run the item: "
+                f"its initializer raised {exc!r}"
+            )
+            err.__cause__ = exc
+            item.future.set_exception(err)
+        for it in abandoned:
+            if it.future.set_running_or_notify_cancel():
+                err = InitializerFailed(
+                    f"pool u{self.id} broke before the item ran: a worker's initializer raised {exc!r}"
+                )
+                err.__cause__ = exc
+                it.future.set_exception(err)
 
     def _reap(self, w: _Worker) -> None:
         """A worker process exited. Reap it; if it was not destroyed, it crashed: fail its
@@ -725,7 +949,6 @@ class WorkerPool:
         w.proc.join(1.0)
         exitcode = w.proc.exitcode
         with self._lock:
-            lost = None
             if w in self._dying:
                 self._dying.discard(w)
             else:
@@ -733,17 +956,18 @@ class WorkerPool:
                 del self._workers[w.id]
                 if w.state == "idle":
                     self._idle.remove(w)
-                lost, w.current = w.current, None
                 w.state = "dying"
+            # Destroyed workers have no item; a killed one (_kill_worker) still has its own.
+            lost, w.current = w.current, None
+            self._deadlines.pop(w, None)
             reason = w.kill_reason
             self._changed.notify_all()
         self._detach_on_behalf(w)
         if lost is not None:
             how = _describe_exit(exitcode)
             if reason is not None:
-                err: WorkerLost = TeardownTimeout(
-                    f"worker {w.id} (pid {w.pid}) of pool u{self.id} was {how} by close() after {reason}"
-                )
+                error, why = reason
+                err: Exception = error(f"worker {w.id} (pid {w.pid}) of pool u{self.id} was {how} {why}")
             else:
                 err = WorkerLost(
                     f"worker {w.id} (pid {w.pid}) of pool u{self.id} was lost: {how} while running the item"
@@ -785,6 +1009,19 @@ class WorkerPool:
                 self._idle.popleft()
                 self._destroy_worker(w)
 
+    def _kill_overdue(self) -> None:
+        """Kill the workers whose item ran past its timeout (submit_with); _reap() then fails
+        the item with ItemTimeout, and growth replaces the worker if work waits."""
+        if not self._deadlines:
+            # Read without L, to spare submitters the lock on every loop: a deadline added
+            # meanwhile comes with a wake (see _submit), so the next loop sees it.
+            return
+        now = time.monotonic()
+        with self._lock:
+            for w in [w for w, deadline in self._deadlines.items() if deadline <= now]:
+                assert w.current is not None
+                self._kill_worker(w, ItemTimeout, f"after its item ran past its timeout of {w.current.timeout:g} s")
+
     def _unregister(self, fileobj: Any) -> None:
         try:
             self._sel.unregister(fileobj)
@@ -815,6 +1052,7 @@ class WorkerPool:
         finally:
             self._free_resources()
             self._closed.set()
+            _live_pools.discard(self)
 
     def _wait_drained(self, deadline: float | None) -> None:
         """Wait until no worker is attached and no item waits; past the deadline, give up on
@@ -835,7 +1073,8 @@ class WorkerPool:
             self._worklist.clear()
             victims = list(self._workers.values()) + list(self._dying)
             for w in victims:
-                w.kill_reason = reason
+                if w.kill_reason is None:  # a worker already killed for its item keeps that reason
+                    w.kill_reason = (TeardownTimeout, f"by close() after {reason}")
         for item in abandoned:
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))

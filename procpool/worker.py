@@ -2,9 +2,10 @@
 
 A worker runs ``worker_main`` in its own OS process. Its whole life, from its own side::
 
-    start ─► title kworker/u<pool>:<id> ─► slot: pid, idle ─► loop: recv ─► busy ─► run ─► send result ─► idle
-                                                                 │
-                                   DIE message ◄─────────────────┘  (or EOF: the parent is gone)
+    start ─► title kworker/u<pool>:<id> ─► slot: pid ─► initializer, if any (raised? report it,
+          wait for DIE, exit path) ─► idle ─► loop: recv ─► busy ─► run ─► send result ─► idle
+                                                    │
+                      DIE message ◄─────────────────┘  (or EOF: the parent is gone)
                                         │
     exit path: title kworker/dying ─► slot: dying ─► M attach lock: free id; last one out and a
                teardown waiting? complete the detach completion ─► (linger_dying) ─► os._exit(0)
@@ -17,7 +18,14 @@ Wire format on the worker's socket pair (one per worker, parent end in the paren
 
 * parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
   number + pickle of ``(fn, args, kwargs)`` made in the submitting thread;
-* worker → parent: pickle of ``(seq, ok, value, traceback_text)``.
+* worker → parent: the same 8 bytes + pickle of ``(ok, value, traceback_text)``. The sequence
+  number stays outside the pickle so the parent knows which item a message answers even when
+  the rest cannot be unpickled; ``INIT_FAILED`` in its place says the initializer raised.
+
+The initializer (``WorkerSpec.initializer``) runs once, before the first item. If it raises,
+the worker sends ``INIT_FAILED`` + the error, ignores work until the parent's ``DIE`` (the
+parent must take it off its books before its id is freed: an id freed earlier could be handed
+to a new worker while the parent still maps it to this one), then takes the exit path.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import faults
-from .errors import ProcpoolError
+from .errors import ProcpoolError, TransferError
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .manager import ManagerLock
 
 DIE = b"D"
 SEQ_BYTES = 8
+#: Sequence-number field of the message that reports a failed initializer (never an item's).
+INIT_FAILED = b"\xff" * SEQ_BYTES
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -64,6 +74,9 @@ class WorkerSpec:
     completion: Any = None  # write end of the pool's detach completion pipe
     linger_dying: float = 0.0
     faults: faults.Spec = field(default_factory=dict)
+    # Pickle of (initializer, initargs), made once in the parent (with cloudpickle if plain
+    # pickle cannot): bytes, so the spawner, which unpickles specs, never imports user code.
+    initializer: bytes | None = None
 
 
 def _set_title(title: str) -> None:
@@ -77,14 +90,58 @@ class RemoteError(ProcpoolError):
     """A worker-side exception that could not be pickled back; carries its repr."""
 
 
-def _error_message(seq: int, exc: BaseException) -> bytes:
-    tb = "".join(traceback.format_exception(exc))
+def _error_message(exc: BaseException, origin: BaseException | None = None) -> bytes:
+    """``(False, exc, traceback)`` pickled; the traceback is ``origin``'s when ``exc`` wraps it."""
+    tb = "".join(traceback.format_exception(origin or exc))
     try:
-        return pickle.dumps((seq, False, exc, tb), PICKLE_PROTOCOL)
+        return pickle.dumps((False, exc, tb), PICKLE_PROTOCOL)
     except Exception:
         # The exception itself (or something it holds) cannot cross the process boundary:
         # send its repr instead, so the item still ends in an error that says what happened.
-        return pickle.dumps((seq, False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)
+        return pickle.dumps((False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)
+
+
+def _run_item(payload: memoryview) -> bytes:
+    """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
+    unpickle the call or to pickle the result ends as a TransferError saying which, not as a
+    bare pickling error that would look like the function's own."""
+    try:
+        fn, args, kwargs = pickle.loads(payload)
+    except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
+        return _error_message(TransferError(f"the call could not be unpickled in the worker: {exc!r}"), exc)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
+        return _error_message(exc)
+    try:
+        return pickle.dumps((True, value, None), PICKLE_PROTOCOL)
+    except BaseException as exc:  # noqa: BLE001
+        name = getattr(fn, "__qualname__", None) or repr(fn)
+        return _error_message(TransferError(f"the result of {name} could not be pickled: {exc!r}"), exc)
+
+
+def _run_initializer(payload: bytes | None) -> bytes | None:
+    """Run the pool's initializer; None if it succeeded (or there is none), else the
+    ``INIT_FAILED`` message to send. Unpickling it counts as part of it."""
+    if payload is None:
+        return None
+    try:
+        fn, args = pickle.loads(payload)
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - even SystemExit: the worker must report it
+        return INIT_FAILED + _error_message(exc)
+    return None
+
+
+def _wait_for_die(recv: Any) -> None:
+    """After a failed initializer: drop work messages (the parent fails those items itself)
+    until DIE; leave at once if the parent is gone."""
+    while True:
+        try:
+            if recv() == DIE:
+                return
+        except (EOFError, OSError):
+            _exit(0)
 
 
 def worker_main(spec: WorkerSpec) -> None:
@@ -97,10 +154,17 @@ def worker_main(spec: WorkerSpec) -> None:
     faults.hit(fspec, "worker.start", wid)
     table = IdTable.attach(spec.table_name)
     table.set_pid(wid, os.getpid())
-    table.set_state(wid, IDLE)
     conn = spec.conn
     recv, send = conn.recv_bytes, conn.send_bytes
-    loads, dumps = pickle.loads, pickle.dumps
+    init_failed = _run_initializer(spec.initializer)  # slot still 'starting' while it runs
+    if init_failed is not None:
+        try:
+            send(init_failed)
+        except OSError:
+            _exit(0)
+        _wait_for_die(recv)
+        exit_path(spec, table)
+    table.set_state(wid, IDLE)
     while True:
         try:
             msg = recv()
@@ -110,14 +174,9 @@ def worker_main(spec: WorkerSpec) -> None:
             _exit(0)
         if msg == DIE:
             break
-        seq = int.from_bytes(msg[:SEQ_BYTES], "little")
         table.set_state(wid, BUSY)
         faults.hit(fspec, "worker.busy", wid)
-        try:
-            fn, args, kwargs = loads(memoryview(msg)[SEQ_BYTES:])
-            out = dumps((seq, True, fn(*args, **kwargs), None), PICKLE_PROTOCOL)
-        except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
-            out = _error_message(seq, exc)
+        out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:])
         table.add_done(wid)
         table.set_state(wid, IDLE)
         try:

@@ -67,7 +67,8 @@ def live_titles(pool) -> dict[int, str]:
     out = {}
     for w in pool.workers():
         t = title_of(w.pid)
-        if t is not None and alive(w.pid):
+        # An exiting process reads as an empty command line before it is a zombie.
+        if t and alive(w.pid):
             out[w.pid] = t
     return out
 

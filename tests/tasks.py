@@ -67,3 +67,69 @@ class Unpicklable:
 
 def return_unpicklable():
     return Unpicklable()
+
+
+# -- for test_executor.py ----------------------------------------------------------------------
+
+_init_calls = 0  # in a worker: how often the pool's initializer ran in this process
+_init_value = None
+
+
+def remember_init(value, log_dir: str) -> None:
+    """An initializer: remember ``value`` in this process and leave one file per call."""
+    global _init_calls, _init_value
+    _init_calls += 1
+    _init_value = value
+    Path(log_dir, f"{os.getpid()}-{_init_calls}").touch()
+
+
+def init_state(_=None):
+    return os.getpid(), _init_calls, _init_value
+
+
+def add(a, b):
+    return a + b
+
+
+def echo_kwargs(**kwargs):
+    return kwargs
+
+
+def pid_and(x):
+    return os.getpid(), x
+
+
+def kill_self() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def write_pid_and_wait(mark: str, release: str):
+    """Write this worker's pid to ``mark`` (atomically), then wait for ``release``."""
+    Path(mark + ".tmp").write_text(str(os.getpid()))
+    os.replace(mark + ".tmp", mark)
+    return wait_for_file(release, os.getpid())
+
+
+def _refuse_to_load(msg: str):
+    raise ValueError(msg)
+
+
+class FailsToUnpickle:
+    """Pickles fine; unpickling it raises, wherever that happens."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ("FailsToUnpickle refuses to be unpickled",))
+
+
+def return_fails_to_unpickle():
+    return FailsToUnpickle()
+
+
+class ExitsOnUnpickle:
+    """Unpickling it ends the process at once (a crash in the middle of loading a call)."""
+
+    def __reduce__(self):
+        return (os._exit, (7,))
