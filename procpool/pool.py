@@ -73,6 +73,7 @@ from .errors import (
     TransferError,
     WorkerLost,
 )
+from .frames import FrameReader, frame, write_all
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
 from .spawner import get_spawner, stop_spawner
@@ -84,6 +85,11 @@ KEEP_IDLE = 2
 MAX_IDLE_WORKERS_RATIO = 4
 #: After the OS refuses a new process, wait this long before trying again (kernel: 1 s).
 CREATE_COOLDOWN = 1.0
+#: Prefetch: items whose recent service time (EWMA, seconds) is below PREFETCH_BELOW are sent
+#: to a busy worker up to PREFETCH_MAX at a time when the worklist is deep.
+PREFETCH_BELOW = 0.0005
+PREFETCH_MAX = 32
+SERVICE_EWMA_WEIGHT = 0.1
 #: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
 KILL_GRACE = 1.0
 
@@ -102,6 +108,8 @@ class PoolStats:
     items_done: int  # items that ended with a result or their function's exception
     lost: int  # workers that died without being destroyed
     killed: int = 0  # of `destroyed`: SIGKILLed for an item's timeout or by cancel_running()
+    prefetched: int = 0  # items sent to a busy worker behind its current one (short items)
+    requeued: int = 0  # prefetched items taken back, unstarted, from a worker that was lost
 
 
 @dataclass(frozen=True)
@@ -115,28 +123,38 @@ class WorkerInfo:
 
 
 class _Item:
-    __slots__ = ("seq", "future", "payload", "timeout")
+    __slots__ = ("seq", "future", "payload", "timeout", "started", "dropped")
 
     def __init__(self, seq: int, future: Future, payload: bytes, timeout: float | None = None) -> None:
         self.seq = seq
         self.future = future
         self.payload = payload
         self.timeout = timeout  # seconds it may run once a worker has it (submit_with)
+        self.started = False  # L: its future is RUNNING (set when first given to a worker)
+        self.dropped = False  # L: ended by cancel_running() while prefetched; ignore its answer
 
 
 class _Worker:
     """The parent's handle on one worker process."""
 
-    __slots__ = ("id", "gen", "proc", "conn", "pid", "state", "current", "idle_since", "kill_reason", "nr_done")
+    __slots__ = (
+        "id", "gen", "proc", "conn", "reader", "pid", "state", "current", "queued", "started_at",
+        "idle_since", "kill_reason", "nr_done",
+    )
 
     def __init__(self, wid: int, gen: int, proc: Any, conn: Any) -> None:
         self.id = wid  # I
         self.gen = gen  # I
         self.proc = proc  # I
         self.conn = conn  # I: parent end of the socket pair
+        self.reader = FrameReader(conn.fileno())  # A: buffered reads of its results
         self.pid: int = proc.pid  # I
         self.state = "idle"  # L
         self.current: _Item | None = None  # L: the item it runs
+        # L: items sent to it behind ``current`` (prefetched short items), in the order it
+        # runs them; each becomes ``current`` when the result before it arrives.
+        self.queued: deque[_Item] = deque()
+        self.started_at = 0.0  # L: when ``current`` started, as far as the parent can tell
         self.idle_since = time.monotonic()  # L
         # L: if the parent killed it, the error its item gets and the why for the message
         self.kill_reason: tuple[type[Exception], str] | None = None
@@ -362,7 +380,12 @@ class WorkerPool:
         self._closed = threading.Event()  # set when teardown finished
         self._broken: BaseException | None = None  # L: the initializer error that broke the pool
         self._deadlines: dict[_Worker, float] = {}  # L: busy workers whose item has a timeout
+        # L: recent time an item takes from its start to its result, as seen here. Starts
+        # high: nothing is prefetched until items have shown they are short.
+        self._service_ewma = 1.0
+        self._abandon = False  # L: a timed-out close() gave up: fail, do not requeue, unstarted items
         self._killed = 0  # L
+        self._prefetched = self._requeued = 0  # L
 
         self.id = _alloc_pool_id()  # I
         self._table: IdTable | None = None
@@ -437,6 +460,7 @@ class WorkerPool:
             if self._idle:
                 w: _Worker | None = self._idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
+                item.started = True
                 self._start_item(w, item)
                 # The arbiter sleeps until its earliest deadline: tell it about this one.
                 wake = timeout is not None
@@ -445,7 +469,7 @@ class WorkerPool:
                 self._worklist.append(item)
                 wake = self._need_more_worker()
         if w is not None:
-            self._send(w, item)
+            self._send(w, [item])
         if wake:
             self._wake()
         return fut
@@ -462,6 +486,8 @@ class WorkerPool:
         # item (both under L), so the second scan finds it if the first missed it.
         for _ in range(2):
             with self._lock:
+                if self._drop_prefetched(future):
+                    return True
                 w = self._running_on(future)
                 if w is not None and w.state == "dying":
                     return False  # being killed already (its timeout, an earlier cancel)
@@ -475,6 +501,18 @@ class WorkerPool:
                 return True
             if future.done():
                 return False
+        return False
+
+    def _drop_prefetched(self, future: Future) -> bool:
+        """cancel_running() of an item already sent to a worker behind its current one: the
+        bytes cannot be called back, so it may still run there, but its future ends now with
+        ItemCancelled and its answer is ignored. L held."""
+        for w in self._workers.values():
+            for item in w.queued:
+                if item.future is future and not item.dropped:
+                    item.dropped = True
+                    item.future.set_exception(ItemCancelled("cancelled by cancel_running() before it started"))
+                    return True
         return False
 
     def _running_on(self, future: Future) -> _Worker | None:
@@ -504,6 +542,8 @@ class WorkerPool:
                 items_done=self._items_done,
                 lost=self._lost,
                 killed=self._killed,
+                prefetched=self._prefetched,
+                requeued=self._requeued,
             )
 
     def workers(self) -> list[WorkerInfo]:
@@ -562,8 +602,10 @@ class WorkerPool:
             self._closing = True
             if first:
                 if cancel_futures:
-                    cancelled = list(self._worklist)
-                    self._worklist.clear()
+                    # Items taken back from a lost worker's prefetch are RUNNING already:
+                    # they cannot be cancelled, so they stay and run.
+                    cancelled = [it for it in self._worklist if not it.started]
+                    self._worklist = deque(it for it in self._worklist if it.started)
                 while self._idle:
                     self._destroy_worker(self._idle.popleft())
         for item in cancelled:
@@ -623,15 +665,41 @@ class WorkerPool:
         """``item`` is already RUNNING (see _next_item); ``w`` is off the idle list."""
         w.state = "busy"
         w.current = item
+        w.started_at = now = time.monotonic()
         if item.timeout is not None:
-            self._deadlines[w] = time.monotonic() + item.timeout
+            self._deadlines[w] = now + item.timeout
 
     def _next_item(self) -> _Item | None:
         while self._worklist:
             item = self._worklist.popleft()
-            if item.future.set_running_or_notify_cancel():
+            # An item taken back from a lost worker's prefetch queue is RUNNING already.
+            if item.started or item.future.set_running_or_notify_cancel():
+                item.started = True
                 return item
         return None
+
+    def _prefetch(self, w: _Worker) -> list[_Item]:
+        """Items to send ``w`` behind its current one, into ``w.queued``. L held.
+
+        Only when items are short (the pool's recent service time under PREFETCH_BELOW) and
+        the worklist is deep: then one write carries many items and one read many results,
+        which is most of the cost of a short item. A long item never waits behind another
+        in a worker while a different worker could take it, and an item with a timeout is
+        never prefetched (its clock starts when it starts)."""
+        if self._service_ewma >= PREFETCH_BELOW or not self._worklist:
+            return []
+        depth = min(PREFETCH_MAX, len(self._worklist) // max(1, len(self._workers)))
+        if self.max_tasks_per_child is not None:
+            depth = min(depth, self.max_tasks_per_child - w.nr_done - 1 - len(w.queued))
+        out: list[_Item] = []
+        while len(w.queued) < depth and self._worklist and self._worklist[0].timeout is None:
+            item = self._next_item()
+            if item is None:
+                break
+            w.queued.append(item)
+            out.append(item)
+        self._prefetched += len(out)
+        return out
 
     def _enter_idle(self, w: _Worker) -> None:
         w.state = "idle"
@@ -674,30 +742,42 @@ class WorkerPool:
             pass  # already dead: the arbiter reaps it
         self._changed.notify_all()
 
-    def _after_item(self, w: _Worker) -> _Item | None:
-        """The worker ``w`` finished its item: give it the next one, or idle/destroy it, or
-        retire it after max_tasks_per_child items (the parent decides, not the worker: a worker
-        leaving by itself would free its id while this side still maps the id to it)."""
+    def _after_item(self, w: _Worker) -> list[_Item]:
+        """The worker ``w`` finished its item: it goes on with its prefetched items, or gets
+        the next ones, or idles, or retires after max_tasks_per_child items (the parent
+        decides, not the worker: a worker leaving by itself would free its id while this side
+        still maps the id to it). Returns what to send it. L held."""
         w.nr_done += 1
+        if w.queued:
+            self._start_item(w, w.queued.popleft())
+            return self._prefetch(w)
         if self._used_up(w):
             self._destroy_worker(w)
-            return None
+            return []
         nxt = self._next_item()
         if nxt is not None:
             self._start_item(w, nxt)
-        elif self._closing:
+            return [nxt, *self._prefetch(w)]
+        if self._closing:
             self._destroy_worker(w)
         else:
             self._enter_idle(w)
-        return nxt
+        return []
 
     # -- sending --------------------------------------------------------------------------------
 
-    def _send(self, w: _Worker, item: _Item) -> None:
-        # Only the thread that moved `w` to busy sends to it, so no lock is needed here. If
-        # the worker is dead the send fails; its sentinel makes the arbiter fail the item.
+    def _send(self, w: _Worker, items: list[_Item]) -> None:
+        # Only the thread that gave `w` these items sends them (the submitter for an idle
+        # worker, else the arbiter); the worker cannot answer before it has all the bytes, so
+        # two senders never interleave. No lock needed. If the worker is dead the send fails;
+        # its sentinel makes the arbiter fail the item.
+        if not items:
+            return
         try:
-            w.conn.send_bytes(item.payload)
+            if len(items) == 1:
+                w.conn.send_bytes(items[0].payload)
+            else:
+                write_all(w.conn.fileno(), b"".join([frame(it.payload) for it in items]))
         except OSError:
             pass
 
@@ -751,11 +831,11 @@ class WorkerPool:
                 nxt = self._next_item()
                 if nxt is not None:
                     self._start_item(w, nxt)
-                    sends.append((w, nxt))
+                    sends.append((w, [nxt, *self._prefetch(w)]))
                 else:
                     self._enter_idle(w)
-        for w, item in sends:
-            self._send(w, item)
+        for w, items in sends:
+            self._send(w, items)
         return len(started)
 
     def _start_processes(self, ids: list[tuple[int, int]]) -> list[_Worker]:
@@ -861,12 +941,13 @@ class WorkerPool:
 
     def _on_message(self, w: _Worker) -> None:
         try:
-            data = w.conn.recv_bytes()
+            messages = w.reader.read_ready()
         except (EOFError, OSError):
             # The worker is gone; its sentinel will say how. Stop watching the socket.
             self._unregister(w.conn)
             return
-        self._handle_result(w, data)
+        for data in messages:
+            self._handle_result(w, data)
 
     def _handle_result(self, w: _Worker, data: bytes) -> None:
         head = data[:SEQ_BYTES]
@@ -885,14 +966,17 @@ class WorkerPool:
             w.current = None
             self._deadlines.pop(w, None)
             self._items_done += 1
+            now = time.monotonic()
+            self._service_ewma += (now - w.started_at - self._service_ewma) * SERVICE_EWMA_WEIGHT
             # A worker killed (item timeout, cancel_running) just as its result came is already
             # off the books: the item keeps the result it earned; the worker gets nothing more.
-            nxt = self._after_item(w) if w.state != "dying" else None
-        if nxt is not None:
-            self._send(w, nxt)
+            nxt = self._after_item(w) if w.state != "dying" else []
+        self._send(w, nxt)
         seq = int.from_bytes(head, "little")
         if item is None or seq != item.seq:  # pragma: no cover - protocol bug
             raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
+        if item.dropped:
+            return  # cancel_running() already ended it
         if ok:
             item.future.set_result(value)
         else:
@@ -908,15 +992,18 @@ class WorkerPool:
                 item, w.current = w.current, None
             else:
                 item = None  # being killed (cancel_running): _reap fails it with that reason
+            # Prefetched items never ran either: they fail with the pool, below.
+            prefetched = [it for it in w.queued if not it.dropped]
+            w.queued.clear()
             self._deadlines.pop(w, None)
             if w.state != "dying":  # not already destroyed (close() while it started)
                 if w.state == "idle":
                     self._idle.remove(w)
                 self._destroy_worker(w)
-            abandoned: list[_Item] = []
+            abandoned: list[_Item] = prefetched
             if self._broken is None:
                 self._broken = exc
-                abandoned = list(self._worklist)
+                abandoned += list(self._worklist)
                 self._worklist.clear()
                 self._changed.notify_all()
         if item is not None:
@@ -927,7 +1014,7 @@ class WorkerPool:
             err.__cause__ = exc
             item.future.set_exception(err)
         for it in abandoned:
-            if it.future.set_running_or_notify_cancel():
+            if it.started or it.future.set_running_or_notify_cancel():
                 err = InitializerFailed(
                     f"pool u{self.id} broke before the item ran: a worker's initializer raised {exc!r}"
                 )
@@ -942,7 +1029,8 @@ class WorkerPool:
         # finished item would be reported lost.
         try:
             while w.conn.poll(0):
-                self._handle_result(w, w.conn.recv_bytes())
+                for data in w.reader.read_ready():
+                    self._handle_result(w, data)
         except (EOFError, OSError):
             pass
         self._unregister(w.conn)
@@ -960,9 +1048,18 @@ class WorkerPool:
             # Destroyed workers have no item; a killed one (_kill_worker) still has its own.
             lost, w.current = w.current, None
             self._deadlines.pop(w, None)
+            # Items prefetched behind the lost one never started (a worker answers in order):
+            # they go back to the front of the worklist, for another worker to run.
+            unstarted = [it for it in w.queued if not it.dropped]
+            w.queued.clear()
+            if not self._abandon:
+                self._worklist.extendleft(reversed(unstarted))
+                self._requeued += len(unstarted)
+                unstarted = []
             reason = w.kill_reason
             self._changed.notify_all()
         self._detach_on_behalf(w)
+        self._fail_unstarted(unstarted)  # only when a timed-out close() gave up on the pool
         if lost is not None:
             how = _describe_exit(exitcode)
             if reason is not None:
@@ -1069,15 +1166,14 @@ class WorkerPool:
 
     def _escalate(self, reason: str) -> None:
         with self._lock:
+            self._abandon = True
             abandoned = list(self._worklist)
             self._worklist.clear()
             victims = list(self._workers.values()) + list(self._dying)
             for w in victims:
                 if w.kill_reason is None:  # a worker already killed for its item keeps that reason
                     w.kill_reason = (TeardownTimeout, f"by close() after {reason}")
-        for item in abandoned:
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))
+        self._fail_unstarted(abandoned)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for w in victims:
                 try:
@@ -1090,6 +1186,11 @@ class WorkerPool:
                     self._changed.wait(end - time.monotonic())
                 if not self._workers and not self._dying:
                     return
+
+    def _fail_unstarted(self, items: list[_Item]) -> None:
+        for item in items:
+            if item.started or item.future.set_running_or_notify_cancel():
+                item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))
 
     def _wait_completion(self, deadline: float | None) -> None:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

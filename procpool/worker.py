@@ -41,6 +41,7 @@ from typing import Any
 
 from . import faults
 from .errors import ProcpoolError, TransferError
+from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .manager import ManagerLock
 
@@ -165,26 +166,30 @@ def worker_main(spec: WorkerSpec) -> None:
         _wait_for_die(recv)
         exit_path(spec, table)
     table.set_state(wid, IDLE)
+    reader = FrameReader(conn.fileno())
     while True:
         try:
-            msg = recv()
+            batch = reader.next_batch()
         except (EOFError, OSError):
             # The parent is gone (or closed us): there is no teardown to report to, and its
             # resource tracker will reclaim the table. Leave at once.
             _exit(0)
-        if msg == DIE:
-            break
-        table.set_state(wid, BUSY)
-        faults.hit(fspec, "worker.busy", wid)
-        out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:])
-        table.add_done(wid)
-        table.set_state(wid, IDLE)
-        try:
-            send(out)
-        except OSError:
-            _exit(0)
-        faults.hit(fspec, "worker.idle", wid)
-    exit_path(spec, table)
+        # Several items may come in one read (the parent prefetches short items). They run
+        # in order, each result sent as soon as it exists: the parent counts on that order
+        # to know which item was running if this process dies.
+        for msg in batch:
+            if msg == DIE:
+                exit_path(spec, table)
+            table.set_state(wid, BUSY)
+            faults.hit(fspec, "worker.busy", wid)
+            out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:])
+            table.add_done(wid)
+            table.set_state(wid, IDLE)
+            try:
+                send(out)
+            except OSError:
+                _exit(0)
+            faults.hit(fspec, "worker.idle", wid)
 
 
 def exit_path(spec: WorkerSpec, table: IdTable) -> None:

@@ -1,0 +1,84 @@
+"""Reading many messages per system call from a worker's socket.
+
+The wire framing is multiprocessing.Connection's (a 4-byte big-endian signed length, or -1
+and an 8-byte length for huge messages), so either side may still write with
+``Connection.send_bytes``. What changes is reading: ``Connection.recv_bytes`` makes two
+system calls per message, which at tens of thousands of small items per second is most of
+the parent's time. A ``FrameReader`` reads whatever the socket holds in one call and hands
+back every complete message in it; several results, or a batch of work items, cost one read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+CHUNK = 256 * 1024
+
+
+def frame(payload: bytes) -> bytes:
+    """One message, framed as Connection.send_bytes would frame it."""
+    n = len(payload)
+    if n > 0x7FFFFFFF:
+        return _SHORT.pack(-1) + _LONG.pack(n) + payload
+    return _SHORT.pack(n) + payload
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte (a socket may take a large batch in several writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class FrameReader:
+    """Buffered reader of framed messages on one file descriptor (one reader per fd)."""
+
+    __slots__ = ("fd", "_buf")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buf = bytearray()
+
+    def _fill(self) -> None:
+        data = os.read(self.fd, CHUNK)
+        if not data:
+            raise EOFError("the other end closed the socket")
+        self._buf += data
+
+    def pop_ready(self) -> list[bytes]:
+        """Every complete message already buffered (no system call)."""
+        out = []
+        buf = self._buf
+        pos, end = 0, len(buf)
+        while end - pos >= 4:
+            (n,) = _SHORT.unpack_from(buf, pos)
+            head = 4
+            if n == -1:
+                if end - pos < 12:
+                    break
+                (n,) = _LONG.unpack_from(buf, pos + 4)
+                head = 12
+            if end - pos - head < n:
+                break
+            out.append(bytes(buf[pos + head : pos + head + n]))
+            pos += head + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    def read_ready(self) -> list[bytes]:
+        """One read (the caller knows the fd is readable), then every complete message.
+        EOFError once the other end is closed and nothing complete is left."""
+        self._fill()
+        return self.pop_ready()
+
+    def next_batch(self) -> list[bytes]:
+        """Block until at least one whole message is here; return all complete ones."""
+        while True:
+            ready = self.pop_ready()
+            if ready:
+                return ready
+            self._fill()

@@ -1,0 +1,78 @@
+"""Prefetch of short items: several items per write to a busy worker, and still exact
+accounting when that worker is lost (only the item it was running fails)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import tasks
+from conftest import wait_until
+
+import procpool
+from procpool import pool as pool_module
+
+
+@pytest.fixture
+def always_prefetch(monkeypatch):
+    # The policy prefetches only items seen to be short; make every item count as short so
+    # the test does not depend on this machine's speed.
+    monkeypatch.setattr(pool_module, "PREFETCH_BELOW", 1e9)
+
+
+def test_short_items_are_prefetched_and_all_answered(always_prefetch):
+    with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+        futs = [pool.submit(tasks.square, i) for i in range(3000)]
+        assert [f.result(timeout=30) for f in futs] == [i * i for i in range(3000)]
+        st = pool.stats()
+        assert st.prefetched > 0 and st.items_done == 3000
+
+
+def test_long_items_are_not_prefetched():
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        futs = [pool.submit(tasks.sleep_then, 0.005, i) for i in range(40)]
+        assert [f.result(timeout=30) for f in futs] == list(range(40))
+        assert pool.stats().prefetched == 0
+
+
+def test_lost_worker_fails_only_its_running_item_and_requeues_the_rest(always_prefetch, tmp_path):
+    mark = tmp_path / "running"
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        first = pool.submit(tasks.square, 1)  # goes straight to the idle worker
+        blocker = pool.submit(tasks.touch_and_wait, str(mark), str(tmp_path / "never"))
+        rest = [pool.submit(tasks.square, i) for i in range(50)]  # prefetched behind blocker
+        assert first.result(timeout=10) == 1
+        wait_until(mark.exists, what="blocker running")
+        assert pool.stats().prefetched > 0
+        victim = next(w.pid for w in pool.workers() if w.state == "busy")
+        os.kill(victim, signal.SIGKILL)
+        assert isinstance(blocker.exception(timeout=10), procpool.WorkerLost)
+        assert [f.result(timeout=20) for f in rest] == [i * i for i in range(50)]
+        st = pool.stats()
+        assert st.requeued > 0 and st.lost == 1
+
+
+def test_cancel_running_of_a_prefetched_item_ends_it_alone(always_prefetch, tmp_path):
+    mark, release = tmp_path / "running", tmp_path / "go"
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        first = pool.submit(tasks.square, 2)
+        blocker = pool.submit(tasks.touch_and_wait, str(mark), str(release))
+        rest = [pool.submit(tasks.square, i) for i in range(10)]
+        first.result(timeout=10)
+        wait_until(mark.exists, what="blocker running")
+        assert pool.cancel_running(rest[3])
+        assert isinstance(rest[3].exception(timeout=0), procpool.ItemCancelled)
+        release.touch()
+        assert isinstance(blocker.result(timeout=10), int)
+        assert [f.result(timeout=10) for i, f in enumerate(rest) if i != 3] == [i * i for i in range(10) if i != 3]
+        assert pool.stats().lost == 0
+
+
+def test_prefetch_respects_max_tasks_per_child(always_prefetch):
+    with procpool.WorkerPool(min_workers=1, max_workers=1, max_tasks_per_child=5) as pool:
+        pids = [f.result(timeout=30) for f in [pool.submit(tasks.pid_and, i) for i in range(40)]]
+        per_pid: dict[int, int] = {}
+        for pid, _ in pids:
+            per_pid[pid] = per_pid.get(pid, 0) + 1
+        assert max(per_pid.values()) <= 5 and len(per_pid) >= 8
