@@ -60,6 +60,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from . import faults as _faults
@@ -138,16 +139,17 @@ class _Worker:
     """The parent's handle on one worker process."""
 
     __slots__ = (
-        "id", "gen", "proc", "conn", "reader", "pid", "state", "current", "queued", "started_at",
+        "id", "gen", "proc", "conn", "rconn", "reader", "pid", "state", "current", "queued", "started_at",
         "idle_since", "kill_reason", "nr_done",
     )
 
-    def __init__(self, wid: int, gen: int, proc: Any, conn: Any) -> None:
+    def __init__(self, wid: int, gen: int, proc: Any, conn: Any, rconn: Any) -> None:
         self.id = wid  # I
         self.gen = gen  # I
         self.proc = proc  # I
-        self.conn = conn  # I: parent end of the socket pair
-        self.reader = FrameReader(conn.fileno())  # A: buffered reads of its results
+        self.conn = conn  # I: write end of its work pipe (only this process has it)
+        self.rconn = rconn  # I: read end of its result pipe
+        self.reader = FrameReader(rconn.fileno())  # A: buffered reads of its results
         self.pid: int = proc.pid  # I
         self.state = "idle"  # L
         self.current: _Item | None = None  # L: the item it runs
@@ -823,7 +825,7 @@ class WorkerPool:
             for w in started:
                 self._workers[w.id] = w
                 self._created += 1
-                self._sel.register(w.conn, selectors.EVENT_READ, ("conn", w))
+                self._sel.register(w.rconn, selectors.EVENT_READ, ("conn", w))
                 self._sel.register(w.proc.sentinel, selectors.EVENT_READ, ("exit", w))
                 if self._closing and not self._worklist:
                     self._destroy_worker(w)
@@ -842,7 +844,8 @@ class WorkerPool:
         """Have the spawner fork one worker per (id, gen), in one request. M arb held."""
         if not ids:
             return []
-        pairs = [self._ctx.Pipe(duplex=True) for _ in ids]
+        # Per worker: a work pipe (we write) and a result pipe (we read); see worker.Channel.
+        pairs = [(os.pipe(), os.pipe()) for _ in ids]
         specs = [
             WorkerSpec(
                 pool_id=self.id,
@@ -859,22 +862,26 @@ class WorkerPool:
         ]
         try:
             results = get_spawner(self._ctx).spawn(
-                specs, [child.fileno() for _, child in pairs], self._completion_w.fileno()
+                specs, [(work[0], result[1]) for work, result in pairs], self._completion_w.fileno()
             )
         except Exception as exc:
             results = [exc] * len(ids)
         finally:
-            for _, child in pairs:
-                child.close()
+            for work, result in pairs:
+                os.close(work[0])
+                os.close(result[1])
         started, refused = [], []
         assert self._table is not None
-        for (wid, gen), (parent_end, _), res in zip(ids, pairs, results, strict=True):
+        for (wid, gen), (work, result), res in zip(ids, pairs, results, strict=True):
+            parent_end = Connection(work[1], readable=False)
+            parent_rend = Connection(result[0], writable=False)
             if isinstance(res, BaseException):
                 parent_end.close()
+                parent_rend.close()
                 refused.append(((wid, gen), res))
                 continue
             self._table.set_pid(wid, res.pid)
-            started.append(_Worker(wid, gen, res, parent_end))
+            started.append(_Worker(wid, gen, res, parent_end, parent_rend))
         if refused:
             self._creation_failed([r[0] for r in refused], refused[0][1])
         return started
@@ -944,7 +951,7 @@ class WorkerPool:
             messages = w.reader.read_ready()
         except (EOFError, OSError):
             # The worker is gone; its sentinel will say how. Stop watching the socket.
-            self._unregister(w.conn)
+            self._unregister(w.rconn)
             return
         for data in messages:
             self._handle_result(w, data)
@@ -1028,12 +1035,12 @@ class WorkerPool:
         # A result it sent just before dying is still in the socket: take it first, or a
         # finished item would be reported lost.
         try:
-            while w.conn.poll(0):
+            while w.rconn.poll(0):
                 for data in w.reader.read_ready():
                     self._handle_result(w, data)
         except (EOFError, OSError):
             pass
-        self._unregister(w.conn)
+        self._unregister(w.rconn)
         w.proc.join(1.0)
         exitcode = w.proc.exitcode
         with self._lock:
@@ -1071,6 +1078,7 @@ class WorkerPool:
                 )
             lost.future.set_exception(err)
         w.conn.close()
+        w.rconn.close()
         try:
             w.proc.close()
         except ValueError:

@@ -37,8 +37,10 @@ from typing import Any
 
 _LEN = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
-#: SCM_RIGHTS carries at most 253 descriptors per message; each worker needs 2.
-MAX_BATCH = 100
+#: SCM_RIGHTS carries at most 253 descriptors per message; each worker needs 3 (its two
+#: pipe ends and its status pipe), and a batch one more (the completion pipe).
+MAX_BATCH = 80
+FDS_PER_WORKER = 3
 
 
 class WorkerProcess:
@@ -184,9 +186,12 @@ class Spawner:
             raise answer
         return answer
 
-    def spawn(self, specs: list[Any], conn_fds: list[int], completion_fd: int) -> list[WorkerProcess | BaseException]:
-        """Fork one worker per spec; ``conn_fds[i]`` becomes worker i's socket. Returns a
-        handle, or the exception that refused it, per spec."""
+    def spawn(
+        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int
+    ) -> list[WorkerProcess | BaseException]:
+        """Fork one worker per spec; ``conn_fds[i]`` (the read end of its work pipe, the
+        write end of its result pipe) become worker i's channel. Returns a handle, or the
+        exception that refused it, per spec."""
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
@@ -195,12 +200,14 @@ class Spawner:
         return out
 
     def _spawn_batch(
-        self, specs: list[Any], conn_fds: list[int], completion_fd: int
+        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
             payload = pickle.dumps(("spawn", specs, list(sys.path)), pickle.HIGHEST_PROTOCOL)
-            fds = [completion_fd] + [fd for pair in zip(conn_fds, (w for _, w in pipes), strict=True) for fd in pair]
+            fds = [completion_fd]
+            for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
+                fds += [rx, tx, status_w]
             with self._lock:
                 _send_frame(self._sock, payload, fds)
                 answer = pickle.loads(_recv_frame(self._sock))
@@ -323,7 +330,7 @@ def _spawner_loop(sock: socket.socket) -> None:
         if sock not in ready:
             continue
         try:
-            payload, fds = _recv_frame_fds(sock, 1 + 2 * MAX_BATCH)
+            payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH)
         except (EOFError, OSError):
             os._exit(0)  # the program is gone or done: nothing more to spawn
         kind, specs, sys_path = pickle.loads(payload)
@@ -341,21 +348,21 @@ def _spawner_loop(sock: socket.socket) -> None:
         completion_fd, rest = fds[0], fds[1:]
         answer = []
         for i, spec in enumerate(specs):
-            conn_fd, sw = rest[2 * i], rest[2 * i + 1]
+            rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
             try:
                 pid = os.fork()
             except OSError as exc:
                 answer.append(exc)  # its descriptors are closed with the rest below
                 continue
             if pid == 0:
-                keep = {conn_fd, completion_fd}
+                keep = {rx, tx, completion_fd}
                 for fd in [sock.fileno(), wake_r, wake_w, *status_w.values(), *fds]:
                     if fd not in keep:
                         try:
                             os.close(fd)
                         except OSError:
                             pass
-                _child(spec, conn_fd, completion_fd, sys_path)
+                _child(spec, rx, tx, completion_fd, sys_path)
             status_w[pid] = sw
             answer.append(pid)
         live = set(status_w.values())
@@ -366,16 +373,16 @@ def _spawner_loop(sock: socket.socket) -> None:
         reap()
 
 
-def _child(spec: Any, conn_fd: int, completion_fd: int, sys_path: list[str]) -> None:
+def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str]) -> None:
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sys.path[:] = sys_path
-        from .worker import worker_main
+        from .worker import Channel, worker_main
 
-        spec.conn = connection.Connection(conn_fd)
+        spec.conn = Channel(rx, tx)
         spec.completion = connection.Connection(completion_fd, readable=False)
         worker_main(spec)
         code = 0

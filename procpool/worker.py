@@ -71,7 +71,7 @@ class WorkerSpec:
     title_prefix: str
     attach_lock: ManagerLock
     # Set in the worker by the spawner from the descriptors it was handed:
-    conn: Any = None  # multiprocessing Connection, the worker's end of its socket pair
+    conn: Any = None  # Channel: the worker's ends of its work and result pipes
     completion: Any = None  # write end of the pool's detach completion pipe
     linger_dying: float = 0.0
     faults: faults.Spec = field(default_factory=dict)
@@ -85,6 +85,23 @@ def _set_title(title: str) -> None:
 
     setproctitle.setproctitle(title)  # command line (ps, htop)
     setproctitle.setthreadtitle(title)  # comm (ps -o comm, /proc/PID/comm), ≤ 15 bytes
+
+
+class Channel:
+    """A worker's two pipe ends, used like one duplex Connection.
+
+    Two pipes rather than a socket pair: a pipe round trip between two processes measured
+    ~6 µs here against ~38 µs for a UNIX socket pair, and a round trip per item is what a
+    one-at-a-time caller waits for."""
+
+    def __init__(self, rx: int, tx: int) -> None:
+        from multiprocessing.connection import Connection
+
+        self.rx = Connection(rx, writable=False)
+        self.tx = Connection(tx, readable=False)
+        self.recv_bytes = self.rx.recv_bytes
+        self.send_bytes = self.tx.send_bytes
+        self.fileno = self.rx.fileno
 
 
 class RemoteError(ProcpoolError):
