@@ -15,7 +15,7 @@ import struct
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
-CHUNK = 256 * 1024
+CHUNK = 64 * 1024  # below malloc's mmap threshold: os.read allocates this much per call
 
 
 def frame(payload: bytes) -> bytes:
