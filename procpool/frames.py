@@ -1,10 +1,10 @@
-"""Reading many messages per system call from a worker's socket.
+"""Reading many messages per system call from a worker's pipe.
 
 The wire framing is multiprocessing.Connection's (a 4-byte big-endian signed length, or -1
 and an 8-byte length for huge messages), so either side may still write with
 ``Connection.send_bytes``. What changes is reading: ``Connection.recv_bytes`` makes two
 system calls per message, which at tens of thousands of small items per second is most of
-the parent's time. A ``FrameReader`` reads whatever the socket holds in one call and hands
+the parent's time. A ``FrameReader`` reads whatever the pipe holds in one call and hands
 back every complete message in it; several results, or a batch of work items, cost one read.
 """
 
@@ -27,7 +27,7 @@ def frame(payload: bytes) -> bytes:
 
 
 def write_all(fd: int, data: bytes) -> None:
-    """Write every byte (a socket may take a large batch in several writes)."""
+    """Write every byte (a pipe may take a large batch in several writes)."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -45,7 +45,7 @@ class FrameReader:
     def _fill(self) -> None:
         data = os.read(self.fd, CHUNK)
         if not data:
-            raise EOFError("the other end closed the socket")
+            raise EOFError("the other end closed the pipe")
         self._buf += data
 
     def pop_ready(self) -> list[bytes]:

@@ -8,7 +8,7 @@ Worker state machine, as the parent sees it::
    start the process          + current    DIE flag + message,   M: free id, last one out       │
    (arbiter thread)                        return at once        completes the teardown wait    │
                                                                                                  │
-   a crash at any point ─► sentinel readable ─► _reap(): drain its socket, fail the item it ◄───┘
+   a crash at any point ─► sentinel readable ─► _reap(): drain its pipe, fail the item it   ◄───┘
                            was running (WorkerLost), free its id on its behalf, maybe complete
 
    Other ways to dying, all off the books at once like _destroy_worker(): a busy worker
@@ -22,8 +22,14 @@ Path of one work item::
                                                               │ no
                                                               └─► worklist (+ wake the arbiter to grow)
    worker     recv ─► run ─► send seq + (ok, value, traceback)
-   arbiter    [one thread]     recv ─► L: next item from the worklist ─► send; or enter idle
+   arbiter    [one thread]     recv ─► L: its next prefetched item, or the next from the
+                               worklist (+ up to PREFETCH_MAX more behind it when items are
+                               short and the worklist deep) ─► send; or enter idle
                                ─► set the Future
+
+   A worker runs what it was sent in order and answers each item at once, so when it dies
+   the oldest unanswered item is the one it was running (WorkerLost) and every later one
+   never started: those go back to the front of the worklist.
 
 Threads in the parent: callers (submit, close, stats), and one *arbiter* thread that owns the
 selector: it receives results, reaps exited workers, grows the pool when work waits, culls
@@ -950,7 +956,7 @@ class WorkerPool:
         try:
             messages = w.reader.read_ready()
         except (EOFError, OSError):
-            # The worker is gone; its sentinel will say how. Stop watching the socket.
+            # The worker is gone; its sentinel will say how. Stop watching its pipe.
             self._unregister(w.rconn)
             return
         for data in messages:
@@ -1032,7 +1038,7 @@ class WorkerPool:
         """A worker process exited. Reap it; if it was not destroyed, it crashed: fail its
         item and free its id on its behalf."""
         self._unregister(w.proc.sentinel)
-        # A result it sent just before dying is still in the socket: take it first, or a
+        # A result it sent just before dying is still in the pipe: take it first, or a
         # finished item would be reported lost.
         try:
             while w.rconn.poll(0):

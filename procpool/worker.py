@@ -14,7 +14,7 @@ Nothing essential follows the detach, so the exit skips interpreter finalization
 worker costs the system one ``_exit``. The kworker/dying rename comes *before* the id is
 freed, so a new worker that takes the id at once never shares a title with a live process.
 
-Wire format on the worker's socket pair (one per worker, parent end in the parent only):
+Wire format on the worker's two pipes (work in, results out; the parent's ends stay in the parent):
 
 * parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
   number + pickle of ``(fn, args, kwargs)`` made in the submitting thread;
