@@ -203,7 +203,11 @@ def start_server(alive_fd: int, close_fds: list[int]) -> Any:
     """In the spawner: fork a Manager server (a fork of a single-threaded process is safe)."""
     import multiprocessing
 
-    m = _Manager(ctx=multiprocessing.get_context("fork"))
+    # An abstract-namespace socket (Linux): no temporary directory to create (and no
+    # tempfile import) in the way of the program's first pool. Any local process could
+    # connect to it, as to a socket file; what admits a client is the authkey handshake.
+    address = f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
+    m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
     m.start(initializer=_server_init, initargs=(alive_fd, close_fds))
     _servers.append(m)
     return m.address
