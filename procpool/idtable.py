@@ -17,11 +17,12 @@ out (``free``), or by the parent on behalf of a worker that died without detachi
 grows on every allocation, so "is this slot still mine?" is a single comparison and a freed
 slot can never look like it belongs to an older worker again.
 
-The parent creates the segment with ``multiprocessing.shared_memory`` (which registers it
-with the resource tracker, so even a SIGKILLed parent's segment is unlinked once its last
-process is gone). Workers and ``procpool ps`` map the file directly instead: attaching
-through ``SharedMemory`` on Python < 3.13 would register the segment a second time and let
-a reader's exit unlink it under the live pool.
+Everyone maps the file in /dev/shm directly; nothing goes through
+``multiprocessing.shared_memory``, whose resource tracker is one more process per program
+(and, on Python < 3.13, a reader's attach would register the segment again and its exit
+unlink it under the live pool). Who unlinks: the pool at the end of teardown; if the
+program dies first (even SIGKILLed), its spawner, which outlives it by design for exactly
+such clean-up (see procpool.spawner).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from multiprocessing import shared_memory
 
 MAGIC = b"PROCPOOL"
 VERSION = 1
@@ -102,15 +102,25 @@ class IdTable:
         """Create the segment for a new pool of this process (parent only)."""
         name = segment_name(os.getpid(), pool_id)
         size = HEADER_SIZE + SLOT_SIZE * capacity
+        path = os.path.join(SHM_DIR, name)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
         try:
-            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+            fd = os.open(path, flags, 0o600)
         except FileExistsError:
-            # Left by an earlier process with our pid that was SIGKILLed before its resource
-            # tracker could clean up: the pid is ours now, so the segment is stale.
+            # Left by an earlier process with our pid whose clean-up never ran (its spawner
+            # was killed too): the pid is ours now, so the segment is stale.
             _unlink_quietly(name)
-            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        _HEADER.pack_into(shm.buf, 0, MAGIC, VERSION, pool_id, os.getpid(), capacity, 0, 0, time.time())
-        return cls(shm.buf, name, shm)
+            fd = os.open(path, flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            _unlink_quietly(name)
+            raise
+        finally:
+            os.close(fd)
+        _HEADER.pack_into(m, 0, MAGIC, VERSION, pool_id, os.getpid(), capacity, 0, 0, time.time())
+        return cls(memoryview(m), name, m)
 
     @classmethod
     def attach(cls, name: str, writable: bool = True) -> IdTable:
@@ -126,13 +136,8 @@ class IdTable:
 
     def destroy(self) -> None:
         """Release and unlink the segment (parent, at the end of teardown)."""
-        owner = self._owner
-        self._buf.release()
-        if isinstance(owner, shared_memory.SharedMemory):
-            owner.close()
-            owner.unlink()
-        else:
-            owner.close()  # type: ignore[attr-defined]
+        self.close()
+        _unlink_quietly(self.name)
 
     def close(self) -> None:
         """Unmap without unlinking (workers, readers)."""

@@ -140,7 +140,9 @@ class Spawner:
             # The spawner gets its end as a multiprocessing Connection (fd passing is built
             # into its start); it uses the raw socket underneath.
             theirs_conn = connection.Connection(theirs.detach())
-            self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn,), name="procpool-spawner")
+            self._proc = ctx.Process(
+                target=_spawner_main, args=(theirs_conn, os.getpid()), name="procpool-spawner"
+            )
             try:
                 self._proc.start()
             finally:
@@ -165,7 +167,7 @@ class Spawner:
                 # files, other pools' pipes): a kept copy would hide an EOF somebody waits for.
                 os.closerange(3, fd)
                 os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
-                _spawner_loop(theirs)
+                _spawner_loop(theirs, os.getppid())
             finally:
                 os._exit(1)
         theirs.close()
@@ -270,14 +272,14 @@ def _recv_frame_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]
 # -- the spawner process -------------------------------------------------------------------------
 
 
-def _spawner_main(conn: connection.Connection) -> None:
+def _spawner_main(conn: connection.Connection, program: int) -> None:
     """Entry point when started through multiprocessing (a threaded program)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
-    _spawner_loop(sock)
+    _spawner_loop(sock, program)
 
 
-def _spawner_loop(sock: socket.socket) -> None:
+def _spawner_loop(sock: socket.socket, program: int) -> None:
     """Single-threaded loop: fork workers on request, reap them, report their exit status."""
     try:
         import setproctitle
@@ -332,7 +334,7 @@ def _spawner_loop(sock: socket.socket) -> None:
         try:
             payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH)
         except (EOFError, OSError):
-            os._exit(0)  # the program is gone or done: nothing more to spawn
+            _program_gone(program)
         kind, specs, sys_path = pickle.loads(payload)
         if kind == "manager":
             from .manager import start_server
@@ -371,6 +373,26 @@ def _spawner_loop(sock: socket.socket) -> None:
                 os.close(fd)
         _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
         reap()
+
+
+def _program_gone(program: int) -> None:
+    """The program closed its socket: it exited, or was killed. Clean up after it and leave:
+    unlink any id table of its that teardown did not (a killed program's), stop the Manager
+    server this process forked, and reap it (our child: nobody else would)."""
+    from .idtable import SHM_DIR, segment_prefix
+    from .manager import stop_servers
+
+    prefix = f"{segment_prefix()}{program}-"
+    try:
+        for name in os.listdir(SHM_DIR):
+            if name.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(SHM_DIR, name))
+                except FileNotFoundError:
+                    pass
+    finally:
+        stop_servers()
+        os._exit(0)
 
 
 def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str]) -> None:

@@ -189,7 +189,7 @@ def worker_main(spec: WorkerSpec) -> None:
             batch = reader.next_batch()
         except (EOFError, OSError):
             # The parent is gone (or closed us): there is no teardown to report to, and its
-            # resource tracker will reclaim the table. Leave at once.
+            # spawner will unlink the table. Leave at once.
             _exit(0)
         # Several items may come in one read (the parent prefetches short items). They run
         # in order, each result sent as soon as it exists: the parent counts on that order
