@@ -1168,15 +1168,20 @@ class WorkerPool:
     def _wait_drained(self, deadline: float | None) -> None:
         """Wait until no worker is attached and no item waits; past the deadline, give up on
         pending items and kill the busy workers."""
+        self._wait_for(lambda: not self._workers and not self._worklist, deadline, "its timeout ran out")
+
+    def _wait_for(self, done: Callable[[], bool], deadline: float | None, reason: str) -> None:
+        """Wait on ``self._changed`` until ``done()`` (evaluated under L); past the deadline,
+        escalate (``reason`` goes into the items' errors)."""
         with self._lock:
-            while self._workers or self._worklist:
+            while not done():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
                 self._changed.wait(left)
             else:
                 return
-        self._escalate("its timeout ran out")
+        self._escalate(reason)
 
     def _escalate(self, reason: str) -> None:
         with self._lock:
@@ -1214,15 +1219,11 @@ class WorkerPool:
         self._completion_r.poll(KILL_GRACE)
 
     def _wait_reaped(self, deadline: float | None) -> None:
-        with self._lock:
-            while self._workers or self._dying:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._changed.wait(left)
-            else:
-                return
-        self._escalate("its timeout ran out while dying workers were still alive")
+        self._wait_for(
+            lambda: not self._workers and not self._dying,
+            deadline,
+            "its timeout ran out while dying workers were still alive",
+        )
 
     def _free_resources(self) -> None:
         for conn in (self._completion_r, self._completion_w):
