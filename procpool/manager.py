@@ -230,7 +230,7 @@ _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
 _manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w
 
 
-def get_manager(ctx: Any) -> _Manager:
+def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
     """The program's Manager, started on first use (shared by every pool of the program).
 
     The spawner forks it, so that starting it costs a fork, not a process start through
@@ -245,7 +245,7 @@ def get_manager(ctx: Any) -> _Manager:
 
             alive_r, alive_w = os.pipe()
             try:
-                address = get_spawner(ctx).start_manager(alive_r)
+                address = get_spawner(ctx, allow_fork).start_manager(alive_r)
             except BaseException:
                 os.close(alive_w)
                 raise
@@ -257,5 +257,5 @@ def get_manager(ctx: Any) -> _Manager:
         return _manager
 
 
-def new_lock(ctx: Any, name: str) -> ManagerLock:
-    return ManagerLock(get_manager(ctx).RobustLock(), name)  # type: ignore[attr-defined]
+def new_lock(ctx: Any, name: str, allow_fork: bool = True) -> ManagerLock:
+    return ManagerLock(get_manager(ctx, allow_fork).RobustLock(), name)  # type: ignore[attr-defined]

@@ -371,6 +371,10 @@ class WorkerPool:
         self.max_tasks_per_child = max_tasks_per_child  # I
         self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
         self._ctx = resolve_context(mp_context)  # I
+        # I: may the program's spawner be a plain fork of it (single-threaded programs only)?
+        # Only by default: an explicit mp_context is honoured, e.g. by a program whose large,
+        # changing heap should not be shared copy-on-write with a long-lived spawner.
+        self._allow_fork = mp_context is None
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # notified when workers or items go away
@@ -402,8 +406,10 @@ class WorkerPool:
             # more ids than workers for a moment; when the table is full, creation waits for
             # the next detach.
             self._table = IdTable.create(self.id, capacity=2 * max_workers + 2)
-            self._arb = new_lock(self._ctx, f"pool{self.id}.manager_arb")  # M: one creator/teardown
-            self._attach = new_lock(self._ctx, f"pool{self.id}.attach")  # M: id alloc/free, completion
+            # M arb: one creator at a time, and none once teardown passed its point of no return
+            self._arb = new_lock(self._ctx, f"pool{self.id}.manager_arb", self._allow_fork)
+            # M attach: id allocation and freeing, and the detach completion's state
+            self._attach = new_lock(self._ctx, f"pool{self.id}.attach", self._allow_fork)
             self._completion_r, self._completion_w = self._ctx.Pipe(duplex=False)
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
@@ -867,7 +873,7 @@ class WorkerPool:
             for wid, gen in ids
         ]
         try:
-            results = get_spawner(self._ctx).spawn(
+            results = get_spawner(self._ctx, self._allow_fork).spawn(
                 specs, [(work[0], result[1]) for work, result in pairs], self._completion_w.fileno()
             )
         except Exception as exc:

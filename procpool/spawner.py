@@ -132,9 +132,9 @@ class Spawner:
     (forkserver by default), which is safe whatever threads the program runs.
     """
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, allow_fork: bool = True) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if ctx.get_start_method() != "spawn" and fork_is_safe():
+        if allow_fork and fork_is_safe():
             self._proc: Any = self._fork(ours, theirs)
         else:
             # The spawner gets its end as a multiprocessing Connection (fd passing is built
@@ -421,12 +421,13 @@ _spawner_pid = 0
 _spawner_lock = threading.Lock()  # guards _spawner and _spawner_pid
 
 
-def get_spawner(ctx: Any) -> Spawner:
-    """The program's spawner, (re)started on demand."""
+def get_spawner(ctx: Any, allow_fork: bool = True) -> Spawner:
+    """The program's spawner, (re)started on demand. ``allow_fork``: may it be a plain fork
+    of this program (when single-threaded)? The first pool of the program decides."""
     global _spawner, _spawner_pid
     with _spawner_lock:
         if _spawner is None or _spawner_pid != os.getpid() or not _spawner.is_alive():
-            _spawner, _spawner_pid = Spawner(ctx), os.getpid()
+            _spawner, _spawner_pid = Spawner(ctx, allow_fork), os.getpid()
         return _spawner
 
 

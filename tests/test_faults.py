@@ -186,7 +186,8 @@ PARENT_SCRIPT = textwrap.dedent(
     def main():
         if sys.argv[1] == "threaded":  # a second thread: the spawner must not be a fork of us
             threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-        pool = procpool.WorkerPool(min_workers=3, max_workers=3)
+        ctx = "forkserver" if sys.argv[1] == "explicit-forkserver" else None
+        pool = procpool.WorkerPool(min_workers=3, max_workers=3, mp_context=ctx)
         pids = [w.pid for w in pool.workers()]
         helpers = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in pids]
         print(pool.table_name, ",".join(map(str, pids)), ",".join(map(str, helpers)), flush=True)
@@ -197,7 +198,7 @@ PARENT_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["single-threaded", "threaded"])
+@pytest.mark.parametrize("mode", ["single-threaded", "threaded", "explicit-forkserver"])
 def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path, mode):
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
@@ -210,8 +211,9 @@ def test_parent_sigkill_takes_every_worker_and_the_table_with_it(tmp_path, mode)
         assert os.path.exists(f"/dev/shm/{name}")
         spawner = psutil.Process(pids[0]).parent()
         assert title_of(spawner.pid) == "procpool: spawner"
-        # Single-threaded, the program forks its spawner itself (fast); with threads, the
-        # spawner comes from multiprocessing's fork server, never from a fork of the program.
+        # Single-threaded, the program forks its spawner itself (fast); with threads, or when
+        # the program asked for a start method, the spawner comes from multiprocessing's fork
+        # server, never from a fork of the program.
         assert (spawner.ppid() == proc.pid) == (mode == "single-threaded")
         proc.kill()
         proc.wait()
