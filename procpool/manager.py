@@ -176,6 +176,9 @@ _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 
 def _server_init(alive_fd: int, close_fds: list[int]) -> None:
     """Runs in the Manager server process (a fork of the spawner) before it serves."""
+    from .spawner import reset_signals
+
+    reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not ours
     try:
         import setproctitle
 

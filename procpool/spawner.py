@@ -115,6 +115,23 @@ class _ForkedSpawner:
             pass
 
 
+def reset_signals() -> None:
+    """Back to the default disposition for every signal that has a Python handler, and no
+    wakeup fd: a process forked from the program (or from the spawner) must not run the
+    program's handlers — a worker that merely *records* SIGTERM would survive close()'s
+    escalation, and a Manager that does would outlive its stop."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # pragma: no cover - not the main thread
+        return
+    for sig in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+
+
 def fork_is_safe() -> bool:
     """Is this process single-threaded, as the kernel sees it (native threads included)?
     Only then is a fork free of locks held by some other thread."""
@@ -162,6 +179,7 @@ class Spawner:
                 # a finalizer closing a descriptor number that has since been reused would
                 # close one of ours.
                 gc.freeze()
+                reset_signals()
                 fd = theirs.fileno()
                 # Keep stdio and our socket, nothing else of the program's (its sockets,
                 # files, other pools' pipes): a kept copy would hide an EOF somebody waits for.
@@ -399,8 +417,7 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str])
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not the worker's
         sys.path[:] = sys_path
         from .worker import Channel, worker_main
 

@@ -234,3 +234,38 @@ def test_spawner_killed_loses_its_workers_and_the_pool_recovers():
         wait_until(lambda: not any(alive(p) for p in pids), what="orphaned workers killed")
         assert pool.submit(tasks.square, 11).result(timeout=10) == 121  # a new spawner
         assert psutil.Process(pool.workers()[0].pid).parent().pid != spawner.pid
+
+
+HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time, procpool
+    def main():
+        # The program's own SIGTERM handler must not be inherited by the spawner, the Manager
+        # or the workers (the spawner is a fork of this single-threaded program).
+        signal.signal(signal.SIGTERM, lambda *a: print("program got SIGTERM", flush=True))
+        with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+            print(*[w.pid for w in pool.workers()], flush=True)
+            sys.stdin.readline()
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
+    script = tmp_path / "handler.py"
+    script.write_text(HANDLER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        os.kill(pids[0], signal.SIGTERM)
+        wait_until(lambda: not alive(pids[0]), timeout=5, what="worker killed by SIGTERM")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=20) == 0
+        assert "program got SIGTERM" not in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
