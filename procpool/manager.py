@@ -246,9 +246,10 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
 
             from .spawner import get_spawner
 
+            spawner = get_spawner(ctx, allow_fork)  # first: a forked spawner must not hold alive_w
             alive_r, alive_w = os.pipe()
             try:
-                address = get_spawner(ctx, allow_fork).start_manager(alive_r)
+                address = spawner.start_manager(alive_r)
             except BaseException:
                 os.close(alive_w)
                 raise

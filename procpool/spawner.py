@@ -175,16 +175,15 @@ class Spawner:
             try:
                 import gc
 
-                # Objects of the program copied into this process are never collected here:
-                # a finalizer closing a descriptor number that has since been reused would
-                # close one of ours.
+                # The program's objects copied here are never collected: their finalizers are
+                # the program's business (and untouched pages stay shared).
                 gc.freeze()
                 reset_signals()
-                fd = theirs.fileno()
-                # Keep stdio and our socket, nothing else of the program's (its sockets,
-                # files, other pools' pipes): a kept copy would hide an EOF somebody waits for.
-                os.closerange(3, fd)
-                os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+                # The program's descriptors stay open, as in any fork (closing them would let
+                # a later open() reuse a number that the program's copied objects, a logging
+                # handler say, still write to). This is why only the first spawner, forked
+                # before any pool has pipes of its own, may be a fork (see get_spawner).
+                ours.close()
                 _spawner_loop(theirs, os.getppid())
             finally:
                 os._exit(1)
@@ -444,7 +443,10 @@ def get_spawner(ctx: Any, allow_fork: bool = True) -> Spawner:
     global _spawner, _spawner_pid
     with _spawner_lock:
         if _spawner is None or _spawner_pid != os.getpid() or not _spawner.is_alive():
-            _spawner, _spawner_pid = Spawner(ctx, allow_fork), os.getpid()
+            # A replacement (the first one died) never forks: by now the program holds pipes
+            # to workers and the Manager whose EOFs a forked copy would hide.
+            first = _spawner is None or _spawner_pid != os.getpid()
+            _spawner, _spawner_pid = Spawner(ctx, allow_fork and first), os.getpid()
         return _spawner
 
 
