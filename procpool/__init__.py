@@ -14,6 +14,7 @@ from .errors import (
 )
 from .executor import ProcessPoolExecutor
 from .pool import PoolStats, WorkerInfo, WorkerPool
+from .workqueue import Work, Workqueue, WorkqueueStats
 
 __all__ = [
     "FaultInjected",
@@ -30,5 +31,8 @@ __all__ = [
     "WorkerInfo",
     "WorkerLost",
     "WorkerPool",
+    "Work",
+    "Workqueue",
+    "WorkqueueStats",
 ]
 __version__ = "0.1.0"

@@ -275,10 +275,12 @@ def _unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Ty
     return TypeError(f"{where}: the call cannot be pickled: {exc}")
 
 
-def _dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
-    """Pickle one call in the caller's thread; on failure, name the part that failed."""
+def _dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
+    """Pickle one call in the caller's thread; on failure, name the part that failed. A
+    ``tag`` (a workqueue's name) rides along as a fourth element for the worker's title."""
     try:
-        return seq.to_bytes(SEQ_BYTES, "little") + _dumps((fn, args, kwargs))
+        call = (fn, args, kwargs) if tag is None else (fn, args, kwargs, tag)
+        return seq.to_bytes(SEQ_BYTES, "little") + _dumps(call)
     except Exception as exc:
         parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
         parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
@@ -308,6 +310,27 @@ def _check_number(name: str, value: Any, *, minimum: float, integer: bool = Fals
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
+
+
+def check_attrs(nice: Any, cpus: Any) -> tuple[int, frozenset[int] | None]:
+    """Validate pool attributes (the kernel's workqueue_attrs); returns them normalized.
+
+    ``nice`` is a delta each worker adds to the niceness it inherits, within the OS range
+    (-20..19); ``cpus`` a non-empty subset of the CPUs this process may run on."""
+    if isinstance(nice, bool) or not isinstance(nice, int):
+        raise TypeError(f"nice must be an int, got {nice!r}")
+    if not -20 <= nice <= 19:
+        raise ValueError(f"nice must be within -20..19, got {nice}")
+    if cpus is None:
+        return nice, None
+    cpus = frozenset(cpus)
+    if not cpus:
+        raise ValueError("cpus must not be empty (None means: the CPUs this process may use)")
+    allowed = os.sched_getaffinity(0)
+    for cpu in sorted(cpus, key=repr):
+        if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu not in allowed:
+            raise ValueError(f"cpus: CPU {cpu!r} is not one this process may use ({sorted(allowed)})")
+    return nice, cpus
 
 
 class WorkerPool:
@@ -344,6 +367,8 @@ class WorkerPool:
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         max_tasks_per_child: int | None = None,
+        nice: int = 0,
+        cpus: set[int] | None = None,
     ) -> None:
         if max_workers is None:
             max_workers = max(os.cpu_count() or 1, (min_workers or 0))
@@ -358,6 +383,7 @@ class WorkerPool:
         if max_tasks_per_child is not None:
             _check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
         init_payload = _dumps_initializer(initializer, initargs)
+        nice, cpus = check_attrs(nice, cpus)
         if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
@@ -369,6 +395,8 @@ class WorkerPool:
         self.title_prefix = title_prefix  # I
         self.linger_dying = float(linger_dying)  # I
         self.max_tasks_per_child = max_tasks_per_child  # I
+        self.nice = nice  # I: niceness every worker adds to its own at start (os.nice)
+        self.cpus = cpus  # I: CPUs every worker is bound to at start, or None (inherit)
         self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
         self._ctx = resolve_context(mp_context)  # I
         # I: may the program's spawner be a plain fork of it (single-threaded programs only)?
@@ -456,11 +484,15 @@ class WorkerPool:
             _check_number("timeout", timeout, minimum=0)
         return self._submit(fn, args, kwargs, timeout)
 
-    def _submit(self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None) -> Future:
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None, tag: str | None = None
+    ) -> Future:
+        """``tag``: shown in the worker's title around the call (``+tag`` while it runs, ``-tag``
+        after), as the kernel's comm shows the last workqueue; procpool.workqueue passes it."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
-        payload = _dumps_call(seq, fn, args, kwargs)
+        payload = _dumps_call(seq, fn, args, kwargs, tag)
         fut: Future = Future()
         item = _Item(seq, fut, payload, timeout)
         wake = False
@@ -869,6 +901,8 @@ class WorkerPool:
                 linger_dying=self.linger_dying,
                 faults=self._faults,
                 initializer=self._init_payload,
+                nice=self.nice,
+                cpus=self.cpus,
             )
             for wid, gen in ids
         ]

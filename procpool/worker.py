@@ -17,7 +17,8 @@ freed, so a new worker that takes the id at once never shares a title with a liv
 Wire format on the worker's two pipes (work in, results out; the parent's ends stay in the parent):
 
 * parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
-  number + pickle of ``(fn, args, kwargs)`` made in the submitting thread;
+  number + pickle of ``(fn, args, kwargs)`` made in the submitting thread, or of
+  ``(fn, args, kwargs, tag)`` for a workqueue's item (the tag goes in the title, see Titles);
 * worker → parent: the same 8 bytes + pickle of ``(ok, value, traceback_text)``. The sequence
   number stays outside the pickle so the parent knows which item a message answers even when
   the rest cannot be unpickled; ``INIT_FAILED`` in its place says the initializer raised.
@@ -78,6 +79,8 @@ class WorkerSpec:
     # Pickle of (initializer, initargs), made once in the parent (with cloudpickle if plain
     # pickle cannot): bytes, so the spawner, which unpickles specs, never imports user code.
     initializer: bytes | None = None
+    nice: int = 0  # added to the worker's niceness at start
+    cpus: frozenset[int] | None = None  # CPUs the worker binds itself to at start
 
 
 def _set_title(title: str) -> None:
@@ -119,23 +122,59 @@ def _error_message(exc: BaseException, origin: BaseException | None = None) -> b
         return pickle.dumps((False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)
 
 
-def _run_item(payload: memoryview) -> bytes:
+class Titles:
+    """This worker's title, set only when it changes (setproctitle is on the hot path).
+
+    A tagged item (a workqueue's) shows as ``kworker/u3:1+name`` while it runs and
+    ``kworker/u3:1-name`` after it, like the kernel's comm naming the last workqueue."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.current = base
+
+    def set(self, title: str) -> None:
+        if title != self.current:
+            _set_title(title)
+            self.current = title
+
+
+def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
     unpickle the call or to pickle the result ends as a TransferError saying which, not as a
     bare pickling error that would look like the function's own."""
     try:
-        fn, args, kwargs = pickle.loads(payload)
+        call = pickle.loads(payload)
+        fn, args, kwargs = call[:3]
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
         return _error_message(TransferError(f"the call could not be unpickled in the worker: {exc!r}"), exc)
+    tag = call[3] if len(call) > 3 and titles is not None else None
+    if tag is not None:
+        titles.set(f"{titles.base}+{tag}")
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
         return _error_message(exc)
+    finally:
+        if tag is not None:
+            titles.set(f"{titles.base}-{tag}")
     try:
         return pickle.dumps((True, value, None), PICKLE_PROTOCOL)
     except BaseException as exc:  # noqa: BLE001
         name = getattr(fn, "__qualname__", None) or repr(fn)
         return _error_message(TransferError(f"the result of {name} could not be pickled: {exc!r}"), exc)
+
+
+def _apply_attrs(spec: WorkerSpec) -> bytes | None:
+    """Apply the pool's attributes to this process, before it runs anything; None if done,
+    else the ``INIT_FAILED`` message to send (e.g. a negative nice without the privilege)."""
+    try:
+        if spec.nice:
+            os.nice(spec.nice)
+        if spec.cpus is not None:
+            os.sched_setaffinity(0, spec.cpus)
+    except OSError as exc:
+        return INIT_FAILED + _error_message(exc)
+    return None
 
 
 def _run_initializer(payload: bytes | None) -> bytes | None:
@@ -168,13 +207,15 @@ def worker_main(spec: WorkerSpec) -> None:
     # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wid, fspec = spec.wid, spec.faults
-    _set_title(worker_title(spec.title_prefix, spec.pool_id, wid))
+    titles = Titles(worker_title(spec.title_prefix, spec.pool_id, wid))
+    _set_title(titles.base)
     faults.hit(fspec, "worker.start", wid)
     table = IdTable.attach(spec.table_name)
     table.set_pid(wid, os.getpid())
     conn = spec.conn
     recv, send = conn.recv_bytes, conn.send_bytes
-    init_failed = _run_initializer(spec.initializer)  # slot still 'starting' while it runs
+    # Slot still 'starting' while these run; attributes first, so the initializer runs with them.
+    init_failed = _apply_attrs(spec) or _run_initializer(spec.initializer)
     if init_failed is not None:
         try:
             send(init_failed)
@@ -199,7 +240,7 @@ def worker_main(spec: WorkerSpec) -> None:
                 exit_path(spec, table)
             table.set_state(wid, BUSY)
             faults.hit(fspec, "worker.busy", wid)
-            out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:])
+            out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:], titles)
             table.add_done(wid)
             table.set_state(wid, IDLE)
             try:

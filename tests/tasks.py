@@ -133,3 +133,25 @@ class ExitsOnUnpickle:
 
     def __reduce__(self):
         return (os._exit, (7,))
+
+
+# -- for test_workqueue.py ---------------------------------------------------------------------
+
+
+def record_span(log_dir: str, name, seconds: float):
+    """Sleep ``seconds``, leaving ``log_dir/name`` = "start end" (CLOCK_MONOTONIC, which all
+    processes share): the tests measure concurrency from inside the workers."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    end = time.monotonic()
+    Path(log_dir, f"{name}.tmp").write_text(f"{start} {end}")
+    os.replace(Path(log_dir, f"{name}.tmp"), Path(log_dir, str(name)))
+    return name
+
+
+def ran_at(path: str | None = None) -> float:
+    """When this item started (CLOCK_MONOTONIC); also written to ``path`` if given."""
+    now = time.monotonic()
+    if path is not None:
+        Path(path).write_text(str(now))
+    return now

@@ -1,0 +1,427 @@
+"""Workqueues: the kernel's ``struct workqueue_struct``, front ends sharing worker pools.
+
+A workqueue keeps its own queue and hands the pool at most ``max_active`` items at a time;
+workqueues with equal attributes (nice, cpus) share one refcounted ``WorkerPool``::
+
+   queue()          ──► pending (FIFO) ──pump: fewer than max_active in flight?──► pool.submit
+   queue_delayed()  ──► delayed (heap) ──timer thread, at the deadline──► pending
+   pool future done ──► Work's result ──► L: off in-flight, pump the next ──► notify flushers
+
+One item's states, all changed under L (so cancel and start cannot both win)::
+
+   delayed ─► pending ─► in flight (Work RUNNING: handed to the pool) ─► done
+      └──────────┴─► cancelling ─► done, cancelled (cancel_work / Work.cancel(): only before
+                                   it is in flight)
+
+Completions run on the pool's arbiter thread: a done-callback of a Work may queue more work
+(chained queueing, allowed even during drain) but must not wait on this workqueue (flush,
+drain, destroy, cancel_work(sync=True)): the arbiter it would block delivers the results.
+
+Guards:  L = Workqueue._lock      I = set in __init__, read-only after
+         R = _registry_lock (the pool registry, module level)
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass
+from typing import Any
+
+from .pool import WorkerPool, _check_number, check_attrs
+
+#: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
+DEFAULT_MAX_ACTIVE = 256
+
+# -- the pool registry: one refcounted pool per attribute set (the kernel's unbound_pool_hash) --
+
+_registry_lock = threading.Lock()
+_pools: dict[tuple, list] = {}  # R: attrs key -> [WorkerPool, refcount]
+
+
+def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
+    """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference.
+    ``max_workers`` only matters to the workqueue that makes the pool."""
+    with _registry_lock:
+        entry = _pools.get(key)
+        if entry is None:
+            nice, cpus = key
+            entry = _pools[key] = [WorkerPool(0, max_workers, nice=nice, cpus=cpus), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def put_pool(key: tuple, pool: WorkerPool) -> None:
+    """Drop a reference; the last one closes the pool through its normal teardown (outside R,
+    so teardown of one pool never holds up workqueues of other attributes)."""
+    with _registry_lock:
+        entry = _pools[key]
+        assert entry[0] is pool
+        entry[1] -= 1
+        last = entry[1] == 0
+        if last:
+            del _pools[key]
+    if last:
+        pool.close(wait=True)
+
+
+@dataclass(frozen=True)
+class WorkqueueStats:
+    started: int  # items handed to the pool, ever
+    in_flight: int  # handed to the pool, not finished
+    completed: int  # finished (result, exception or procpool error)
+    max_in_flight: int  # the most ever in flight at once (never above max_active)
+    pending: int  # queued, waiting for room under max_active
+    delayed: int  # waiting for their timer
+
+
+class Work(Future):
+    """One queued call: a ``concurrent.futures.Future`` the workqueue completes. ``cancel()``
+    goes through the workqueue (the same as ``cancel_work(work)``)."""
+
+    def __init__(self, wq: Workqueue, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.wq = wq  # I
+        self.fn, self.args, self.kwargs = fn, args, kwargs  # I
+        self.seq = -1  # L: queue order, set when it enters the pending queue
+        self.deadline: float | None = None  # L: a delayed item's timer, monotonic; None when not armed
+        self.where = "new"  # L: 'delayed' | 'pending' | 'inflight' | 'cancelling' | 'done'
+
+    def cancel(self) -> bool:
+        return self.wq.cancel_work(self)
+
+    def _cancel_now(self) -> bool:
+        return super().cancel()
+
+
+_chained = threading.local()  # .wq: the workqueue whose item's completion this thread runs
+
+
+class Workqueue:
+    """A named front end on a shared worker pool, with its own ``max_active`` limit.
+
+    ``ordered=True`` runs one item at a time, in queue order (max_active 1). ``nice`` and
+    ``cpus`` are the pool attributes; ``max_workers`` sizes the pool if this workqueue makes it.
+    Also a context manager: leaving it destroys the workqueue.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_active: int | None = None,
+        ordered: bool = False,
+        nice: int = 0,
+        cpus: set[int] | None = None,
+        max_workers: int | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ValueError(f"name must be a non-empty string without spaces, got {name!r}")
+        if ordered:
+            if max_active not in (None, 1):
+                raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")
+            max_active = 1
+        elif max_active is None:
+            max_active = DEFAULT_MAX_ACTIVE
+        _check_number("max_active", max_active, minimum=1, integer=True)
+        self.name = name  # I
+        self.max_active = max_active  # I
+        self.ordered = ordered  # I
+        self._key = check_attrs(nice, cpus)  # I: (nice, cpus), the registry key
+        self.pool = get_pool(self._key, max_workers)  # I
+
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # an item finished or left the queue
+        self._timer_cv = threading.Condition(self._lock)  # the delayed heap changed
+        self._pending: deque[Work] = deque()  # L: queue order
+        self._inflight: set[Work] = set()  # L
+        # L: queued and not finished (pending + in flight), by seq; the first key is the oldest
+        self._active: dict[int, Work] = {}
+        self._delayed: set[Work] = set()  # L
+        self._heap: list[tuple[float, int, Work]] = []  # L: (deadline, tiebreak, work); stale entries skipped
+        self._seq = itertools.count()  # L
+        self._tiebreak = itertools.count()  # L
+        self._timer: threading.Thread | None = None  # L: started on the first queue_delayed
+        self._draining = 0  # L: drain() calls under way; only chained queueing is allowed
+        self._destroyed = False  # L
+        self._started = self._completed = self._max_in_flight = 0  # L
+
+    # -- queueing ----------------------------------------------------------------------------
+
+    def queue(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Work:
+        """Queue ``fn(*args, **kwargs)``; returns its ``Work`` (a Future). A call that cannot
+        be pickled fails its Work with TypeError when the pool is handed it."""
+        work = Work(self, fn, args, kwargs)
+        with self._lock:
+            self._check_may_queue()
+            self._enqueue(work)
+            sends = self._pump()
+        self._submit(sends)
+        return work
+
+    def queue_delayed(self, delay: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Work:
+        """Queue ``fn(*args, **kwargs)`` once ``delay`` seconds have passed (never earlier)."""
+        _check_number("delay", delay, minimum=0)
+        work = Work(self, fn, args, kwargs)
+        with self._lock:
+            self._check_may_queue()
+            self._arm(work, delay)
+        return work
+
+    def mod_delayed(self, work: Work, delay: float) -> bool:
+        """Re-arm ``work`` to be queued ``delay`` seconds from now, if it has not started (its
+        timer is pending, or it waits in the queue). False if it is in flight or done."""
+        _check_number("delay", delay, minimum=0)
+        self._check_mine(work)
+        with self._lock:
+            if work.where == "pending":
+                # Taken back from the queue under L, so the pump cannot start it meanwhile.
+                self._pending.remove(work)
+                del self._active[work.seq]
+                self._changed.notify_all()  # a flush may have waited for it
+            elif work.where != "delayed":
+                return False
+            self._arm(work, delay)
+            return True
+
+    # -- waiting and cancelling ---------------------------------------------------------------
+
+    def flush_work(self, work: Work, timeout: float | None = None) -> bool:
+        """Wait until ``work`` finished. False if it was never queued (its timer is pending);
+        True once it ended (result, exception or cancelled)."""
+        self._check_mine(work)
+        with self._lock:
+            if work.where == "delayed":
+                return False
+        try:
+            work.exception(timeout)
+        except CancelledError:
+            pass
+        return True
+
+    def cancel_work(self, work: Work, sync: bool = False) -> bool:
+        """Cancel ``work`` if it has not started (delayed or pending): True, and it never runs.
+        If it is in flight, it cannot be stopped: with ``sync`` wait for it to finish; False."""
+        self._check_mine(work)
+        with self._lock:
+            # Cancel racing a start: the pump takes an item off the queue and marks it RUNNING
+            # under L, and so does this: exactly one of them finds it pending. Without L a
+            # cancelled item could still be handed to the pool, or a started one reported
+            # cancelled while it runs.
+            if work.where == "pending":
+                self._pending.remove(work)
+            elif work.where == "delayed":
+                work.deadline = None  # its heap entry goes stale
+            else:
+                # In flight (it may be running: only the pool's cancel_running could stop
+                # it) or done already.
+                if sync and work.where == "inflight":
+                    self._changed.wait_for(lambda: work.where == "done")
+                return False
+            # Off the queue and the timer: nobody can start, re-arm or cancel it any more.
+            # It still counts for flush/drain until it is cancelled, below.
+            was, work.where = work.where, "cancelling"
+        # Outside L: cancel() runs the Work's done-callbacks, which may queue more.
+        cancelled = work._cancel_now()
+        with self._lock:
+            # Only now off the books: a flusher woken here finds the Work already cancelled.
+            if was == "pending":
+                del self._active[work.seq]
+            else:
+                self._delayed.discard(work)
+            work.where = "done"
+            self._changed.notify_all()
+        return cancelled
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every item queued before this call finished. Items queued meanwhile
+        (chained from completions) are not waited for; delayed items count once their timer
+        put them on the queue. False if ``timeout`` ran out."""
+        with self._lock:
+            # Flush racing a requeue: a mark, not "until empty". An item queued while we wait
+            # (a completion chaining another, a timer firing) gets a later seq and does not
+            # hold us, so a steady stream of requeues cannot starve a flusher.
+            mark = next(self._seq) - 1
+
+            def done() -> bool:
+                oldest = next(iter(self._active), None)
+                return oldest is None or oldest > mark
+
+            return self._changed.wait_for(done, timeout)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Flush until the workqueue is empty (delayed items included). Meanwhile only chained
+        queueing (from a done-callback of one of its own items) is allowed; other queueing
+        raises RuntimeError. False if ``timeout`` ran out."""
+        with self._lock:
+            self._draining += 1
+            try:
+                return self._changed.wait_for(lambda: not self._active and not self._delayed, timeout)
+            finally:
+                self._draining -= 1
+
+    def destroy(self) -> None:
+        """Drain, then drop this workqueue's reference on its pool (the last one closes it).
+        Idempotent; queueing afterwards raises RuntimeError."""
+        with self._lock:
+            if self._destroyed:
+                return
+            self._draining += 1
+            try:
+                self._changed.wait_for(lambda: not self._active and not self._delayed)
+            finally:
+                self._draining -= 1
+            if self._destroyed:
+                return  # destroyed by another thread meanwhile
+            # In the same critical section as the drain's last check: an unchained queue()
+            # slipping in between would leave an item behind on a pool about to be closed.
+            self._destroyed = True
+            self._timer_cv.notify_all()
+            timer = self._timer
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
+        put_pool(self._key, self.pool)
+
+    def stats(self) -> WorkqueueStats:
+        with self._lock:
+            return WorkqueueStats(
+                started=self._started,
+                in_flight=len(self._inflight),
+                completed=self._completed,
+                max_in_flight=self._max_in_flight,
+                pending=len(self._pending),
+                delayed=len(self._delayed),
+            )
+
+    def __enter__(self) -> Workqueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        return f"<Workqueue {self.name} u{self.pool.id} max_active={self.max_active} in_flight={s.in_flight}>"
+
+    # -- internals (L held unless said) --------------------------------------------------------
+
+    def _check_may_queue(self) -> None:
+        if self._destroyed:
+            raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+        if self._draining and getattr(_chained, "wq", None) is not self:
+            raise RuntimeError(f"workqueue {self.name!r} is draining: only chained queueing is allowed")
+
+    def _check_mine(self, work: Work) -> None:
+        if not isinstance(work, Work) or work.wq is not self:
+            raise ValueError(f"{work!r} is not an item of workqueue {self.name!r}")
+
+    def _enqueue(self, work: Work) -> None:
+        work.seq = next(self._seq)
+        work.where = "pending"
+        self._pending.append(work)
+        self._active[work.seq] = work
+
+    def _arm(self, work: Work, delay: float) -> None:
+        work.deadline = time.monotonic() + delay
+        work.where = "delayed"
+        self._delayed.add(work)
+        heapq.heappush(self._heap, (work.deadline, next(self._tiebreak), work))
+        if self._timer is None:
+            self._timer = threading.Thread(target=self._timer_loop, name=f"procpool-wq-{self.name}", daemon=True)
+            self._timer.start()
+        self._timer_cv.notify_all()
+
+    def _may_start(self) -> bool:
+        """Room for another item under max_active?"""
+        return bool(self._pending) and len(self._inflight) < self.max_active
+
+    def _pump(self) -> list[Work]:
+        """Take items off the queue while there is room; the caller submits them outside L."""
+        out = []
+        while self._may_start():
+            work = self._pending.popleft()
+            work.where = "inflight"
+            work.set_running_or_notify_cancel()  # never cancelled while queued: see cancel_work
+            self._inflight.add(work)
+            out.append(work)
+        if out:
+            self._started += len(out)
+            self._max_in_flight = max(self._max_in_flight, len(self._inflight))
+        return out
+
+    def _submit(self, works: list[Work]) -> None:
+        """Hand ``works`` to the pool. L not held (pool.submit pickles, and may run callbacks).
+        A loop, not recursion: each item that fails at once frees a slot for the next."""
+        todo = deque(works)
+        while todo:
+            work = todo.popleft()
+            try:
+                fut = self.pool._submit(work.fn, work.args, work.kwargs, None, self.name)
+            except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
+                todo.extend(self._complete(work, None, exc))
+                continue
+            fut.add_done_callback(lambda f, work=work: self._on_pool_done(work, f))
+
+    def _on_pool_done(self, work: Work, fut: Future) -> None:
+        """The pool's future ended (arbiter thread, usually). L not held."""
+        if fut.cancelled():
+            self._finish(work, None, CancelledError(f"the pool of workqueue {self.name!r} cancelled the item"))
+        else:
+            exc = fut.exception()
+            self._finish(work, fut.result() if exc is None else None, exc)
+
+    def _finish(self, work: Work, value: Any, exc: BaseException | None) -> None:
+        self._submit(self._complete(work, value, exc))
+
+    def _complete(self, work: Work, value: Any, exc: BaseException | None) -> list[Work]:
+        """Complete ``work``, then take it off the books; returns what to submit next (the
+        pump's take). L not held.
+
+        The Work is completed *before* it leaves in-flight: a flusher woken by its removal
+        must find it done, and an item chained from its done-callbacks is queued while it
+        still counts, so drain() cannot see the workqueue empty in between."""
+        prev = getattr(_chained, "wq", None)
+        _chained.wq = self
+        try:
+            if exc is None:
+                work.set_result(value)
+            else:
+                work.set_exception(exc)
+        finally:
+            _chained.wq = prev
+        with self._lock:
+            work.where = "done"
+            self._inflight.discard(work)
+            del self._active[work.seq]
+            self._completed += 1
+            sends = self._pump()
+            self._changed.notify_all()
+        return sends
+
+    def _timer_loop(self) -> None:
+        """Move delayed items to the queue at their deadline, never before it."""
+        with self._lock:
+            while not self._destroyed:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].deadline != self._heap[0][0] or self._heap[0][0] <= now):
+                    deadline, _, work = heapq.heappop(self._heap)
+                    if work.where != "delayed" or work.deadline != deadline:
+                        continue  # stale: re-armed (mod_delayed) or cancelled
+                    self._delayed.discard(work)
+                    work.deadline = None
+                    self._enqueue(work)
+                sends = self._pump()
+                if sends:
+                    self._lock.release()
+                    try:
+                        self._submit(sends)
+                    finally:
+                        self._lock.acquire()
+                    continue
+                wait = self._heap[0][0] - now if self._heap else None
+                self._timer_cv.wait(wait)

@@ -1,0 +1,336 @@
+"""Workqueues on shared pools: max_active, ordering, delayed items, flush/cancel/drain,
+pool attributes (nice, CPU affinity) seen with psutil, pool sharing, titles."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import psutil
+import pytest
+import tasks
+from conftest import title_of, wait_until
+
+import procpool
+from procpool import workqueue as wqmod
+
+
+def _spans(log_dir: Path) -> dict[str, tuple[float, float]]:
+    out = {}
+    for p in log_dir.iterdir():
+        if not p.name.endswith(".tmp"):
+            start, end = p.read_text().split()
+            out[p.name] = (float(start), float(end))
+    return out
+
+
+def _max_overlap(spans) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    cur = best = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def test_work_is_a_future_and_stats():
+    with procpool.Workqueue("basic", max_active=4) as wq:
+        works = [wq.queue(tasks.square, i) for i in range(20)]
+        assert all(isinstance(w, Future) for w in works)
+        assert [w.result(10) for w in works] == [i * i for i in range(20)]
+        err = wq.queue(tasks.fail, "boom")
+        with pytest.raises(ValueError, match="boom"):
+            err.result(10)
+        s = wq.stats()
+        assert (s.started, s.completed, s.in_flight) == (21, 21, 0)
+        assert 1 <= s.max_in_flight <= 4
+
+
+def test_max_active_never_exceeded(tmp_path):
+    with procpool.Workqueue("limited", max_active=2, max_workers=4) as wq:
+        works = [wq.queue(tasks.record_span, str(tmp_path), i, 0.15) for i in range(6)]
+        for w in works:
+            w.result(20)
+        assert wq.stats().max_in_flight == 2
+    spans = _spans(tmp_path)
+    assert len(spans) == 6
+    assert _max_overlap(spans.values()) == 2  # measured inside the workers; the pool had room for 4
+
+
+def test_ordered_runs_one_at_a_time_in_queue_order(tmp_path):
+    with procpool.Workqueue("log", ordered=True, max_workers=3) as wq:
+        assert wq.max_active == 1
+        works = [wq.queue(tasks.record_span, str(tmp_path), i, 0.03) for i in range(6)]
+        assert [w.result(20) for w in works] == list(range(6))
+    spans = _spans(tmp_path)
+    ordered = [spans[str(i)] for i in range(6)]
+    for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+        assert end <= start
+    with pytest.raises(ValueError):
+        procpool.Workqueue("bad", ordered=True, max_active=2)
+
+
+def test_delayed_items_never_run_early():
+    with procpool.Workqueue("delayed") as wq:
+        t0 = time.monotonic()
+        delays = [0.3, 0.1, 0.2, 0.0]
+        works = [wq.queue_delayed(d, tasks.ran_at) for d in delays]
+        for d, w in zip(delays, works, strict=True):
+            assert w.result(10) - t0 >= d
+        assert wq.flush_work(works[0]) is True
+
+
+def test_mod_delayed_rearms():
+    with procpool.Workqueue("rearm") as wq:
+        t0 = time.monotonic()
+        sooner = wq.queue_delayed(30.0, tasks.ran_at)
+        later = wq.queue_delayed(0.5, tasks.ran_at)
+        assert wq.flush_work(sooner) is False  # its timer is pending: nothing to wait for yet
+        assert wq.mod_delayed(sooner, 0.1) is True
+        assert wq.mod_delayed(later, 0.8) is True
+        assert 0.1 <= sooner.result(10) - t0 < 5
+        assert later.result(10) - t0 >= 0.8
+        assert wq.mod_delayed(later, 1.0) is False  # done: nothing to re-arm
+        assert wq.stats().started == 2
+
+
+def test_mod_delayed_takes_back_a_pending_item(tmp_path):
+    mark, release = str(tmp_path / "mark"), str(tmp_path / "release")
+    with procpool.Workqueue("rearmpending", ordered=True) as wq:
+        first = wq.queue(tasks.touch_and_wait, mark, release)
+        waiting = wq.queue(tasks.ran_at)
+        wait_until(lambda: os.path.exists(mark), what="first item running")
+        assert wq.mod_delayed(waiting, 0.3) is True  # off the queue, back on a timer
+        t0 = time.monotonic()
+        Path(release).touch()
+        first.result(10)
+        assert wq.flush(10) is True  # the re-armed item is not queued: flush does not wait for it
+        assert not waiting.done()
+        assert waiting.result(10) - t0 >= 0.3
+        assert wq.stats().started == 2
+
+
+def test_cancel_pending_never_runs(tmp_path):
+    mark, release = str(tmp_path / "mark"), str(tmp_path / "release")
+    with procpool.Workqueue("cancel", ordered=True) as wq:
+        first = wq.queue(tasks.touch_and_wait, mark, release)
+        second = wq.queue(tasks.ran_at, str(tmp_path / "second"))
+        third = wq.queue(tasks.square, 3)
+        wait_until(lambda: os.path.exists(mark), what="first item running")
+        assert wq.cancel_work(second) is True
+        assert second.cancelled()
+        assert wq.cancel_work(second) is False  # once only
+        assert third.cancel() is True  # Future.cancel() goes through the workqueue too
+        assert wq.cancel_work(first) is False  # in flight
+        Path(release).touch()
+        wq.flush()
+        assert first.result(0) > 0
+        s = wq.stats()
+        assert (s.started, s.completed) == (1, 1)
+    assert not (tmp_path / "second").exists()
+
+
+def test_cancel_racing_start_loses_nothing_and_runs_nothing_twice():
+    with procpool.Workqueue("cancelrace", max_active=2) as wq:
+        works = []
+        go = threading.Event()
+
+        def canceller():
+            go.wait()
+            i = 0
+            while i < 300:
+                if i < len(works):
+                    works[i].cancel()
+                    i += 2
+                else:
+                    time.sleep(0)
+
+        t = threading.Thread(target=canceller)
+        t.start()
+        go.set()
+        for i in range(300):
+            works.append(wq.queue(tasks.identity, i))
+        t.join(10)
+        assert wq.flush(20) is True
+        cancelled = [w for w in works if w.cancelled()]
+        ran = [w for w in works if not w.cancelled()]
+        assert all(w.done() for w in works)
+        assert [w.result() for w in ran] == [works.index(w) for w in ran]
+        s = wq.stats()
+        assert s.started == s.completed == len(ran)
+        assert len(cancelled) + len(ran) == 300
+
+
+def test_cancel_sync_waits_for_running_item(tmp_path):
+    mark = str(tmp_path / "mark")
+    with procpool.Workqueue("cancelsync") as wq:
+        w = wq.queue(tasks.touch_and_wait, mark, str(tmp_path / "release"))
+        wait_until(lambda: os.path.exists(mark), what="item running")
+        threading.Timer(0.2, (tmp_path / "release").touch).start()
+        t0 = time.monotonic()
+        assert wq.cancel_work(w, sync=True) is False
+        assert w.done() and not w.cancelled()
+        assert time.monotonic() - t0 >= 0.1
+
+
+def test_cancel_delayed_never_runs(tmp_path):
+    out = tmp_path / "ran"
+    with procpool.Workqueue("canceldelayed") as wq:
+        d = wq.queue_delayed(0.2, tasks.ran_at, str(out))
+        assert wq.cancel_work(d) is True
+        assert d.cancelled()
+        time.sleep(0.35)
+        assert wq.stats().started == 0
+    assert not out.exists()
+
+
+def test_flush_waits_for_everything_queued_before(tmp_path):
+    with procpool.Workqueue("flush", max_active=2) as wq:
+        works = [wq.queue(tasks.sleep_then, 0.05, i) for i in range(6)]
+        assert wq.flush(10) is True
+        assert all(w.done() for w in works)
+        w = wq.queue(tasks.sleep_then, 0.1, "x")
+        wq.flush_work(w)
+        assert w.done() and w.result() == "x"
+
+
+def test_flush_is_not_held_by_chained_requeue():
+    with procpool.Workqueue("chain", ordered=True) as wq:
+        chained: list[Future] = []
+        stop = threading.Event()
+
+        def requeue(_f):
+            if not stop.is_set():
+                chained.append(wq.queue(tasks.sleep_then, 0.02))
+                chained[-1].add_done_callback(requeue)
+
+        first = wq.queue(tasks.sleep_then, 0.02)
+        first.add_done_callback(requeue)
+        assert wq.flush(10) is True  # returns although the chain keeps requeueing
+        stop.set()
+        wq.drain(10)
+        assert first.done()
+
+
+def test_drain_allows_only_chained_queueing(tmp_path):
+    mark, release = str(tmp_path / "mark"), str(tmp_path / "release")
+    with procpool.Workqueue("drain") as wq:
+        chained: list[Future] = []
+        w = wq.queue(tasks.touch_and_wait, mark, release)
+        w.add_done_callback(lambda _f: chained.append(wq.queue(tasks.square, 5)))
+        wait_until(lambda: os.path.exists(mark), what="item running")
+        drainer = threading.Thread(target=wq.drain)
+        drainer.start()
+        wait_until(lambda: wq._draining, what="drain under way")
+        with pytest.raises(RuntimeError, match="draining"):
+            wq.queue(tasks.square, 1)
+        Path(release).touch()
+        drainer.join(10)
+        assert not drainer.is_alive()
+        assert chained[0].done() and chained[0].result() == 25  # drain waited for the chained item
+        assert wq.queue(tasks.square, 2).result(10) == 4  # queueing allowed again after drain
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.queue(tasks.square, 1)
+
+
+def test_destroy_waits_for_delayed_items():
+    wq = procpool.Workqueue("destroydelayed")
+    t0 = time.monotonic()
+    d = wq.queue_delayed(0.2, tasks.ran_at)
+    wq.destroy()
+    assert d.done() and d.result() - t0 >= 0.2
+    wq.destroy()  # idempotent
+
+
+def test_unpicklable_call_fails_its_work():
+    with procpool.Workqueue("unpicklable") as wq:
+        w = wq.queue(tasks.identity, threading.Lock())
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            w.result(10)
+        assert wq.queue(tasks.square, 2).result(10) == 4
+
+
+def test_pool_attributes_nice_and_affinity():
+    base = psutil.Process().nice()
+    cpu = min(os.sched_getaffinity(0))
+    with procpool.WorkerPool(1, 1, nice=3, cpus={cpu}) as pool:
+        pid = pool.submit(tasks.whoami).result(10)
+        assert psutil.Process(pid).nice() == min(19, base + 3)
+        assert psutil.Process(pid).cpu_affinity() == [cpu]
+    with procpool.Workqueue("attrs", nice=5, cpus={cpu}) as wq:
+        pid = wq.queue(tasks.whoami).result(10)
+        assert psutil.Process(pid).nice() == min(19, base + 5)
+        assert psutil.Process(pid).cpu_affinity() == [cpu]
+
+
+def test_pool_attributes_validated():
+    with pytest.raises(ValueError, match="4096"):
+        procpool.WorkerPool(0, 1, cpus={0, 4096})
+    with pytest.raises(ValueError, match="empty"):
+        procpool.WorkerPool(0, 1, cpus=set())
+    with pytest.raises(ValueError, match="nice"):
+        procpool.WorkerPool(0, 1, nice=40)
+    with pytest.raises(TypeError):
+        procpool.Workqueue("x", nice=1.5)
+    assert not wqmod._pools
+
+
+def test_equal_attributes_share_one_pool():
+    cpu = min(os.sched_getaffinity(0))
+    a = procpool.Workqueue("a")
+    b = procpool.Workqueue("b", max_active=1)
+    c = procpool.Workqueue("c", nice=2)
+    d = procpool.Workqueue("d", cpus={cpu})
+    try:
+        assert a.pool is b.pool
+        assert len({id(a.pool), id(c.pool), id(d.pool)}) == 3
+        assert a.queue(tasks.square, 2).result(10) == 4
+        a.destroy()
+        assert not a.pool._closed.is_set()  # b still uses it
+        assert b.queue(tasks.square, 3).result(10) == 9
+    finally:
+        for wq in (a, b, c, d):
+            wq.destroy()
+    for wq in (a, b, c, d):
+        assert wq.pool._closed.is_set()
+    assert not wqmod._pools
+
+
+def test_titles_name_the_workqueue(tmp_path):
+    mark, release = str(tmp_path / "mark"), str(tmp_path / "release")
+    with procpool.Workqueue("thumbnails", max_workers=1) as wq:
+        w = wq.queue(tasks.touch_and_wait, mark, release)
+        wait_until(lambda: os.path.exists(mark), what="item running")
+        (info,) = wq.pool.workers()
+        base = f"kworker/u{wq.pool.id}:{info.id}"
+        wait_until(lambda: title_of(info.pid) == f"{base}+thumbnails", what="+thumbnails title")
+        Path(release).touch()
+        assert w.result(10) == info.pid
+        wait_until(lambda: title_of(info.pid) == f"{base}-thumbnails", what="-thumbnails title")
+        # A plain pool item does not touch the title.
+        assert wq.pool.submit(tasks.whoami).result(10) == info.pid
+        assert title_of(info.pid) == f"{base}-thumbnails"
+
+
+def test_lost_worker_fails_only_its_work():
+    with procpool.Workqueue("lost", ordered=True) as wq:
+        lost = wq.queue(tasks.exit_hard, 3)
+        after = wq.queue(tasks.square, 4)
+        with pytest.raises(procpool.WorkerLost):
+            lost.result(10)
+        assert after.result(10) == 16
+        assert wq.stats().completed == 2
+
+
+def test_workqueue_arguments_validated():
+    for bad in ("", "two words", None):
+        with pytest.raises(ValueError):
+            procpool.Workqueue(bad)
+    with pytest.raises(ValueError):
+        procpool.Workqueue("zero", max_active=0)
+    with pytest.raises(ValueError, match="4096"):
+        procpool.Workqueue("cpu", cpus={4096})
+    assert not wqmod._pools
