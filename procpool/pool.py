@@ -99,6 +99,11 @@ PREFETCH_MAX = 32
 SERVICE_EWMA_WEIGHT = 0.1
 #: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
 KILL_GRACE = 1.0
+#: Concurrency management: while work waits and the pool may grow, the arbiter samples its
+#: busy workers' process states this often (seconds), and marks a worker CPU-intensive once
+#: its item kept the CPU this long (the kernel's wq_cpu_intensive_thresh_us: 10 ms).
+CM_SAMPLE_INTERVAL = 0.010
+CPU_INTENSIVE_THRESHOLD = 0.010
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,11 @@ class PoolStats:
     killed: int = 0  # of `destroyed`: SIGKILLed for an item's timeout or by cancel_running()
     prefetched: int = 0  # items sent to a busy worker behind its current one (short items)
     requeued: int = 0  # prefetched items taken back, unstarted, from a worker that was lost
+    concurrency: int = 0  # the concurrency target (running workers the pool aims for)
+    nr_running: int = 0  # busy workers counted as running (not blocked, not CPU-intensive)
+    cm_wakeups: int = 0  # workers started only because busy ones were blocked or CPU-intensive
+    cpu_intensive: int = 0  # items marked CPU-intensive (kept the CPU past the threshold)
+    cm_samples: int = 0  # sampling rounds of busy workers' process states
 
 
 @dataclass(frozen=True)
@@ -146,7 +156,7 @@ class _Worker:
 
     __slots__ = (
         "id", "gen", "proc", "conn", "rconn", "reader", "pid", "state", "current", "queued", "started_at",
-        "idle_since", "kill_reason", "nr_done",
+        "idle_since", "kill_reason", "nr_done", "ps", "cm_seq", "cm_cpu0", "cm_blocked", "cm_intensive",
     )
 
     def __init__(self, wid: int, gen: int, proc: Any, conn: Any, rconn: Any) -> None:
@@ -167,6 +177,13 @@ class _Worker:
         # L: if the parent killed it, the error its item gets and the why for the message
         self.kill_reason: tuple[type[Exception], str] | None = None
         self.nr_done = 0  # L: items it answered (max_tasks_per_child)
+        self.ps: Any = None  # A: cached psutil.Process, made on its first sample
+        # Concurrency management (L): the item the samples below are about, its CPU time at the
+        # first sample, and whether it is excluded from nr_running (blocked / CPU-intensive).
+        self.cm_seq = -1
+        self.cm_cpu0 = 0.0
+        self.cm_blocked = False
+        self.cm_intensive = False
 
 
 # -- pool ids: small ints, unique among this program's live pools ---------------------------
@@ -352,6 +369,11 @@ class WorkerPool:
     pool is broken (see ``InitializerFailed``). With ``max_tasks_per_child`` a worker retires
     after that many items: it is destroyed like an idle one (normal exit path, counted in
     ``destroyed``) and replaced when work waits.
+
+    Concurrency management (the kernel's ``nr_running``): a new worker is started only while
+    fewer than ``concurrency`` busy workers are running (default: the CPUs of ``cpus``, else of
+    the affinity mask); a busy worker whose process is blocked, or whose item kept the CPU past
+    ``cpu_intensive_threshold`` seconds (CPU-intensive), does not count. See _maybe_sample().
     """
 
     def __init__(
@@ -369,6 +391,8 @@ class WorkerPool:
         max_tasks_per_child: int | None = None,
         nice: int = 0,
         cpus: set[int] | None = None,
+        concurrency: int | None = None,
+        cpu_intensive_threshold: float = CPU_INTENSIVE_THRESHOLD,
     ) -> None:
         if max_workers is None:
             max_workers = max(os.cpu_count() or 1, (min_workers or 0))
@@ -384,6 +408,10 @@ class WorkerPool:
             _check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
         init_payload = _dumps_initializer(initializer, initargs)
         nice, cpus = check_attrs(nice, cpus)
+        if concurrency is None:
+            concurrency = len(cpus) if cpus is not None else len(os.sched_getaffinity(0))
+        _check_number("concurrency", concurrency, minimum=1, integer=True)
+        _check_number("cpu_intensive_threshold", cpu_intensive_threshold, minimum=0)
         if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
@@ -397,6 +425,8 @@ class WorkerPool:
         self.max_tasks_per_child = max_tasks_per_child  # I
         self.nice = nice  # I: niceness every worker adds to its own at start (os.nice)
         self.cpus = cpus  # I: CPUs every worker is bound to at start, or None (inherit)
+        self.concurrency = concurrency  # I: target number of running workers
+        self.cpu_intensive_threshold = float(cpu_intensive_threshold)  # I
         self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
         self._ctx = resolve_context(mp_context)  # I
         # I: may the program's spawner be a plain fork of it (single-threaded programs only)?
@@ -426,6 +456,9 @@ class WorkerPool:
         self._abandon = False  # L: a timed-out close() gave up: fail, do not requeue, unstarted items
         self._killed = 0  # L
         self._prefetched = self._requeued = 0  # L
+        self._nr_cm_out = 0  # L: busy workers excluded from nr_running (blocked or CPU-intensive)
+        self._cm_wakeups = self._cpu_intensive = self._cm_samples = 0  # L
+        self._next_sample_at = 0.0  # A
 
         self.id = _alloc_pool_id()  # I
         self._table: IdTable | None = None
@@ -513,7 +546,9 @@ class WorkerPool:
             else:
                 w = None
                 self._worklist.append(item)
-                wake = self._need_more_worker()
+                # The arbiter decides (concurrency management needs its samples); wake it
+                # whenever the pool might grow.
+                wake = self._may_grow()
         if w is not None:
             self._send(w, [item])
         if wake:
@@ -590,6 +625,11 @@ class WorkerPool:
                 killed=self._killed,
                 prefetched=self._prefetched,
                 requeued=self._requeued,
+                concurrency=self.concurrency,
+                nr_running=self._nr_running(),
+                cm_wakeups=self._cm_wakeups,
+                cpu_intensive=self._cpu_intensive,
+                cm_samples=self._cm_samples,
             )
 
     def workers(self) -> list[WorkerInfo]:
@@ -687,9 +727,26 @@ class WorkerPool:
 
     # -- policies (L held) --------------------------------------------------------------------
 
-    def _need_more_worker(self) -> bool:
+    def _may_grow(self) -> bool:
         """Work waits, nobody idle to take it, and room for another worker."""
         return bool(self._worklist) and not self._idle and len(self._workers) < self.max_workers
+
+    def _nr_running(self) -> int:
+        """The kernel's nr_running: busy workers not blocked and not CPU-intensive."""
+        return len(self._workers) - len(self._idle) - self._nr_cm_out
+
+    def _need_more_worker(self) -> bool:
+        """The kernel's rule: work waits, nobody idle to take it, room for another worker, and
+        fewer workers running than the concurrency target (blocked and CPU-intensive busy
+        workers do not count, so blocking items get extra workers and CPU-bound ones do not
+        oversubscribe the CPUs)."""
+        return self._may_grow() and self._nr_running() < self.concurrency
+
+    def _cm_set(self, w: _Worker, blocked: bool, intensive: bool) -> None:
+        """Update ``w``'s concurrency flags and the count of excluded workers. L held."""
+        before = w.cm_blocked or w.cm_intensive
+        w.cm_blocked, w.cm_intensive = blocked, intensive
+        self._nr_cm_out += (blocked or intensive) - before
 
     def _used_up(self, w: _Worker) -> bool:
         """Has ``w`` run its max_tasks_per_child items? Then it retires instead of idling."""
@@ -711,6 +768,7 @@ class WorkerPool:
         """``item`` is already RUNNING (see _next_item); ``w`` is off the idle list."""
         w.state = "busy"
         w.current = item
+        self._cm_set(w, False, False)  # a new item counts as running until sampled otherwise
         w.started_at = now = time.monotonic()
         if item.timeout is not None:
             self._deadlines[w] = now + item.timeout
@@ -748,6 +806,7 @@ class WorkerPool:
         return out
 
     def _enter_idle(self, w: _Worker) -> None:
+        self._cm_set(w, False, False)
         w.state = "idle"
         w.idle_since = time.monotonic()
         self._idle.append(w)
@@ -755,6 +814,7 @@ class WorkerPool:
     def _destroy_worker(self, w: _Worker) -> None:
         """The seed's destroy_worker(): off the books, DIE, wake. Never waits. L held; the
         caller already took ``w`` off the idle list."""
+        self._cm_set(w, False, False)
         del self._workers[w.id]
         self._dying.add(w)
         w.state = "dying"
@@ -773,6 +833,7 @@ class WorkerPool:
         fails the item with ``error``. L held; never waits. If its result beats the signal,
         the result wins (see _handle_result)."""
         assert w.state == "busy" and w.current is not None
+        self._cm_set(w, False, False)
         del self._workers[w.id]
         self._deadlines.pop(w, None)
         self._dying.add(w)
@@ -957,12 +1018,18 @@ class WorkerPool:
                     self._reap(w)
                 else:
                     self._drain_wake()
+            self._maybe_sample()
             with self._lock:
                 if self._stop_arbiter:
                     return
                 grow = self._nr_to_create()
+                # Workers the pool would not start if every busy one counted as running.
+                by_cm = max(0, min(grow, len(self._workers) - len(self._idle) + grow - self.concurrency))
             if grow and time.monotonic() >= self._create_retry_at:
-                self._create_workers(grow)
+                made = self._create_workers(grow)
+                if by_cm and made:
+                    with self._lock:
+                        self._cm_wakeups += min(by_cm, made)
             self._cull_idle()
             self._kill_overdue()
 
@@ -971,7 +1038,53 @@ class WorkerPool:
     def _nr_to_create(self) -> int:
         if not self._need_more_worker():
             return 0
-        return min(len(self._worklist), self.max_workers - len(self._workers))
+        return min(
+            len(self._worklist), self.max_workers - len(self._workers), self.concurrency - self._nr_running()
+        )
+
+    def _maybe_sample(self) -> None:
+        """Concurrency management (the kernel's wq_worker_sleeping() and CPU-intensive
+        detection, by sampling): while work waits and the pool may grow, every
+        CM_SAMPLE_INTERVAL read each busy worker's process state and CPU time with psutil.
+        Blocked (sleeping, disk-sleep) workers and those whose item kept the CPU past
+        ``cpu_intensive_threshold`` stop counting in nr_running. Nothing is read when no
+        work waits. Arbiter thread; psutil calls happen outside L."""
+        now = time.monotonic()
+        if now < self._next_sample_at:
+            return
+        with self._lock:
+            if not self._may_grow():
+                return
+            busy = [(w, w.current.seq) for w in self._workers.values() if w.state == "busy" and w.current is not None]
+            self._cm_samples += 1
+        self._next_sample_at = now + CM_SAMPLE_INTERVAL
+        import psutil
+
+        seen = []
+        for w, seq in busy:
+            try:
+                if w.ps is None:
+                    w.ps = psutil.Process(w.pid)
+                status = w.ps.status()
+                t = w.ps.cpu_times()
+            except psutil.Error:
+                continue  # gone: the arbiter reaps it
+            blocked = status in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP)
+            seen.append((w, seq, blocked, t.user + t.system))
+        with self._lock:
+            for w, seq, blocked, cpu in seen:
+                if w.state != "busy" or w.current is None or w.current.seq != seq:
+                    continue  # moved on meanwhile: its new item counts as running
+                intensive = w.cm_intensive
+                # As the kernel's worker->current_at, the CPU clock restarts when the item
+                # starts (here: its first sample) and whenever it is seen blocked: only a
+                # stretch of CPU without sleeping makes it CPU-intensive.
+                if w.cm_seq != seq or blocked:
+                    w.cm_seq, w.cm_cpu0 = seq, cpu
+                elif not intensive and cpu - w.cm_cpu0 >= self.cpu_intensive_threshold:
+                    intensive = True
+                    self._cpu_intensive += 1
+                self._cm_set(w, blocked, intensive)
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -983,6 +1096,8 @@ class WorkerPool:
                 waits.append(self._idle[0].idle_since + self.idle_timeout - now)
             if self._deadlines:
                 waits.append(min(self._deadlines.values()) - now)
+            if self._may_grow():  # concurrency management samples while work waits
+                waits.append(self._next_sample_at - now)
         return max(0.0, min(waits)) if waits else None
 
     def _drain_wake(self) -> None:
@@ -1094,6 +1209,7 @@ class WorkerPool:
                 self._dying.discard(w)
             else:
                 self._lost += 1
+                self._cm_set(w, False, False)
                 del self._workers[w.id]
                 if w.state == "idle":
                     self._idle.remove(w)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import threading
 import time
 from collections import deque
@@ -44,6 +45,14 @@ _registry_lock = threading.Lock()
 _pools: dict[tuple, list] = {}  # R: attrs key -> [WorkerPool, refcount]
 
 
+def default_max_workers(cpus: frozenset[int] | None) -> int:
+    """A workqueue pool's worker limit: generous, like the kernel's, so that blocking items
+    get workers of their own; concurrency management keeps the running ones near the CPU
+    count (the pool's concurrency target)."""
+    ncpus = len(cpus) if cpus is not None else len(os.sched_getaffinity(0))
+    return max(32, 4 * ncpus)
+
+
 def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
     """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference.
     ``max_workers`` only matters to the workqueue that makes the pool."""
@@ -51,6 +60,8 @@ def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
         entry = _pools.get(key)
         if entry is None:
             nice, cpus = key
+            if max_workers is None:
+                max_workers = default_max_workers(cpus)
             entry = _pools[key] = [WorkerPool(0, max_workers, nice=nice, cpus=cpus), 0]
         entry[1] += 1
         return entry[0]
@@ -78,6 +89,9 @@ class WorkqueueStats:
     max_in_flight: int  # the most ever in flight at once (never above max_active)
     pending: int  # queued, waiting for room under max_active
     delayed: int  # waiting for their timer
+    # of the shared pool (all its workqueues together), see PoolStats
+    cm_wakeups: int = 0  # workers started because busy ones blocked or were CPU-intensive
+    cpu_intensive: int = 0  # items marked CPU-intensive
 
 
 class Work(Future):
@@ -288,6 +302,7 @@ class Workqueue:
         put_pool(self._key, self.pool)
 
     def stats(self) -> WorkqueueStats:
+        ps = self.pool.stats()  # taken outside L
         with self._lock:
             return WorkqueueStats(
                 started=self._started,
@@ -296,6 +311,8 @@ class Workqueue:
                 max_in_flight=self._max_in_flight,
                 pending=len(self._pending),
                 delayed=len(self._delayed),
+                cm_wakeups=ps.cm_wakeups,
+                cpu_intensive=ps.cpu_intensive,
             )
 
     def __enter__(self) -> Workqueue:

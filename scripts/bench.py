@@ -54,6 +54,11 @@ map            2 workers, ``map(fn, range(1,000,000), chunksize=10,000)``, resul
                otherwise stay in this process's heap and slow down every later fork of it.
 latency        2 workers, one item at a time (submit, then wait for the result): the median
                round trip of ~2,000 items, in µs.
+mixed          64 items that block 50 ms (time.sleep) interleaved with 64 that burn 20 ms of
+               CPU time, all submitted at once to a fresh pool; wall time until the last
+               result. procpool: a ``Workqueue`` (its pool's concurrency management gives the
+               blocked items workers of their own, up to max(32, 4 x CPUs)); peers: os.cpu_count()
+               workers. Pool start and teardown untimed. Also prints procpool's peak worker count.
 floors         what the machine allows, no pool involved: a 1-byte ping-pong between two
                processes over a pipe, over a socketpair, and with multiprocessing Connections
                (procpool's own transport); and 64 processes forked, blocked on a pipe, woken at
@@ -111,6 +116,7 @@ BENCH_NAMES = (
     "throughput",
     "map",
     "latency",
+    "mixed",
     "floors",
 )
 BARRIER_TIMEOUT = 60.0
@@ -118,12 +124,27 @@ W = 24  # width of the benchmark column
 ABORT_GRACE = 1.0
 MAP_CHUNKSIZE = 10_000
 FLOOR_PROCS = 64
+MIXED_ITEMS = 64  # of each kind
+MIXED_BLOCK = 0.050  # seconds a blocking item sleeps
+MIXED_BURN = 0.020  # seconds of CPU time a CPU item burns
 
 # -- functions run in the workers (module level, so every start method can pickle them) ------
 
 
 def noop(x: Any) -> Any:
     return x
+
+
+def block_item(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def burn_item(seconds: float) -> float:
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return seconds
 
 
 def _barrier_item(dirpath: str, timeout: float) -> int:
@@ -481,6 +502,42 @@ def bench_latency(contender: str, items: int) -> float:
     return statistics.median(samples)
 
 
+MIXED_PEAKS: list[int] = []  # procpool's peak worker count, one per mixed sample
+
+
+def bench_mixed(contender: str, items: int) -> float:
+    """``items`` blocking items (sleep) interleaved with ``items`` CPU items, on a fresh pool:
+    procpool's through a Workqueue (concurrency management: workers for the blocked items,
+    about one running per CPU), a peer's with os.cpu_count() workers. Wall time from the first
+    submit to the last result; pool start and teardown untimed."""
+    calls = [(block_item, MIXED_BLOCK), (burn_item, MIXED_BURN)] * items
+    if contender == "procpool":
+        import procpool
+
+        wq = procpool.Workqueue("bench-mixed")
+        try:
+            settle()
+            t0 = time.perf_counter()
+            futs = [wq.queue(fn, arg) for fn, arg in calls]
+            res = [f.result(BARRIER_TIMEOUT) for f in futs]
+            dt = time.perf_counter() - t0
+            # Nothing is culled within the pool's idle timeout (300 s): every worker it
+            # started is still there, so nr_workers is the peak.
+            MIXED_PEAKS.append(wq.pool.stats().nr_workers)
+        finally:
+            wq.destroy()
+    else:
+        with managed(contender, os.cpu_count() or 1) as pool:
+            settle()
+            t0 = time.perf_counter()
+            futs = [pool.submit(fn, arg) for fn, arg in calls]
+            res = [f.result(BARRIER_TIMEOUT) for f in futs]
+            dt = time.perf_counter() - t0
+    if res != [arg for _, arg in calls]:
+        raise RuntimeError(f"{contender}: mixed returned wrong results")
+    return dt
+
+
 # -- floors: no pool, just the OS -------------------------------------------------------------
 
 
@@ -771,6 +828,9 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
     if "latency" in chosen:
         b = Bench("latency", "µs", 1e6, False, contenders)
         benches.append((b, lambda c: bench_latency(c, cfg["latency_items"])))
+    if "mixed" in chosen:
+        b = Bench("mixed", "ms", 1e3, False, contenders)
+        benches.append((b, lambda c: bench_mixed(c, MIXED_ITEMS)))
     for b, _ in benches:
         if b.name in ("teardown-64", f"start-{n_start} warm"):
             b.max_rounds = cfg["heavy_rounds"]
@@ -874,6 +934,9 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
             f"the calls: {dying} of {cfg['destroy_workers']}; close() after: {statistics.median(closes):.2f} s "
             f"(fault detach.after=delay:1)"
         )
+    if MIXED_PEAKS:
+        print(f"{'mixed':<{W}} {'procpool':<15} peak workers per sample: {MIXED_PEAKS}")
+        report["benchmarks"]["mixed"]["procpool_peak_workers"] = MIXED_PEAKS
     if "destroy" in chosen:
         report["benchmarks"]["destroy"] = {
             "unit": "s",
@@ -1045,6 +1108,13 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
     if b is not None and "cf-fork" in b.contenders:
         add(g4, "start-32 cold: procpool <= 0.5x cf-fork", b.ratio("cf-fork"), lambda r: r <= 0.5)
     vs_best(g4, "teardown-64", "teardown 64 idle", 0.3, False)
+
+    mixed = by.get("mixed")
+    if mixed is not None:
+        for peer in ("cf-fork", "cf-forkserver"):
+            if peer in mixed.contenders:
+                target = f"mixed blocking + CPU items: procpool <= 0.4x {peer}"
+                add("issue 3", target, mixed.ratio(peer), lambda r: r <= 0.4)
 
     # Context: how far the machine's floor is from the targets (no verdict, information only).
     lat, pp = by.get("latency"), by.get("ping-pong connection")

@@ -155,3 +155,14 @@ def ran_at(path: str | None = None) -> float:
     if path is not None:
         Path(path).write_text(str(now))
     return now
+
+
+def burn_cpu(seconds: float, mark: str | None = None) -> float:
+    """Keep the CPU busy for ``seconds`` of this process's CPU time (a busy loop), then
+    create ``mark`` if given. Returns the CPU time burnt."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    if mark is not None:
+        Path(mark).touch()
+    return time.process_time() - start
