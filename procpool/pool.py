@@ -359,7 +359,8 @@ class WorkerPool:
     worker never waits for it: the worker detaches itself on its way out, and only ``close``
     waits, once, for the last one to leave.
 
-    ``title_prefix`` replaces ``kworker`` in the process titles. ``linger_dying`` (debug) keeps
+    ``title_prefix`` replaces ``kworker`` in the process titles; ``title`` replaces a live
+    worker's whole title (a workqueue's rescuer: ``kworker/R-name``). ``linger_dying`` (debug) keeps
     a dying worker alive that many seconds after it detached, so ``kworker/dying`` and id
     reuse can be watched in ps/htop. ``faults`` arms fault points (tests only; see
     ``procpool.faults``). ``mp_context`` is a start method name or context ('forkserver' by
@@ -383,6 +384,7 @@ class WorkerPool:
         idle_timeout: float = 300.0,
         *,
         title_prefix: str = "kworker",
+        title: str | None = None,
         linger_dying: float = 0.0,
         mp_context: Any = None,
         faults: str | None = None,
@@ -414,6 +416,8 @@ class WorkerPool:
         _check_number("cpu_intensive_threshold", cpu_intensive_threshold, minimum=0)
         if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
+        if title is not None and (not isinstance(title, str) or not title or any(c.isspace() for c in title)):
+            raise ValueError(f"title must be a non-empty string without spaces, got {title!r}")
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
         self._faults = _faults.parse(fault_text)  # I
 
@@ -421,6 +425,7 @@ class WorkerPool:
         self.max_workers = max_workers  # I
         self.idle_timeout = float(idle_timeout)  # I
         self.title_prefix = title_prefix  # I
+        self.title = title  # I: every worker's whole title, or None for worker_title()
         self.linger_dying = float(linger_dying)  # I
         self.max_tasks_per_child = max_tasks_per_child  # I
         self.nice = nice  # I: niceness every worker adds to its own at start (os.nice)
@@ -445,6 +450,8 @@ class WorkerPool:
         self._created = self._destroyed = self._items_done = self._lost = 0  # L
         self._create_retry_at = 0.0  # A: creation cooldown after the OS refused a process
         self._create_error: BaseException | None = None  # A: why the last creation failed
+        # A: when creation started failing (first failure of a row with no success), or None
+        self._create_failing_since: float | None = None
         self._completions_seen = 0  # set from the id table just before it is freed
         self._seq = itertools.count()
         self._closed = threading.Event()  # set when teardown finished
@@ -603,6 +610,29 @@ class WorkerPool:
                 return w
         return None
 
+    def take_unstarted(self, future: Future) -> bool:
+        """Take ``future``'s item back out of the worklist if no worker has started it (a
+        workqueue's rescuer runs it instead). True if taken: the pool forgets the item and
+        never completes ``future``; the caller owns it from now on."""
+        with self._lock:
+            for item in self._worklist:
+                if item.future is future:
+                    if item.started:
+                        return False
+                    self._worklist.remove(item)
+                    return True
+        return False
+
+    def creation_stalled_for(self) -> float:
+        """Seconds the pool has wanted a worker it failed to create (work waits, nobody idle,
+        room to grow, and every creation since the first failure of a row failed); 0.0 when
+        it does not. What a workqueue's mayday timer looks at."""
+        since = self._create_failing_since
+        with self._lock:
+            if since is None or not self._may_grow():
+                return 0.0
+        return max(0.0, time.monotonic() - since)
+
     @property
     def broken(self) -> bool:
         """True once a worker's initializer raised: submit refuses, see ``InitializerFailed``."""
@@ -647,7 +677,7 @@ class WorkerPool:
                 title = (
                     dying_title(self.title_prefix)
                     if state == "dying"
-                    else worker_title(self.title_prefix, self.id, wid)
+                    else self.title or worker_title(self.title_prefix, self.id, wid)
                 )
             out.append(WorkerInfo(wid, pid, state, title))
         return out
@@ -925,6 +955,8 @@ class WorkerPool:
                     ids = ids[:i]
                     break
             started = self._start_processes(ids)
+            if started:
+                self._create_failing_since = None
         sends = []
         with self._lock:
             for w in started:
@@ -958,6 +990,7 @@ class WorkerPool:
                 gen=gen,
                 table_name=self.table_name,
                 title_prefix=self.title_prefix,
+                title=self.title,
                 attach_lock=self._attach,
                 linger_dying=self.linger_dying,
                 faults=self._faults,
@@ -1000,8 +1033,11 @@ class WorkerPool:
         with self._attach:
             for wid, gen in ids:
                 self._table.free(wid, gen)
-        self._create_retry_at = time.monotonic() + CREATE_COOLDOWN
+        now = time.monotonic()
+        self._create_retry_at = now + CREATE_COOLDOWN
         self._create_error = exc
+        if self._create_failing_since is None:
+            self._create_failing_since = now
 
     # -- the arbiter thread ---------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class WorkerSpec:
     initializer: bytes | None = None
     nice: int = 0  # added to the worker's niceness at start
     cpus: frozenset[int] | None = None  # CPUs the worker binds itself to at start
+    title: str | None = None  # the whole title instead of worker_title() (a workqueue's rescuer)
 
 
 def _set_title(title: str) -> None:
@@ -207,7 +208,7 @@ def worker_main(spec: WorkerSpec) -> None:
     # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     wid, fspec = spec.wid, spec.faults
-    titles = Titles(worker_title(spec.title_prefix, spec.pool_id, wid))
+    titles = Titles(spec.title or worker_title(spec.title_prefix, spec.pool_id, wid))
     _set_title(titles.base)
     faults.hit(fspec, "worker.start", wid)
     table = IdTable.attach(spec.table_name)

@@ -6,6 +6,8 @@ workqueues with equal attributes (nice, cpus) share one refcounted ``WorkerPool`
    queue()          ──► pending (FIFO) ──pump: fewer than max_active in flight?──► pool.submit
    queue_delayed()  ──► delayed (heap) ──timer thread, at the deadline──► pending
    pool future done ──► Work's result ──► L: off in-flight, pump the next ──► notify flushers
+   rescuer=True: pool failed to create a worker for MAYDAY_INITIAL_TIMEOUT ──► mayday ──►
+                 pool.take_unstarted (under the pool lock) ──► run on kworker/R-<name> ──► Work's result
 
 One item's states, all changed under L (so cancel and start cannot both win)::
 
@@ -38,6 +40,11 @@ from .pool import WorkerPool, _check_number, check_attrs
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
 DEFAULT_MAX_ACTIVE = 256
+#: Rescuer (the kernel's MAYDAY_INITIAL_TIMEOUT and MAYDAY_INTERVAL): a workqueue with a
+#: rescuer calls it once its pool has failed to create a worker for this long (seconds) while
+#: its items wait there, then again every MAYDAY_INTERVAL while that lasts.
+MAYDAY_INITIAL_TIMEOUT = 0.010
+MAYDAY_INTERVAL = 0.100
 
 # -- the pool registry: one refcounted pool per attribute set (the kernel's unbound_pool_hash) --
 
@@ -92,6 +99,9 @@ class WorkqueueStats:
     # of the shared pool (all its workqueues together), see PoolStats
     cm_wakeups: int = 0  # workers started because busy ones blocked or were CPU-intensive
     cpu_intensive: int = 0  # items marked CPU-intensive
+    # of this workqueue's rescuer (rescuer=True only)
+    mayday: int = 0  # mayday calls: the pool could not create a worker while items waited
+    rescued: int = 0  # items the rescuer took back from the pool and ran
 
 
 class Work(Future):
@@ -105,6 +115,7 @@ class Work(Future):
         self.seq = -1  # L: queue order, set when it enters the pending queue
         self.deadline: float | None = None  # L: a delayed item's timer, monotonic; None when not armed
         self.where = "new"  # L: 'delayed' | 'pending' | 'inflight' | 'cancelling' | 'done'
+        self.pool_future: Future | None = None  # the pool's future once handed to it (set once)
 
     def cancel(self) -> bool:
         return self.wq.cancel_work(self)
@@ -122,6 +133,10 @@ class Workqueue:
     ``ordered=True`` runs one item at a time, in queue order (max_active 1). ``nice`` and
     ``cpus`` are the pool attributes; ``max_workers`` sizes the pool if this workqueue makes it.
     Also a context manager: leaving it destroys the workqueue.
+
+    ``rescuer=True`` (the kernel's WQ_MEM_RECLAIM) guarantees forward progress: a rescuer
+    process titled ``kworker/R-<name>``, started now (while the OS still gives processes),
+    runs this workqueue's waiting items one at a time when the pool cannot create workers.
     """
 
     def __init__(
@@ -133,6 +148,7 @@ class Workqueue:
         nice: int = 0,
         cpus: set[int] | None = None,
         max_workers: int | None = None,
+        rescuer: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise ValueError(f"name must be a non-empty string without spaces, got {name!r}")
@@ -164,6 +180,19 @@ class Workqueue:
         self._draining = 0  # L: drain() calls under way; only chained queueing is allowed
         self._destroyed = False  # L
         self._started = self._completed = self._max_in_flight = 0  # L
+        self._mayday = self._rescued = 0  # L
+        self._rescue_cv = threading.Condition(self._lock)  # items went in flight, or destroyed
+        self._rescuer_pool: WorkerPool | None = None  # I
+        self._rescuer: threading.Thread | None = None  # I
+        if rescuer:
+            try:
+                # One worker, never culled: the rescuer process lives as long as the workqueue.
+                self._rescuer_pool = WorkerPool(1, 1, title=f"kworker/R-{name}", nice=nice, cpus=cpus)
+            except BaseException:
+                put_pool(self._key, self.pool)
+                raise
+            self._rescuer = threading.Thread(target=self._rescuer_loop, name=f"procpool-rescuer-{name}", daemon=True)
+            self._rescuer.start()
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -296,9 +325,16 @@ class Workqueue:
             # slipping in between would leave an item behind on a pool about to be closed.
             self._destroyed = True
             self._timer_cv.notify_all()
+            self._rescue_cv.notify_all()
             timer = self._timer
         if timer is not None and timer is not threading.current_thread():
             timer.join()
+        if self._rescuer is not None:
+            # Drained: the rescuer holds no item, only waits for the next mayday.
+            if self._rescuer is not threading.current_thread():
+                self._rescuer.join()
+            assert self._rescuer_pool is not None
+            self._rescuer_pool.close(wait=True)
         put_pool(self._key, self.pool)
 
     def stats(self) -> WorkqueueStats:
@@ -313,6 +349,8 @@ class Workqueue:
                 delayed=len(self._delayed),
                 cm_wakeups=ps.cm_wakeups,
                 cpu_intensive=ps.cpu_intensive,
+                mayday=self._mayday,
+                rescued=self._rescued,
             )
 
     def __enter__(self) -> Workqueue:
@@ -369,6 +407,8 @@ class Workqueue:
         if out:
             self._started += len(out)
             self._max_in_flight = max(self._max_in_flight, len(self._inflight))
+            if self._rescuer is not None:
+                self._rescue_cv.notify_all()
         return out
 
     def _submit(self, works: list[Work]) -> None:
@@ -382,6 +422,7 @@ class Workqueue:
             except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
                 todo.extend(self._complete(work, None, exc))
                 continue
+            work.pool_future = fut
             fut.add_done_callback(lambda f, work=work: self._on_pool_done(work, f))
 
     def _on_pool_done(self, work: Work, fut: Future) -> None:
@@ -442,3 +483,48 @@ class Workqueue:
                     continue
                 wait = self._heap[0][0] - now if self._heap else None
                 self._timer_cv.wait(wait)
+
+    def _rescuer_loop(self) -> None:
+        """The mayday timer and the rescuer (rescuer=True only). While items are in flight,
+        look every MAYDAY_INITIAL_TIMEOUT whether the pool has failed to create a worker for
+        that long; if so (a mayday), take this workqueue's items that no worker started back
+        out of the pool's worklist and run them on the rescuer process, one at a time, in
+        queue order; then look again after MAYDAY_INTERVAL. L not held around pool calls."""
+        assert self._rescuer_pool is not None
+        wait = MAYDAY_INITIAL_TIMEOUT
+        while True:
+            with self._lock:
+                while not self._destroyed and not self._inflight:
+                    wait = MAYDAY_INITIAL_TIMEOUT
+                    self._rescue_cv.wait()
+                if not self._destroyed:
+                    self._rescue_cv.wait(wait)
+                if self._destroyed:
+                    return
+                futures = [(w.seq, w.pool_future, w) for w in self._inflight if w.pool_future is not None]
+            if self.pool.creation_stalled_for() < MAYDAY_INITIAL_TIMEOUT:
+                wait = MAYDAY_INITIAL_TIMEOUT
+                continue
+            futures.sort(key=lambda t: t[0])
+            # Taken under the pool lock only if still unstarted: no worker can start it after.
+            taken = [w for _, f, w in futures if self.pool.take_unstarted(f)]
+            wait = MAYDAY_INTERVAL
+            if not taken:
+                continue
+            with self._lock:
+                self._mayday += 1
+                self._rescued += len(taken)
+            for work in taken:
+                self._rescue(work)
+
+    def _rescue(self, work: Work) -> None:
+        """Run ``work`` on the rescuer process and complete it. Rescuer thread, L not held."""
+        assert self._rescuer_pool is not None
+        try:
+            fut = self._rescuer_pool.submit(work.fn, *work.args, **work.kwargs)
+            value, exc = None, fut.exception()
+            if exc is None:
+                value = fut.result()
+        except BaseException as e:  # noqa: BLE001 - unpicklable call, rescuer pool broken: ends the item
+            value, exc = None, e
+        self._finish(work, value, exc)

@@ -177,7 +177,9 @@ def test_kill_storm_loses_no_item():
             stop.set()
             t.join()
         assert len(outcomes) == 200 and outcomes.count("lost") >= 1
-        assert pool.stats().lost == outcomes.count("lost")
+        # Each lost worker failed at most the one item it was running (prefetched items behind
+        # it are requeued; a worker seen busy may have gone idle before the signal landed).
+        assert 1 <= outcomes.count("lost") <= pool.stats().lost
 
 
 PARENT_SCRIPT = textwrap.dedent(

@@ -103,13 +103,15 @@ def test_mod_delayed_takes_back_a_pending_item(tmp_path):
         first = wq.queue(tasks.touch_and_wait, mark, release)
         waiting = wq.queue(tasks.ran_at)
         wait_until(lambda: os.path.exists(mark), what="first item running")
-        assert wq.mod_delayed(waiting, 0.3) is True  # off the queue, back on a timer
+        # Off the queue, back on a timer; long enough that flush() below certainly returns
+        # first, even on a loaded machine.
         t0 = time.monotonic()
+        assert wq.mod_delayed(waiting, 3.0) is True
         Path(release).touch()
         first.result(10)
         assert wq.flush(10) is True  # the re-armed item is not queued: flush does not wait for it
         assert not waiting.done()
-        assert waiting.result(10) - t0 >= 0.3
+        assert waiting.result(20) - t0 >= 3.0
         assert wq.stats().started == 2
 
 

@@ -1,0 +1,71 @@
+"""The rescuer (issue 3, forward progress): a workqueue with ``rescuer=True`` keeps running its
+items when its pool cannot create workers; one without it waits until creation works again."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import tasks
+from conftest import alive, title_of, wait_until
+
+import procpool
+from procpool import faults
+
+
+def _refuse_new_workers(wq: procpool.Workqueue) -> None:
+    """From now on the OS "refuses" every new worker of ``wq``'s (fresh, empty) pool."""
+    assert wq.pool.stats().nr_workers == 0
+    wq.pool._faults.update(faults.parse("create.start=raise"))
+
+
+def test_rescuer_runs_items_when_no_worker_can_be_created():
+    wq = procpool.Workqueue("resc-test", rescuer=True)
+    try:
+        rescuer_pid = wq._rescuer_pool.workers()[0].pid
+        # The title is set by the new process itself: wait for it to show.
+        wait_until(lambda: title_of(rescuer_pid) == "kworker/R-resc-test", what="the rescuer's title")
+        _refuse_new_workers(wq)
+        works = [wq.queue(tasks.pid_and, i * i) for i in range(5)]
+        results = [w.result(timeout=10) for w in works]
+        assert [v for _, v in results] == [i * i for i in range(5)]
+        for pid, _ in results:
+            assert pid == rescuer_pid
+            assert psutil.Process(pid).cmdline()[0] == "kworker/R-resc-test"
+        s = wq.stats()
+        assert s.rescued == 5 and s.mayday > 0 and s.completed == 5
+        assert wq.pool.stats().nr_workers == 0  # every item ran on the rescuer
+    finally:
+        wq.pool._faults.clear()
+        wq.destroy()
+    assert not alive(rescuer_pid)  # torn down with the workqueue
+
+
+def test_without_rescuer_no_progress_until_creation_works():
+    wq = procpool.Workqueue("no-resc-test")
+    try:
+        _refuse_new_workers(wq)
+        works = [wq.queue(tasks.square, i) for i in range(3)]
+        time.sleep(0.3)
+        assert not any(w.done() for w in works)
+        s = wq.stats()
+        assert s.mayday == 0 and s.rescued == 0
+        wq.pool._faults.clear()  # the OS "recovers"; the pool retries after its cooldown
+        assert [w.result(timeout=10) for w in works] == [0, 1, 4]
+    finally:
+        wq.pool._faults.clear()
+        wq.destroy()
+
+
+def test_no_mayday_while_workers_can_be_created():
+    with procpool.Workqueue("resc-ok-test", rescuer=True) as wq:
+        works = [wq.queue(tasks.sleep_then, 0.05, i) for i in range(4)]
+        assert [w.result(timeout=10) for w in works] == list(range(4))
+        s = wq.stats()
+        assert s.mayday == 0 and s.rescued == 0
+
+
+def test_rescuer_title_must_be_valid():
+    with pytest.raises(ValueError):
+        procpool.WorkerPool(0, 1, title="has space")
