@@ -48,7 +48,7 @@ from typing import Any, TextIO
 
 import psutil
 
-from .idtable import FLAG_DIE, FREE, IdTable, list_segments
+from .idtable import FLAG_DIE, FREE, IdTable, is_wq_segment, list_segments, read_workqueues
 from .pool import WorkerPool
 
 EXIT_OK = 0
@@ -579,8 +579,15 @@ def read_pool(name: str) -> dict[str, Any] | None:
 
 
 def collect_pools(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every readable pool of this user, ordered by owner pid then pool id."""
-    pools = [p for p in (read_pool(n) for n in (list_segments() if names is None else names)) if p is not None]
+    """Every readable pool of this user, ordered by owner pid then pool id, each with the
+    names of the workqueues using it (from its program's workqueue segment)."""
+    names = list_segments() if names is None else names
+    pools = [p for p in (read_pool(n) for n in names if not is_wq_segment(n)) if p is not None]
+    by_owner: dict[int, dict[int, list[str]]] = {}
+    for p in pools:
+        if p["owner_pid"] not in by_owner:
+            by_owner[p["owner_pid"]] = read_workqueues(p["owner_pid"])
+        p["workqueues"] = by_owner[p["owner_pid"]].get(p["pool"], [])
     return sorted(pools, key=lambda p: (p["owner_pid"], p["pool"]))
 
 
@@ -628,6 +635,9 @@ def cmd_ps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write("\n")
     elif pools:
         out.write(format_table(pools) + "\n")
+        for p in pools:
+            if p.get("workqueues"):
+                out.write(f"u{p['pool']} (owner {p['owner_pid']}) workqueues: {', '.join(p['workqueues'])}\n")
         if any(p["stale"] for p in pools):
             out.write("stale: the owner is gone but its table was left in /dev/shm (its workers may be gone too)\n")
     else:

@@ -27,6 +27,7 @@ such clean-up (see procpool.spawner).
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import struct
@@ -243,3 +244,51 @@ def _unlink_quietly(name: str) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
         pass
+
+
+# -- the workqueue names of a program's pools, for `procpool ps` ----------------------------------
+#
+# One more small segment per program, ``procpool-<uid>-<owner pid>-wq``: a JSON object
+# {"<pool id>": [workqueue names]}, rewritten whole (a temporary file renamed over it, so a
+# reader sees the old or the new content, never half) whenever a workqueue takes or drops a
+# pool, and unlinked when the program has no workqueue. Unlinked by the spawner like the id
+# tables if the program dies first (it shares their prefix).
+
+WQ_SUFFIX = "-wq"
+
+
+def wq_segment_name(owner_pid: int) -> str:
+    return f"{segment_prefix()}{owner_pid}{WQ_SUFFIX}"
+
+
+def is_wq_segment(name: str) -> bool:
+    return name.endswith(WQ_SUFFIX) or name.endswith(WQ_SUFFIX + ".tmp")
+
+
+def write_workqueues(users: dict[int, list[str]]) -> None:
+    """Publish this program's pool id -> workqueue names (empty: unlink). Never raises OSError:
+    the names are for observers, a failure to show them must not fail a workqueue."""
+    name = wq_segment_name(os.getpid())
+    try:
+        if not users:
+            _unlink_quietly(name)
+            return
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({str(k): v for k, v in sorted(users.items())}).encode())
+        finally:
+            os.close(fd)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        pass
+
+
+def read_workqueues(owner_pid: int) -> dict[int, list[str]]:
+    """Pool id -> workqueue names of program ``owner_pid`` ({} if it has none or it vanished)."""
+    try:
+        with open(os.path.join(SHM_DIR, wq_segment_name(owner_pid)), "rb") as f:
+            data = json.loads(f.read())
+        return {int(k): [str(n) for n in v] for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}

@@ -9,6 +9,10 @@ workqueues with equal attributes (nice, cpus) share one refcounted ``WorkerPool`
    rescuer=True: pool failed to create a worker for MAYDAY_INITIAL_TIMEOUT ──► mayday ──►
                  pool.take_unstarted (under the pool lock) ──► run on kworker/R-<name> ──► Work's result
 
+apply_attrs(nice, cpus) switches new items to the pool for the new attributes; items in flight
+finish on the old pool, and the last of them to complete drops the workqueue's reference on
+it (put_pool with wait=False: a last reference closes it on a teardown thread of its own).
+
 One item's states, all changed under L (so cancel and start cannot both win)::
 
    delayed ─► pending ─► in flight (Work RUNNING: handed to the pool) ─► done
@@ -36,6 +40,7 @@ from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
+from .idtable import write_workqueues
 from .pool import WorkerPool, _check_number, check_attrs
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
@@ -50,6 +55,7 @@ MAYDAY_INTERVAL = 0.100
 
 _registry_lock = threading.Lock()
 _pools: dict[tuple, list] = {}  # R: attrs key -> [WorkerPool, refcount]
+_users: dict[int, list[str]] = {}  # R: pool id -> names of the workqueues using it (for `procpool ps`)
 
 
 def default_max_workers(cpus: frozenset[int] | None) -> int:
@@ -60,9 +66,10 @@ def default_max_workers(cpus: frozenset[int] | None) -> int:
     return max(32, 4 * ncpus)
 
 
-def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
-    """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference.
-    ``max_workers`` only matters to the workqueue that makes the pool."""
+def get_pool(key: tuple, max_workers: int | None, name: str | None = None) -> WorkerPool:
+    """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference
+    (for workqueue ``name``, published for ``procpool ps``). ``max_workers`` only matters to
+    the workqueue that makes the pool."""
     with _registry_lock:
         entry = _pools.get(key)
         if entry is None:
@@ -71,12 +78,16 @@ def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
                 max_workers = default_max_workers(cpus)
             entry = _pools[key] = [WorkerPool(0, max_workers, nice=nice, cpus=cpus), 0]
         entry[1] += 1
+        if name is not None:
+            _users.setdefault(entry[0].id, []).append(name)
+            write_workqueues(_users)
         return entry[0]
 
 
-def put_pool(key: tuple, pool: WorkerPool) -> None:
+def put_pool(key: tuple, pool: WorkerPool, wait: bool = True, name: str | None = None) -> None:
     """Drop a reference; the last one closes the pool through its normal teardown (outside R,
-    so teardown of one pool never holds up workqueues of other attributes)."""
+    so teardown of one pool never holds up workqueues of other attributes). ``wait=False``
+    returns at once: the teardown runs on a thread of its own."""
     with _registry_lock:
         entry = _pools[key]
         assert entry[0] is pool
@@ -84,8 +95,14 @@ def put_pool(key: tuple, pool: WorkerPool) -> None:
         last = entry[1] == 0
         if last:
             del _pools[key]
+        if name is not None:
+            names = _users[pool.id]
+            names.remove(name)
+            if not names:
+                del _users[pool.id]
+            write_workqueues(_users)
     if last:
-        pool.close(wait=True)
+        pool.close(wait=wait)
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,7 @@ class Work(Future):
         self.deadline: float | None = None  # L: a delayed item's timer, monotonic; None when not armed
         self.where = "new"  # L: 'delayed' | 'pending' | 'inflight' | 'cancelling' | 'done'
         self.pool_future: Future | None = None  # the pool's future once handed to it (set once)
+        self.pool: WorkerPool | None = None  # L: the pool it is handed to, chosen when it goes in flight
 
     def cancel(self) -> bool:
         return self.wq.cancel_work(self)
@@ -162,8 +180,9 @@ class Workqueue:
         self.name = name  # I
         self.max_active = max_active  # I
         self.ordered = ordered  # I
-        self._key = check_attrs(nice, cpus)  # I: (nice, cpus), the registry key
-        self.pool = get_pool(self._key, max_workers)  # I
+        self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
+        self._max_workers = max_workers  # I
+        self.pool = get_pool(self._key, max_workers, name)  # L: where new items go (apply_attrs changes it)
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue
@@ -181,6 +200,10 @@ class Workqueue:
         self._destroyed = False  # L
         self._started = self._completed = self._max_in_flight = 0  # L
         self._mayday = self._rescued = 0  # L
+        # L: apply_attrs: items in flight per pool (by id), and the pools replaced while they
+        # still held items of ours: id -> (key, pool), released when their last item finishes
+        self._inflight_on: dict[int, int] = {}
+        self._retired: dict[int, tuple[tuple, WorkerPool]] = {}
         self._rescue_cv = threading.Condition(self._lock)  # items went in flight, or destroyed
         self._rescuer_pool: WorkerPool | None = None  # I
         self._rescuer: threading.Thread | None = None  # I
@@ -189,7 +212,7 @@ class Workqueue:
                 # One worker, never culled: the rescuer process lives as long as the workqueue.
                 self._rescuer_pool = WorkerPool(1, 1, title=f"kworker/R-{name}", nice=nice, cpus=cpus)
             except BaseException:
-                put_pool(self._key, self.pool)
+                put_pool(self._key, self.pool, name=name)
                 raise
             self._rescuer = threading.Thread(target=self._rescuer_loop, name=f"procpool-rescuer-{name}", daemon=True)
             self._rescuer.start()
@@ -327,6 +350,7 @@ class Workqueue:
             self._timer_cv.notify_all()
             self._rescue_cv.notify_all()
             timer = self._timer
+            key, pool = self._key, self.pool
         if timer is not None and timer is not threading.current_thread():
             timer.join()
         if self._rescuer is not None:
@@ -335,7 +359,42 @@ class Workqueue:
                 self._rescuer.join()
             assert self._rescuer_pool is not None
             self._rescuer_pool.close(wait=True)
-        put_pool(self._key, self.pool)
+        put_pool(key, pool, name=self.name)
+
+    def apply_attrs(self, *, nice: int = 0, cpus: set[int] | None = None) -> None:
+        """Switch the workqueue to the pool for attributes (``nice``, ``cpus``), the kernel's
+        apply_workqueue_attrs(): the attributes are given in full, as to the constructor.
+        Items not yet handed to a pool (waiting or delayed) and all new ones go to the new
+        (shared, refcounted) pool; items already in flight finish on the old one, whose
+        reference is dropped once the last of them finished (the last reference closes it,
+        on a teardown thread of its own). The rescuer process keeps its first attributes."""
+        key = check_attrs(nice, cpus)
+        with self._lock:
+            if self._destroyed:
+                raise RuntimeError(f"workqueue {self.name!r} is destroyed")
+            if key == self._key:
+                return
+        new = get_pool(key, self._max_workers, self.name)  # outside L: it may start a pool
+        release = []
+        with self._lock:
+            destroyed = self._destroyed
+            if destroyed:
+                release.append((key, new))  # destroyed meanwhile: undo
+            else:
+                old_key, old = self._key, self.pool
+                self._key, self.pool = key, new
+                if self._inflight_on.get(id(old)):
+                    self._retired[id(old)] = (old_key, old)  # released by its last item
+                else:
+                    release.append((old_key, old))
+                # Back to a pool replaced earlier whose items still run: we hold it twice now.
+                again = self._retired.pop(id(new), None)
+                if again is not None:
+                    release.append(again)
+        for k, p in release:
+            put_pool(k, p, wait=False, name=self.name)
+        if destroyed:
+            raise RuntimeError(f"workqueue {self.name!r} is destroyed")
 
     def stats(self) -> WorkqueueStats:
         ps = self.pool.stats()  # taken outside L
@@ -402,6 +461,8 @@ class Workqueue:
             work = self._pending.popleft()
             work.where = "inflight"
             work.set_running_or_notify_cancel()  # never cancelled while queued: see cancel_work
+            work.pool = self.pool
+            self._inflight_on[id(self.pool)] = self._inflight_on.get(id(self.pool), 0) + 1
             self._inflight.add(work)
             out.append(work)
         if out:
@@ -418,7 +479,8 @@ class Workqueue:
         while todo:
             work = todo.popleft()
             try:
-                fut = self.pool._submit(work.fn, work.args, work.kwargs, None, self.name)
+                assert work.pool is not None
+                fut = work.pool._submit(work.fn, work.args, work.kwargs, None, self.name)
             except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
                 todo.extend(self._complete(work, None, exc))
                 continue
@@ -452,13 +514,22 @@ class Workqueue:
                 work.set_exception(exc)
         finally:
             _chained.wq = prev
+        release = None
         with self._lock:
             work.where = "done"
             self._inflight.discard(work)
             del self._active[work.seq]
             self._completed += 1
+            pool_id = id(work.pool)
+            self._inflight_on[pool_id] -= 1
+            if not self._inflight_on[pool_id]:
+                del self._inflight_on[pool_id]
+                release = self._retired.pop(pool_id, None)  # a pool apply_attrs replaced: done with it
             sends = self._pump()
             self._changed.notify_all()
+        if release is not None:
+            # Off L and without waiting: this may be the old pool's arbiter thread, or a caller.
+            put_pool(*release, wait=False, name=self.name)
         return sends
 
     def _timer_loop(self) -> None:
@@ -501,13 +572,15 @@ class Workqueue:
                     self._rescue_cv.wait(wait)
                 if self._destroyed:
                     return
-                futures = [(w.seq, w.pool_future, w) for w in self._inflight if w.pool_future is not None]
-            if self.pool.creation_stalled_for() < MAYDAY_INITIAL_TIMEOUT:
+                futures = [(w.seq, w.pool_future, w, w.pool) for w in self._inflight if w.pool_future is not None]
+            # Usually one pool; after apply_attrs, items may still wait in the old one too.
+            stalled = {id(p) for _, _, _, p in futures if p.creation_stalled_for() >= MAYDAY_INITIAL_TIMEOUT}
+            if not stalled:
                 wait = MAYDAY_INITIAL_TIMEOUT
                 continue
             futures.sort(key=lambda t: t[0])
             # Taken under the pool lock only if still unstarted: no worker can start it after.
-            taken = [w for _, f, w in futures if self.pool.take_unstarted(f)]
+            taken = [w for _, f, w, p in futures if id(p) in stalled and p.take_unstarted(f)]
             wait = MAYDAY_INTERVAL
             if not taken:
                 continue

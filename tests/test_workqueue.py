@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import tasks
-from conftest import title_of, wait_until
+from conftest import alive, title_of, wait_until
 
 import procpool
 from procpool import workqueue as wqmod
@@ -336,3 +336,99 @@ def test_workqueue_arguments_validated():
     with pytest.raises(ValueError, match="4096"):
         procpool.Workqueue("cpu", cpus={4096})
     assert not wqmod._pools
+
+
+def test_apply_attrs_moves_new_items_and_releases_the_old_pool(tmp_path):
+    base = psutil.Process().nice()
+    cpu = min(os.sched_getaffinity(0))
+    mark, release = str(tmp_path / "mark"), str(tmp_path / "release")
+    with procpool.Workqueue("moving", ordered=True) as wq:
+        old = wq.pool
+        running = wq.queue(tasks.touch_and_wait, mark, release)
+        waiting = wq.queue(tasks.whoami)  # queued before apply_attrs, not yet handed to a pool
+        wait_until(lambda: os.path.exists(mark), what="item running")
+        (old_worker,) = [w.pid for w in old.workers()]
+        wq.apply_attrs(nice=4, cpus={cpu})
+        new = wq.pool
+        assert new is not old and (0, None) in wqmod._pools and (4, frozenset({cpu})) in wqmod._pools
+        # The old pool keeps its reference while our item runs there.
+        assert not old._closed.is_set()
+        assert psutil.Process(old_worker).is_running()
+        Path(release).touch()
+        assert running.result(10) == old_worker
+        for pid in (waiting.result(10), wq.queue(tasks.whoami).result(10)):
+            assert pid != old_worker
+            assert psutil.Process(pid).nice() == min(19, base + 4)
+            assert psutil.Process(pid).cpu_affinity() == [cpu]
+        # Its last item finished: the reference is dropped, the pool closes, its workers exit.
+        wait_until(old._closed.is_set, what="old pool closed")
+        wait_until(lambda: not alive(old_worker), what="old worker gone")
+        assert (0, None) not in wqmod._pools
+        wq.apply_attrs(nice=4, cpus={cpu})  # the same attributes: nothing changes
+        assert wq.pool is new
+    assert new._closed.is_set()
+    assert not wqmod._pools
+    with pytest.raises(RuntimeError, match="destroyed"):
+        wq.apply_attrs(nice=1)
+
+
+def test_apply_attrs_keeps_a_pool_other_workqueues_use():
+    a = procpool.Workqueue("mover")
+    b = procpool.Workqueue("stayer")
+    try:
+        old = a.pool
+        assert b.pool is old
+        assert a.queue(tasks.square, 3).result(10) == 9
+        a.apply_attrs(nice=2)  # nothing of a's in flight: the reference is dropped at once
+        assert a.pool is not old
+        assert a.queue(tasks.square, 4).result(10) == 16
+        assert not old._closed.is_set()  # b still uses it
+        assert b.queue(tasks.square, 5).result(10) == 25
+        niced = a.pool
+        a.apply_attrs()  # back to the shared pool
+        assert a.pool is old
+        wait_until(lambda: (2, None) not in wqmod._pools, what="nice=2 pool released")
+        wait_until(niced._closed.is_set, what="nice=2 pool closed")  # torn down off this thread
+    finally:
+        a.destroy()
+        b.destroy()
+    assert old._closed.is_set()
+    assert not wqmod._pools
+
+
+def test_apply_attrs_while_items_run_loses_nothing():
+    with procpool.Workqueue("flipping", max_active=4) as wq:
+        works = [wq.queue(tasks.sleep_then, 0.005, i) for i in range(60)]
+        used = [wq.pool]
+        for n in range(12):
+            wq.apply_attrs(nice=n % 3)
+            used.append(wq.pool)
+            time.sleep(0.01)
+        assert [w.result(20) for w in works] == list(range(60))
+        wait_until(lambda: set(wqmod._pools) == {wq._key}, what="only the current pool referenced")
+        wait_until(lambda: wqmod._pools[wq._key][1] == 1, what="one reference on the current pool")
+    assert not wqmod._pools
+    for pool in used:  # the replaced ones close on teardown threads of their own
+        wait_until(pool._closed.is_set, what=f"pool u{pool.id} closed")
+
+
+def test_ps_lists_the_workqueues_of_each_pool(capsys):
+    from procpool import cli, idtable
+
+    def mine():
+        return {p["pool"]: p["workqueues"] for p in cli.collect_pools() if p["owner_pid"] == os.getpid()}
+
+    a = procpool.Workqueue("ps-a")
+    b = procpool.Workqueue("ps-b")
+    c = procpool.Workqueue("ps-c", nice=3)
+    try:
+        assert mine() == {a.pool.id: ["ps-a", "ps-b"], c.pool.id: ["ps-c"]}
+        assert cli.main(["ps"]) == 0
+        out = capsys.readouterr().out
+        assert f"u{c.pool.id} (owner {os.getpid()}) workqueues: ps-c\n" in out
+        b.apply_attrs(nice=3)
+        assert mine() == {a.pool.id: ["ps-a"], c.pool.id: ["ps-c", "ps-b"]}
+    finally:
+        for wq in (a, b, c):
+            wq.destroy()
+    assert not os.path.exists(os.path.join(idtable.SHM_DIR, idtable.wq_segment_name(os.getpid())))
