@@ -580,15 +580,57 @@ def read_pool(name: str) -> dict[str, Any] | None:
 
 def collect_pools(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every readable pool of this user, ordered by owner pid then pool id, each with the
-    names of the workqueues using it (from its program's workqueue segment)."""
+    workqueues using it (from its program's workqueue segment: name, attributes, pools and
+    statistics, see procpool.workqueue)."""
     names = list_segments() if names is None else names
     pools = [p for p in (read_pool(n) for n in names if not is_wq_segment(n)) if p is not None]
-    by_owner: dict[int, dict[int, list[str]]] = {}
+    by_owner: dict[int, list[dict[str, Any]]] = {}
     for p in pools:
         if p["owner_pid"] not in by_owner:
             by_owner[p["owner_pid"]] = read_workqueues(p["owner_pid"])
-        p["workqueues"] = by_owner[p["owner_pid"]].get(p["pool"], [])
+        p["workqueues"] = [e for e in by_owner[p["owner_pid"]] if p["pool"] in e["pools"]]
     return sorted(pools, key=lambda p: (p["owner_pid"], p["pool"]))
+
+
+def _aligned(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[str]) -> str:
+    """Columns padded to their widest cell; the last one is left ragged."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for r in [header, *rows]:
+        cells = [c.rjust(wd) if h in right else c.ljust(wd) for c, wd, h in zip(r, widths, header, strict=False)]
+        lines.append("  ".join(cells + [r[-1]]).rstrip())
+    return "\n".join(lines)
+
+
+def format_workqueues(pools: list[dict[str, Any]]) -> str:
+    """One row per workqueue, in the kernel's wq_monitor columns: items started (TOTAL), in
+    flight (INFL), CPU seconds (CPUTIME), CPU-intensive marks (CPUITSV), concurrency-
+    management wakeups (CMW), mayday calls and items rescued. '' if there is none."""
+    header = ("WORKQUEUE", "OWNER", "POOLS", "TOTAL", "INFL", "CPUTIME", "CPUITSV", "CMW", "MAYDAY", "RESCUED")
+    rows: list[tuple[str, ...]] = []
+    seen: set[tuple[int, int]] = set()
+    for p in pools:
+        for e in p.get("workqueues", []):
+            if (p["owner_pid"], id(e)) in seen:
+                continue  # listed under each of its pools: one row is enough
+            seen.add((p["owner_pid"], id(e)))
+            rows.append(
+                (
+                    e["name"],
+                    str(p["owner_pid"]),
+                    ",".join(f"u{i}" for i in e["pools"]),
+                    str(e.get("started", 0)),
+                    str(e.get("in_flight", 0)),
+                    f"{e.get('cpu_time', 0.0):.2f}",
+                    str(e.get("cpu_intensive", 0)),
+                    str(e.get("cm_wakeups", 0)),
+                    str(e.get("mayday", 0)) if e.get("rescuer") else "-",
+                    str(e.get("rescued", 0)) if e.get("rescuer") else "-",
+                )
+            )
+    if not rows:
+        return ""
+    return _aligned(header, rows, set(header) - {"WORKQUEUE", "POOLS"})
 
 
 def _age(seconds: float) -> str:
@@ -620,12 +662,7 @@ def format_table(pools: list[dict[str, Any]]) -> str:
             rows.append(
                 head + (str(w["id"]), str(w["pid"] or "-"), state, str(w["items_done"]), _age(w["in_state_s"]), title)
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for r in [header, *rows]:
-        cells = [c.rjust(wd) if h in right else c.ljust(wd) for c, wd, h in zip(r, widths, header, strict=False)]
-        lines.append("  ".join(cells + [r[-1]]).rstrip())
-    return "\n".join(lines)
+    return _aligned(header, rows, right)
 
 
 def cmd_ps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -635,9 +672,9 @@ def cmd_ps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         out.write("\n")
     elif pools:
         out.write(format_table(pools) + "\n")
-        for p in pools:
-            if p.get("workqueues"):
-                out.write(f"u{p['pool']} (owner {p['owner_pid']}) workqueues: {', '.join(p['workqueues'])}\n")
+        wqs = format_workqueues(pools)
+        if wqs:
+            out.write("\n" + wqs + "\n")
         if any(p["stale"] for p in pools):
             out.write("stale: the owner is gone but its table was left in /dev/shm (its workers may be gone too)\n")
     else:

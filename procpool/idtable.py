@@ -246,13 +246,15 @@ def _unlink_quietly(name: str) -> None:
         pass
 
 
-# -- the workqueue names of a program's pools, for `procpool ps` ----------------------------------
+# -- the workqueues of a program, for `procpool ps` ------------------------------------------------
 #
-# One more small segment per program, ``procpool-<uid>-<owner pid>-wq``: a JSON object
-# {"<pool id>": [workqueue names]}, rewritten whole (a temporary file renamed over it, so a
-# reader sees the old or the new content, never half) whenever a workqueue takes or drops a
-# pool, and unlinked when the program has no workqueue. Unlinked by the spawner like the id
-# tables if the program dies first (it shares their prefix).
+# One more small segment per program, ``procpool-<uid>-<owner pid>-wq``: a JSON list with one
+# object per live workqueue (name, attributes, the ids of the pools it holds, and its
+# statistics, see procpool.workqueue), rewritten whole (a temporary file renamed over it, so a
+# reader sees the old or the new content, never half) when a workqueue is made, moved or
+# destroyed and, while its numbers change, every few tenths of a second; unlinked when the
+# program has no workqueue. Unlinked by the spawner like the id tables if the program dies
+# first (it shares their prefix).
 
 WQ_SUFFIX = "-wq"
 
@@ -265,18 +267,18 @@ def is_wq_segment(name: str) -> bool:
     return name.endswith(WQ_SUFFIX) or name.endswith(WQ_SUFFIX + ".tmp")
 
 
-def write_workqueues(users: dict[int, list[str]]) -> None:
-    """Publish this program's pool id -> workqueue names (empty: unlink). Never raises OSError:
-    the names are for observers, a failure to show them must not fail a workqueue."""
+def write_workqueues(entries: list[dict]) -> None:
+    """Publish this program's workqueues (none: unlink). Never raises OSError: the numbers are
+    for observers, a failure to show them must not fail a workqueue."""
     name = wq_segment_name(os.getpid())
     try:
-        if not users:
+        if not entries:
             _unlink_quietly(name)
             return
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, json.dumps({str(k): v for k, v in sorted(users.items())}).encode())
+            os.write(fd, json.dumps(entries).encode())
         finally:
             os.close(fd)
         os.replace(path + ".tmp", path)
@@ -284,11 +286,15 @@ def write_workqueues(users: dict[int, list[str]]) -> None:
         pass
 
 
-def read_workqueues(owner_pid: int) -> dict[int, list[str]]:
-    """Pool id -> workqueue names of program ``owner_pid`` ({} if it has none or it vanished)."""
+def read_workqueues(owner_pid: int) -> list[dict]:
+    """The workqueues program ``owner_pid`` published ([] if it has none or it vanished)."""
     try:
         with open(os.path.join(SHM_DIR, wq_segment_name(owner_pid)), "rb") as f:
             data = json.loads(f.read())
-        return {int(k): [str(n) for n in v] for k, v in data.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return {}
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [
+        e for e in data if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("pools"), list)
+    ]

@@ -84,7 +84,17 @@ from .frames import FrameReader, frame, write_all
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
 from .spawner import get_spawner, stop_spawner
-from .worker import DIE, INIT_FAILED, PICKLE_PROTOCOL, SEQ_BYTES, WorkerSpec, dying_title, worker_title
+from .worker import (
+    CPU_TIME,
+    DIE,
+    INIT_FAILED,
+    PICKLE_PROTOCOL,
+    RESULT_HEAD,
+    SEQ_BYTES,
+    WorkerSpec,
+    dying_title,
+    worker_title,
+)
 
 #: Idle workers kept regardless of load, and busy workers per extra idle one kept
 #: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
@@ -127,6 +137,7 @@ class PoolStats:
     cm_wakeups: int = 0  # workers started only because busy ones were blocked or CPU-intensive
     cpu_intensive: int = 0  # items marked CPU-intensive (kept the CPU past the threshold)
     cm_samples: int = 0  # sampling rounds of busy workers' process states
+    cpu_time: float = 0.0  # seconds of CPU the answered items' calls took in the workers
 
 
 @dataclass(frozen=True)
@@ -139,14 +150,40 @@ class WorkerInfo:
     title: str
 
 
-class _Item:
-    __slots__ = ("seq", "future", "payload", "timeout", "started", "dropped")
+class Account:
+    """Counters a pool charges on behalf of one client's items: a workqueue's wq_monitor
+    numbers, where several workqueues share a pool. Charged by the pools' arbiter threads
+    (a workqueue moved by apply_attrs has items on two pools at once), hence a lock."""
 
-    def __init__(self, seq: int, future: Future, payload: bytes, timeout: float | None = None) -> None:
+    __slots__ = ("_lock", "cpu_time", "cpu_intensive", "cm_wakeups", "on_change")
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()  # guards the three counters
+        self.cpu_time = 0.0  # seconds of CPU its answered items took in the workers
+        self.cpu_intensive = 0  # its items marked CPU-intensive
+        self.cm_wakeups = 0  # workers started by concurrency management for its waiting items
+        self.on_change = on_change  # I: called after each charge (outside the lock)
+
+    def charge(self, cpu_time: float = 0.0, cpu_intensive: int = 0, cm_wakeups: int = 0) -> None:
+        with self._lock:
+            self.cpu_time += cpu_time
+            self.cpu_intensive += cpu_intensive
+            self.cm_wakeups += cm_wakeups
+        if self.on_change is not None:
+            self.on_change()
+
+
+class _Item:
+    __slots__ = ("seq", "future", "payload", "timeout", "started", "dropped", "account")
+
+    def __init__(
+        self, seq: int, future: Future, payload: bytes, timeout: float | None = None, account: Account | None = None
+    ) -> None:
         self.seq = seq
         self.future = future
         self.payload = payload
         self.timeout = timeout  # seconds it may run once a worker has it (submit_with)
+        self.account = account  # I: whose counters its CPU time and marks go to, besides the pool's
         self.started = False  # L: its future is RUNNING (set when first given to a worker)
         self.dropped = False  # L: ended by cancel_running() while prefetched; ignore its answer
 
@@ -465,6 +502,7 @@ class WorkerPool:
         self._prefetched = self._requeued = 0  # L
         self._nr_cm_out = 0  # L: busy workers excluded from nr_running (blocked or CPU-intensive)
         self._cm_wakeups = self._cpu_intensive = self._cm_samples = 0  # L
+        self._cpu_time = 0.0  # L
         self._next_sample_at = 0.0  # A
 
         self.id = _alloc_pool_id()  # I
@@ -525,16 +563,23 @@ class WorkerPool:
         return self._submit(fn, args, kwargs, timeout)
 
     def _submit(
-        self, fn: Callable[..., Any], args: tuple, kwargs: dict, timeout: float | None, tag: str | None = None
+        self,
+        fn: Callable[..., Any],
+        args: tuple,
+        kwargs: dict,
+        timeout: float | None,
+        tag: str | None = None,
+        account: Account | None = None,
     ) -> Future:
         """``tag``: shown in the worker's title around the call (``+tag`` while it runs, ``-tag``
-        after), as the kernel's comm shows the last workqueue; procpool.workqueue passes it."""
+        after), as the kernel's comm shows the last workqueue; ``account``: charged with the
+        item's CPU time and marks. procpool.workqueue passes both."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
         payload = _dumps_call(seq, fn, args, kwargs, tag)
         fut: Future = Future()
-        item = _Item(seq, fut, payload, timeout)
+        item = _Item(seq, fut, payload, timeout, account)
         wake = False
         with self._lock:
             if self._broken is not None:
@@ -660,6 +705,7 @@ class WorkerPool:
                 cm_wakeups=self._cm_wakeups,
                 cpu_intensive=self._cpu_intensive,
                 cm_samples=self._cm_samples,
+                cpu_time=self._cpu_time,
             )
 
     def workers(self) -> list[WorkerInfo]:
@@ -1059,13 +1105,18 @@ class WorkerPool:
                 if self._stop_arbiter:
                     return
                 grow = self._nr_to_create()
-                # Workers the pool would not start if every busy one counted as running.
+                # Workers the pool would not start if every busy one counted as running;
+                # each is charged to the client of a waiting item it was started for.
                 by_cm = max(0, min(grow, len(self._workers) - len(self._idle) + grow - self.concurrency))
+                waiting = [it.account for it in itertools.islice(self._worklist, by_cm)]
             if grow and time.monotonic() >= self._create_retry_at:
                 made = self._create_workers(grow)
                 if by_cm and made:
                     with self._lock:
                         self._cm_wakeups += min(by_cm, made)
+                    for account in waiting[: min(by_cm, made)]:
+                        if account is not None:
+                            account.charge(cm_wakeups=1)
             self._cull_idle()
             self._kill_overdue()
 
@@ -1107,6 +1158,7 @@ class WorkerPool:
                 continue  # gone: the arbiter reaps it
             blocked = status in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP)
             seen.append((w, seq, blocked, t.user + t.system))
+        marked: list[Account] = []
         with self._lock:
             for w, seq, blocked, cpu in seen:
                 if w.state != "busy" or w.current is None or w.current.seq != seq:
@@ -1120,7 +1172,11 @@ class WorkerPool:
                 elif not intensive and cpu - w.cm_cpu0 >= self.cpu_intensive_threshold:
                     intensive = True
                     self._cpu_intensive += 1
+                    if w.current.account is not None:
+                        marked.append(w.current.account)
                 self._cm_set(w, blocked, intensive)
+        for account in marked:
+            account.charge(cpu_intensive=1)
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -1155,8 +1211,9 @@ class WorkerPool:
 
     def _handle_result(self, w: _Worker, data: bytes) -> None:
         head = data[:SEQ_BYTES]
+        (cpu,) = CPU_TIME.unpack_from(data, SEQ_BYTES)
         try:
-            ok, value, tb = pickle.loads(memoryview(data)[SEQ_BYTES:])
+            ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
         except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
             ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
             value.__cause__ = exc
@@ -1170,6 +1227,7 @@ class WorkerPool:
             w.current = None
             self._deadlines.pop(w, None)
             self._items_done += 1
+            self._cpu_time += cpu
             now = time.monotonic()
             self._service_ewma += (now - w.started_at - self._service_ewma) * SERVICE_EWMA_WEIGHT
             # A worker killed (item timeout, cancel_running) just as its result came is already
@@ -1179,6 +1237,8 @@ class WorkerPool:
         seq = int.from_bytes(head, "little")
         if item is None or seq != item.seq:  # pragma: no cover - protocol bug
             raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
+        if item.account is not None:
+            item.account.charge(cpu_time=cpu)
         if item.dropped:
             return  # cancel_running() already ended it
         if ok:

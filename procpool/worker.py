@@ -19,9 +19,11 @@ Wire format on the worker's two pipes (work in, results out; the parent's ends s
 * parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
   number + pickle of ``(fn, args, kwargs)`` made in the submitting thread, or of
   ``(fn, args, kwargs, tag)`` for a workqueue's item (the tag goes in the title, see Titles);
-* worker → parent: the same 8 bytes + pickle of ``(ok, value, traceback_text)``. The sequence
-  number stays outside the pickle so the parent knows which item a message answers even when
-  the rest cannot be unpickled; ``INIT_FAILED`` in its place says the initializer raised.
+* worker → parent: the same 8 bytes + the item's CPU time in the worker (seconds, 8-byte
+  little-endian double: the workqueue statistics' CPU time) + pickle of ``(ok, value,
+  traceback_text)``. The sequence number stays outside the pickle so the parent knows which
+  item a message answers even when the rest cannot be unpickled; ``INIT_FAILED`` in its place
+  says the initializer raised.
 
 The initializer (``WorkerSpec.initializer``) runs once, before the first item. If it raises,
 the worker sends ``INIT_FAILED`` + the error, ignores work until the parent's ``DIE`` (the
@@ -34,6 +36,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -50,6 +53,10 @@ DIE = b"D"
 SEQ_BYTES = 8
 #: Sequence-number field of the message that reports a failed initializer (never an item's).
 INIT_FAILED = b"\xff" * SEQ_BYTES
+#: After the sequence number of a result: the CPU time its call took in the worker.
+CPU_TIME = struct.Struct("<d")
+RESULT_HEAD = SEQ_BYTES + CPU_TIME.size
+_NO_CPU = CPU_TIME.pack(0.0)
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -174,7 +181,7 @@ def _apply_attrs(spec: WorkerSpec) -> bytes | None:
         if spec.cpus is not None:
             os.sched_setaffinity(0, spec.cpus)
     except OSError as exc:
-        return INIT_FAILED + _error_message(exc)
+        return INIT_FAILED + _NO_CPU + _error_message(exc)
     return None
 
 
@@ -187,7 +194,7 @@ def _run_initializer(payload: bytes | None) -> bytes | None:
         fn, args = pickle.loads(payload)
         fn(*args)
     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the worker must report it
-        return INIT_FAILED + _error_message(exc)
+        return INIT_FAILED + _NO_CPU + _error_message(exc)
     return None
 
 
@@ -226,6 +233,7 @@ def worker_main(spec: WorkerSpec) -> None:
         exit_path(spec, table)
     table.set_state(wid, IDLE)
     reader = FrameReader(conn.fileno())
+    process_time = time.process_time
     while True:
         try:
             batch = reader.next_batch()
@@ -241,7 +249,9 @@ def worker_main(spec: WorkerSpec) -> None:
                 exit_path(spec, table)
             table.set_state(wid, BUSY)
             faults.hit(fspec, "worker.busy", wid)
-            out = msg[:SEQ_BYTES] + _run_item(memoryview(msg)[SEQ_BYTES:], titles)
+            cpu0 = process_time()
+            answer = _run_item(memoryview(msg)[SEQ_BYTES:], titles)
+            out = msg[:SEQ_BYTES] + CPU_TIME.pack(process_time() - cpu0) + answer
             table.add_done(wid)
             table.set_state(wid, IDLE)
             try:

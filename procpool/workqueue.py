@@ -12,23 +12,39 @@ workqueues with equal attributes (nice, cpus) share one refcounted ``WorkerPool`
 apply_attrs(nice, cpus) switches new items to the pool for the new attributes; items in flight
 finish on the old pool, and the last of them to complete drops the workqueue's reference on
 it (put_pool with wait=False: a last reference closes it on a teardown thread of its own).
+A rescuer process is replaced by one with the new attributes, as the kernel's rescuer takes
+the attributes of the pool it rescues for.
 
 One item's states, all changed under L (so cancel and start cannot both win)::
 
    delayed ─► pending ─► in flight (Work RUNNING: handed to the pool) ─► done
-      └──────────┴─► cancelling ─► done, cancelled (cancel_work / Work.cancel(): only before
-                                   it is in flight)
+      └──────────┴───────────┴─► cancelling ─► done, cancelled (cancel_work / Work.cancel():
+                                 in flight only while it waits in the pool's worklist, taken
+                                 back under the pool's lock before any worker has it)
+
+Statistics (the kernel's wq_monitor numbers) are counted per workqueue: here, and by its
+pools through an ``Account`` (CPU time, CPU-intensive marks, concurrency-management wakeups).
+A publisher thread writes every live workqueue's numbers to the program's workqueue segment
+for ``procpool ps``, at most every PUBLISH_INTERVAL while they change, and at once when a
+workqueue is made, moved or destroyed.
+
+At interpreter exit, workqueues nobody destroyed are destroyed, newest first: their delayed
+items are cancelled, everything already queued runs to its end (as concurrent.futures runs
+an executor's pending work at exit).
 
 Completions run on the pool's arbiter thread: a done-callback of a Work may queue more work
 (chained queueing, allowed even during drain) but must not wait on this workqueue (flush,
 drain, destroy, cancel_work(sync=True)): the arbiter it would block delivers the results.
 
 Guards:  L = Workqueue._lock      I = set in __init__, read-only after
-         R = _registry_lock (the pool registry, module level)
+         R = _registry_lock (the pool registry and the live workqueues, module level)
+         P = _publish_lock (one snapshot-and-write of the workqueue segment at a time)
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import heapq
 import itertools
 import os
@@ -37,11 +53,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import _base as _futures_base
 from dataclasses import dataclass
 from typing import Any
 
 from .idtable import write_workqueues
-from .pool import WorkerPool, _check_number, check_attrs
+from .pool import Account, WorkerPool, _check_number, check_attrs
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
 DEFAULT_MAX_ACTIVE = 256
@@ -50,12 +67,14 @@ DEFAULT_MAX_ACTIVE = 256
 #: its items wait there, then again every MAYDAY_INTERVAL while that lasts.
 MAYDAY_INITIAL_TIMEOUT = 0.010
 MAYDAY_INTERVAL = 0.100
+#: `procpool ps` sees a workqueue's counters at most this long (seconds) after they change.
+PUBLISH_INTERVAL = 0.2
 
 # -- the pool registry: one refcounted pool per attribute set (the kernel's unbound_pool_hash) --
 
 _registry_lock = threading.Lock()
 _pools: dict[tuple, list] = {}  # R: attrs key -> [WorkerPool, refcount]
-_users: dict[int, list[str]] = {}  # R: pool id -> names of the workqueues using it (for `procpool ps`)
+_live: list[Workqueue] = []  # R: workqueues made and not destroyed, oldest first
 
 
 def default_max_workers(cpus: frozenset[int] | None) -> int:
@@ -66,10 +85,9 @@ def default_max_workers(cpus: frozenset[int] | None) -> int:
     return max(32, 4 * ncpus)
 
 
-def get_pool(key: tuple, max_workers: int | None, name: str | None = None) -> WorkerPool:
-    """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference
-    (for workqueue ``name``, published for ``procpool ps``). ``max_workers`` only matters to
-    the workqueue that makes the pool."""
+def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
+    """The pool for attributes ``key`` = (nice, cpus), made on first use; takes a reference.
+    ``max_workers`` only matters to the workqueue that makes the pool."""
     with _registry_lock:
         entry = _pools.get(key)
         if entry is None:
@@ -78,13 +96,10 @@ def get_pool(key: tuple, max_workers: int | None, name: str | None = None) -> Wo
                 max_workers = default_max_workers(cpus)
             entry = _pools[key] = [WorkerPool(0, max_workers, nice=nice, cpus=cpus), 0]
         entry[1] += 1
-        if name is not None:
-            _users.setdefault(entry[0].id, []).append(name)
-            write_workqueues(_users)
         return entry[0]
 
 
-def put_pool(key: tuple, pool: WorkerPool, wait: bool = True, name: str | None = None) -> None:
+def put_pool(key: tuple, pool: WorkerPool, wait: bool = True) -> None:
     """Drop a reference; the last one closes the pool through its normal teardown (outside R,
     so teardown of one pool never holds up workqueues of other attributes). ``wait=False``
     returns at once: the teardown runs on a thread of its own."""
@@ -95,28 +110,82 @@ def put_pool(key: tuple, pool: WorkerPool, wait: bool = True, name: str | None =
         last = entry[1] == 0
         if last:
             del _pools[key]
-        if name is not None:
-            names = _users[pool.id]
-            names.remove(name)
-            if not names:
-                del _users[pool.id]
-            write_workqueues(_users)
+    _publish()  # before a slow teardown: the workqueue no longer uses the pool
     if last:
         pool.close(wait=wait)
 
 
+# -- publishing the statistics for `procpool ps` -----------------------------------------------
+
+_publish_lock = threading.Lock()
+_dirty = threading.Event()  # set: some workqueue's numbers changed since the last write
+_publisher: threading.Thread | None = None  # R: started with the first workqueue
+
+
+def _publish() -> None:
+    """Write every live workqueue's entry to the segment (none: unlink it). Snapshot and write
+    under P, so that of two racing calls the later write holds the later state."""
+    with _publish_lock:
+        _dirty.clear()  # a change from now on is written by the next call
+        with _registry_lock:
+            wqs = list(_live)
+        write_workqueues([wq._entry() for wq in wqs])
+
+
+def _mark_dirty() -> None:
+    if not _dirty.is_set():  # the common case is one cheap read
+        _dirty.set()
+
+
+def _publisher_loop() -> None:
+    while True:
+        _dirty.wait()
+        try:
+            _publish()
+        except Exception:  # noqa: BLE001 - observers' numbers must never take a workqueue down
+            pass
+        time.sleep(PUBLISH_INTERVAL)
+
+
+def _register(wq: Workqueue) -> None:
+    global _publisher
+    with _registry_lock:
+        _live.append(wq)
+        if _publisher is None:
+            _publisher = threading.Thread(target=_publisher_loop, name="procpool-wq-publisher", daemon=True)
+            _publisher.start()
+    _publish()
+
+
+def _unregister(wq: Workqueue) -> None:
+    with _registry_lock:
+        if wq in _live:
+            _live.remove(wq)
+
+
+@atexit.register
+def _destroy_at_exit() -> None:
+    """Registered after procpool.pool's own hook, so it runs first: the pools are still open
+    while the workqueues' queued items finish."""
+    with _registry_lock:
+        wqs = list(reversed(_live))
+    for wq in wqs:
+        wq._destroy_at_exit()
+
+
 @dataclass(frozen=True)
 class WorkqueueStats:
-    started: int  # items handed to the pool, ever
-    in_flight: int  # handed to the pool, not finished
-    completed: int  # finished (result, exception or procpool error)
+    """One workqueue's numbers, the kernel's wq_monitor columns and a few of our own."""
+
+    started: int  # items handed to the pool, ever (wq_monitor: total)
+    in_flight: int  # handed to the pool, not finished (infl)
+    completed: int  # finished: result, exception, procpool error, or cancelled in the pool's worklist
     max_in_flight: int  # the most ever in flight at once (never above max_active)
     pending: int  # queued, waiting for room under max_active
     delayed: int  # waiting for their timer
-    # of the shared pool (all its workqueues together), see PoolStats
-    cm_wakeups: int = 0  # workers started because busy ones blocked or were CPU-intensive
-    cpu_intensive: int = 0  # items marked CPU-intensive
-    # of this workqueue's rescuer (rescuer=True only)
+    cpu_time: float = 0.0  # seconds of CPU its answered items took in the workers (CPUtime)
+    cpu_intensive: int = 0  # its items marked CPU-intensive (CPUitsv)
+    cm_wakeups: int = 0  # workers concurrency management started for its waiting items (CMW)
     mayday: int = 0  # mayday calls: the pool could not create a worker while items waited
     rescued: int = 0  # items the rescuer took back from the pool and ran
 
@@ -139,6 +208,12 @@ class Work(Future):
         return self.wq.cancel_work(self)
 
     def _cancel_now(self) -> bool:
+        with self._condition:
+            if self._state == _futures_base.RUNNING:
+                # In flight but taken back out of the pool's worklist before any worker had
+                # it (cancel_work): it never ran, so it may end cancelled. Future.cancel()
+                # refuses a RUNNING future, hence the step back.
+                self._state = _futures_base.PENDING
         return super().cancel()
 
 
@@ -182,7 +257,8 @@ class Workqueue:
         self.ordered = ordered  # I
         self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
         self._max_workers = max_workers  # I
-        self.pool = get_pool(self._key, max_workers, name)  # L: where new items go (apply_attrs changes it)
+        self.pool = get_pool(self._key, max_workers)  # L: where new items go (apply_attrs changes it)
+        self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue
@@ -204,18 +280,22 @@ class Workqueue:
         # still held items of ours: id -> (key, pool), released when their last item finishes
         self._inflight_on: dict[int, int] = {}
         self._retired: dict[int, tuple[tuple, WorkerPool]] = {}
-        self._rescue_cv = threading.Condition(self._lock)  # items went in flight, or destroyed
-        self._rescuer_pool: WorkerPool | None = None  # I
+        self._rescue_cv = threading.Condition(self._lock)  # items went in flight, new rescuer, or destroyed
+        # The rescuer's one-worker pool: used and replaced only by the rescuer thread (and
+        # closed by destroy() after that thread ended); apply_attrs leaves its successor,
+        # with the new attributes, in _next_rescuer_pool (L).
+        self._rescuer_pool: WorkerPool | None = None
+        self._next_rescuer_pool: WorkerPool | None = None
         self._rescuer: threading.Thread | None = None  # I
         if rescuer:
             try:
-                # One worker, never culled: the rescuer process lives as long as the workqueue.
-                self._rescuer_pool = WorkerPool(1, 1, title=f"kworker/R-{name}", nice=nice, cpus=cpus)
+                self._rescuer_pool = self._start_rescuer_pool(self._key)
             except BaseException:
-                put_pool(self._key, self.pool, name=name)
+                put_pool(self._key, self.pool)
                 raise
             self._rescuer = threading.Thread(target=self._rescuer_loop, name=f"procpool-rescuer-{name}", daemon=True)
             self._rescuer.start()
+        _register(self)
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -270,19 +350,50 @@ class Workqueue:
             pass
         return True
 
+    def flush_delayed_work(self, work: Work, timeout: float | None = None) -> bool:
+        """Queue ``work`` now if its timer is pending, then wait until it finished. False if it
+        had ended already before this call, else True once it ended."""
+        self._check_mine(work)
+        with self._lock:
+            if work.where == "done":
+                return False
+            sends = []
+            if work.where == "delayed":
+                self._delayed.discard(work)
+                work.deadline = None  # its heap entry goes stale
+                self._enqueue(work)
+                sends = self._pump()
+                self._timer_cv.notify_all()
+        self._submit(sends)
+        return self.flush_work(work, timeout)
+
+    def cancel_delayed_work(self, work: Work, sync: bool = False) -> bool:
+        """The kernel's name for cancelling a delayed item: the same as ``cancel_work``, which
+        stops a pending timer as well as a queued item."""
+        return self.cancel_work(work, sync)
+
     def cancel_work(self, work: Work, sync: bool = False) -> bool:
-        """Cancel ``work`` if it has not started (delayed or pending): True, and it never runs.
-        If it is in flight, it cannot be stopped: with ``sync`` wait for it to finish; False."""
+        """Cancel ``work`` if no worker has started it: delayed, queued, or handed to the pool
+        but still in its worklist. True, and it never runs. If a worker has it, it cannot be
+        stopped: with ``sync`` wait for it to finish; False."""
         self._check_mine(work)
         with self._lock:
             # Cancel racing a start: the pump takes an item off the queue and marks it RUNNING
             # under L, and so does this: exactly one of them finds it pending. Without L a
             # cancelled item could still be handed to the pool, or a started one reported
-            # cancelled while it runs.
+            # cancelled while it runs. In the pool's worklist the pool's lock decides between
+            # this and a worker taking it (take_unstarted, like the rescuer).
             if work.where == "pending":
                 self._pending.remove(work)
             elif work.where == "delayed":
                 work.deadline = None  # its heap entry goes stale
+            elif (
+                work.where == "inflight"
+                and work.pool_future is not None
+                and work.pool is not None
+                and work.pool.take_unstarted(work.pool_future)
+            ):
+                pass  # the pool forgot it; its future is never completed
             else:
                 # In flight (it may be running: only the pool's cancel_running could stop
                 # it) or done already.
@@ -294,14 +405,20 @@ class Workqueue:
             was, work.where = work.where, "cancelling"
         # Outside L: cancel() runs the Work's done-callbacks, which may queue more.
         cancelled = work._cancel_now()
+        sends, release = [], None
         with self._lock:
             # Only now off the books: a flusher woken here finds the Work already cancelled.
             if was == "pending":
                 del self._active[work.seq]
+            elif was == "inflight":
+                del self._active[work.seq]
+                release = self._leave_inflight(work)
+                sends = self._pump()
             else:
                 self._delayed.discard(work)
             work.where = "done"
             self._changed.notify_all()
+        self._after_leaving(release, sends)
         return cancelled
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -351,15 +468,26 @@ class Workqueue:
             self._rescue_cv.notify_all()
             timer = self._timer
             key, pool = self._key, self.pool
+        _unregister(self)
         if timer is not None and timer is not threading.current_thread():
             timer.join()
         if self._rescuer is not None:
             # Drained: the rescuer holds no item, only waits for the next mayday.
             if self._rescuer is not threading.current_thread():
                 self._rescuer.join()
-            assert self._rescuer_pool is not None
-            self._rescuer_pool.close(wait=True)
-        put_pool(key, pool, name=self.name)
+            for p in (self._rescuer_pool, self._next_rescuer_pool):
+                if p is not None:
+                    p.close(wait=True)
+        put_pool(key, pool)
+
+    def _destroy_at_exit(self) -> None:
+        """Interpreter exit: cancel the delayed items (their timers would hold the exit up),
+        let the queued ones finish, destroy."""
+        with self._lock:
+            delayed = sorted(self._delayed, key=lambda w: w.deadline or 0.0)
+        for work in delayed:
+            self.cancel_work(work)
+        self.destroy()
 
     def apply_attrs(self, *, nice: int = 0, cpus: set[int] | None = None) -> None:
         """Switch the workqueue to the pool for attributes (``nice``, ``cpus``), the kernel's
@@ -367,20 +495,34 @@ class Workqueue:
         Items not yet handed to a pool (waiting or delayed) and all new ones go to the new
         (shared, refcounted) pool; items already in flight finish on the old one, whose
         reference is dropped once the last of them finished (the last reference closes it,
-        on a teardown thread of its own). The rescuer process keeps its first attributes."""
+        on a teardown thread of its own). A rescuer is replaced by a process with the new
+        attributes, started here (so a failure to start it raises, and nothing changes)."""
         key = check_attrs(nice, cpus)
         with self._lock:
             if self._destroyed:
                 raise RuntimeError(f"workqueue {self.name!r} is destroyed")
             if key == self._key:
                 return
-        new = get_pool(key, self._max_workers, self.name)  # outside L: it may start a pool
+        # Outside L: these start processes.
+        rescuer_pool = self._start_rescuer_pool(key) if self._rescuer is not None else None
+        try:
+            new = get_pool(key, self._max_workers)
+        except BaseException:
+            if rescuer_pool is not None:
+                rescuer_pool.close(wait=False)
+            raise
         release = []
+        unused_rescuer = None
         with self._lock:
             destroyed = self._destroyed
             if destroyed:
                 release.append((key, new))  # destroyed meanwhile: undo
+                unused_rescuer = rescuer_pool
             else:
+                if rescuer_pool is not None:
+                    # The rescuer thread switches over between rescues and closes the old one.
+                    unused_rescuer, self._next_rescuer_pool = self._next_rescuer_pool, rescuer_pool
+                    self._rescue_cv.notify_all()
                 old_key, old = self._key, self.pool
                 self._key, self.pool = key, new
                 if self._inflight_on.get(id(old)):
@@ -392,12 +534,16 @@ class Workqueue:
                 if again is not None:
                     release.append(again)
         for k, p in release:
-            put_pool(k, p, wait=False, name=self.name)
+            put_pool(k, p, wait=False)
+        if unused_rescuer is not None:
+            unused_rescuer.close(wait=False)
+        if not release:
+            _publish()  # the workqueue's pools changed
         if destroyed:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed")
 
     def stats(self) -> WorkqueueStats:
-        ps = self.pool.stats()  # taken outside L
+        acct = self._account
         with self._lock:
             return WorkqueueStats(
                 started=self._started,
@@ -406,11 +552,30 @@ class Workqueue:
                 max_in_flight=self._max_in_flight,
                 pending=len(self._pending),
                 delayed=len(self._delayed),
-                cm_wakeups=ps.cm_wakeups,
-                cpu_intensive=ps.cpu_intensive,
+                cpu_time=acct.cpu_time,
+                cpu_intensive=acct.cpu_intensive,
+                cm_wakeups=acct.cm_wakeups,
                 mayday=self._mayday,
                 rescued=self._rescued,
             )
+
+    def _entry(self) -> dict[str, Any]:
+        """This workqueue as the segment shows it to ``procpool ps``: attributes, the pools it
+        holds (two while apply_attrs waits for items on the old one), and its stats."""
+        stats = dataclasses.asdict(self.stats())
+        with self._lock:
+            nice, cpus = self._key
+            pools = sorted({self.pool.id, *(p.id for _, p in self._retired.values())})
+        return {
+            "name": self.name,
+            "pools": pools,
+            "max_active": self.max_active,
+            "ordered": self.ordered,
+            "nice": nice,
+            "cpus": sorted(cpus) if cpus is not None else None,
+            "rescuer": self._rescuer is not None,
+            **stats,
+        }
 
     def __enter__(self) -> Workqueue:
         return self
@@ -467,6 +632,7 @@ class Workqueue:
             out.append(work)
         if out:
             self._started += len(out)
+            _mark_dirty()
             self._max_in_flight = max(self._max_in_flight, len(self._inflight))
             if self._rescuer is not None:
                 self._rescue_cv.notify_all()
@@ -480,7 +646,7 @@ class Workqueue:
             work = todo.popleft()
             try:
                 assert work.pool is not None
-                fut = work.pool._submit(work.fn, work.args, work.kwargs, None, self.name)
+                fut = work.pool._submit(work.fn, work.args, work.kwargs, None, self.name, self._account)
             except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
                 todo.extend(self._complete(work, None, exc))
                 continue
@@ -514,23 +680,33 @@ class Workqueue:
                 work.set_exception(exc)
         finally:
             _chained.wq = prev
-        release = None
         with self._lock:
             work.where = "done"
-            self._inflight.discard(work)
             del self._active[work.seq]
-            self._completed += 1
-            pool_id = id(work.pool)
-            self._inflight_on[pool_id] -= 1
-            if not self._inflight_on[pool_id]:
-                del self._inflight_on[pool_id]
-                release = self._retired.pop(pool_id, None)  # a pool apply_attrs replaced: done with it
+            release = self._leave_inflight(work)
             sends = self._pump()
             self._changed.notify_all()
-        if release is not None:
-            # Off L and without waiting: this may be the old pool's arbiter thread, or a caller.
-            put_pool(*release, wait=False, name=self.name)
+        self._after_leaving(release, [])
         return sends
+
+    def _leave_inflight(self, work: Work) -> tuple[tuple, WorkerPool] | None:
+        """``work`` is no longer in flight (finished, or cancelled out of the pool's worklist).
+        Returns a pool apply_attrs replaced, if this was its last item of ours. L held."""
+        self._inflight.discard(work)
+        self._completed += 1
+        _mark_dirty()
+        pool_id = id(work.pool)
+        self._inflight_on[pool_id] -= 1
+        if not self._inflight_on[pool_id]:
+            del self._inflight_on[pool_id]
+            return self._retired.pop(pool_id, None)
+        return None
+
+    def _after_leaving(self, release: tuple[tuple, WorkerPool] | None, sends: list[Work]) -> None:
+        """L not held. Off L and without waiting: this may be the old pool's arbiter thread."""
+        if release is not None:
+            put_pool(*release, wait=False)
+        self._submit(sends)
 
     def _timer_loop(self) -> None:
         """Move delayed items to the queue at their deadline, never before it."""
@@ -555,6 +731,11 @@ class Workqueue:
                 wait = self._heap[0][0] - now if self._heap else None
                 self._timer_cv.wait(wait)
 
+    def _start_rescuer_pool(self, key: tuple) -> WorkerPool:
+        """One worker, never culled, titled exactly ``kworker/R-<name>``. L not held."""
+        nice, cpus = key
+        return WorkerPool(1, 1, title=f"kworker/R-{self.name}", nice=nice, cpus=cpus)
+
     def _rescuer_loop(self) -> None:
         """The mayday timer and the rescuer (rescuer=True only). While items are in flight,
         look every MAYDAY_INITIAL_TIMEOUT whether the pool has failed to create a worker for
@@ -565,14 +746,23 @@ class Workqueue:
         wait = MAYDAY_INITIAL_TIMEOUT
         while True:
             with self._lock:
-                while not self._destroyed and not self._inflight:
+                while not self._destroyed and not self._inflight and self._next_rescuer_pool is None:
                     wait = MAYDAY_INITIAL_TIMEOUT
                     self._rescue_cv.wait()
-                if not self._destroyed:
+                if not self._destroyed and self._next_rescuer_pool is None:
                     self._rescue_cv.wait(wait)
                 if self._destroyed:
                     return
+                old, nxt = self._rescuer_pool, self._next_rescuer_pool
+                if nxt is not None:
+                    self._rescuer_pool, self._next_rescuer_pool = nxt, None
                 futures = [(w.seq, w.pool_future, w, w.pool) for w in self._inflight if w.pool_future is not None]
+            if nxt is not None:
+                # apply_attrs: rescue with the new attributes from now on. Between rescues,
+                # so the old rescuer is idle; its process exits through the usual teardown.
+                assert old is not None
+                old.close(wait=True)
+                continue
             # Usually one pool; after apply_attrs, items may still wait in the old one too.
             stalled = {id(p) for _, _, _, p in futures if p.creation_stalled_for() >= MAYDAY_INITIAL_TIMEOUT}
             if not stalled:
@@ -594,7 +784,7 @@ class Workqueue:
         """Run ``work`` on the rescuer process and complete it. Rescuer thread, L not held."""
         assert self._rescuer_pool is not None
         try:
-            fut = self._rescuer_pool.submit(work.fn, *work.args, **work.kwargs)
+            fut = self._rescuer_pool._submit(work.fn, work.args, work.kwargs, None, None, self._account)
             value, exc = None, fut.exception()
             if exc is None:
                 value = fut.result()

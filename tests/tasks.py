@@ -166,3 +166,9 @@ def burn_cpu(seconds: float, mark: str | None = None) -> float:
     if mark is not None:
         Path(mark).touch()
     return time.process_time() - start
+
+
+def sleep_then_write(seconds: float, path: str) -> None:
+    """Sleep, then write when it finished (CLOCK_MONOTONIC) to ``path``."""
+    time.sleep(seconds)
+    Path(path).write_text(str(time.monotonic()))

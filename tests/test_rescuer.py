@@ -69,3 +69,29 @@ def test_no_mayday_while_workers_can_be_created():
 def test_rescuer_title_must_be_valid():
     with pytest.raises(ValueError):
         procpool.WorkerPool(0, 1, title="has space")
+
+
+def test_rescuer_follows_apply_attrs():
+    wq = procpool.Workqueue("resc-attrs", rescuer=True)
+    try:
+        old_pid = wq._rescuer_pool.workers()[0].pid
+        wait_until(lambda: title_of(old_pid) == "kworker/R-resc-attrs", what="the first rescuer's title")
+        assert psutil.Process(old_pid).nice() == 0
+        wq.apply_attrs(nice=3)
+
+        def rescuers() -> list[psutil.Process]:
+            procs = psutil.process_iter(["cmdline"])
+            return [p for p in procs if (p.info["cmdline"] or [""])[0] == "kworker/R-resc-attrs"]
+
+        # The new rescuer takes over; the old one exits through its pool's teardown.
+        wait_until(lambda: not alive(old_pid), what="the old rescuer gone")
+        wait_until(lambda: len(rescuers()) == 1, what="one rescuer")
+        new = rescuers()[0]
+        assert new.pid != old_pid and new.nice() == 3
+        # And it is the one that rescues.
+        _refuse_new_workers(wq)
+        assert wq.queue(tasks.pid_and, 5).result(timeout=10) == (new.pid, 5)
+        assert wq.stats().rescued == 1
+    finally:
+        wq.pool._faults.clear()
+        wq.destroy()

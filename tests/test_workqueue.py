@@ -4,6 +4,8 @@ pool attributes (nice, CPU affinity) seen with psutil, pool sharing, titles."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -162,7 +164,9 @@ def test_cancel_racing_start_loses_nothing_and_runs_nothing_twice():
         assert all(w.done() for w in works)
         assert [w.result() for w in ran] == [works.index(w) for w in ran]
         s = wq.stats()
-        assert s.started == s.completed == len(ran)
+        # Cancelled items include some taken back out of the pool's worklist: handed to the
+        # pool (started) and finished there (completed), but never run.
+        assert s.started == s.completed >= len(ran)
         assert len(cancelled) + len(ran) == 300
 
 
@@ -416,7 +420,11 @@ def test_ps_lists_the_workqueues_of_each_pool(capsys):
     from procpool import cli, idtable
 
     def mine():
-        return {p["pool"]: p["workqueues"] for p in cli.collect_pools() if p["owner_pid"] == os.getpid()}
+        return {
+            p["pool"]: sorted(e["name"] for e in p["workqueues"])
+            for p in cli.collect_pools()
+            if p["owner_pid"] == os.getpid()
+        }
 
     a = procpool.Workqueue("ps-a")
     b = procpool.Workqueue("ps-b")
@@ -425,10 +433,75 @@ def test_ps_lists_the_workqueues_of_each_pool(capsys):
         assert mine() == {a.pool.id: ["ps-a", "ps-b"], c.pool.id: ["ps-c"]}
         assert cli.main(["ps"]) == 0
         out = capsys.readouterr().out
-        assert f"u{c.pool.id} (owner {os.getpid()}) workqueues: ps-c\n" in out
+        rows = [line.split() for line in out.splitlines() if line.startswith("ps-")]
+        assert [r[:3] for r in rows] == [
+            ["ps-a", str(os.getpid()), f"u{a.pool.id}"],
+            ["ps-b", str(os.getpid()), f"u{a.pool.id}"],
+            ["ps-c", str(os.getpid()), f"u{c.pool.id}"],
+        ]
         b.apply_attrs(nice=3)
-        assert mine() == {a.pool.id: ["ps-a"], c.pool.id: ["ps-c", "ps-b"]}
+        assert mine() == {a.pool.id: ["ps-a"], c.pool.id: ["ps-b", "ps-c"]}
     finally:
         for wq in (a, b, c):
             wq.destroy()
     assert not os.path.exists(os.path.join(idtable.SHM_DIR, idtable.wq_segment_name(os.getpid())))
+
+
+def test_cancel_takes_an_item_back_from_the_pools_worklist(tmp_path):
+    # A pool of one worker (its own attributes, so this workqueue makes it): the second item is
+    # in flight, handed to the pool, but waits in the pool's worklist behind the first.
+    release, mark = tmp_path / "release", tmp_path / "mark"
+    with procpool.Workqueue("cancel-inpool", nice=4, max_workers=1) as wq:
+        first = wq.queue(tasks.touch_and_wait, str(mark), str(release))
+        wait_until(mark.exists, what="the first item running")
+        second = wq.queue(tasks.touch_and_wait, str(tmp_path / "second-ran"), str(release))
+        third = wq.queue(tasks.square, 7)
+        assert wq.stats().in_flight == 3 and wq.pool.stats().nr_pending == 2
+        assert wq.cancel_work(second) is True
+        assert second.cancelled()
+        assert wq.pool.stats().nr_pending == 1  # taken out of the pool's worklist
+        assert wq.cancel_work(first) is False  # a worker runs it: cannot be taken back
+        release.touch()
+        assert first.result(timeout=30) > 0 and third.result(timeout=30) == 49
+        assert wq.flush(10)
+        assert not (tmp_path / "second-ran").exists()  # it never ran
+        s = wq.stats()
+        assert s.in_flight == 0 and s.started == s.completed == 3
+
+
+def test_flush_delayed_work_queues_it_now(tmp_path):
+    with procpool.Workqueue("flushdelayed") as wq:
+        w = wq.queue_delayed(3600, tasks.square, 9)
+        t0 = time.monotonic()
+        assert wq.flush_delayed_work(w, timeout=30) is True
+        assert w.result() == 81 and time.monotonic() - t0 < 30
+        assert wq.flush_delayed_work(w) is False  # ended before the call
+        d = wq.queue_delayed(3600, tasks.square, 3)
+        assert wq.cancel_delayed_work(d) is True and d.cancelled()
+        assert wq.stats().delayed == 0
+
+
+EXIT_SCRIPT = """
+import sys, procpool, tasks
+wq = procpool.Workqueue("atexit", max_active=1)
+for i in range(3):
+    wq.queue(tasks.sleep_then_write, 0.2, sys.argv[1] + f"/ran{i}")
+late = wq.queue_delayed(3600, tasks.sleep_then_write, 0, sys.argv[1] + "/late")
+print("queued", flush=True)
+# no destroy(): the interpreter's exit runs what was queued and cancels the timer
+"""
+
+
+def test_interpreter_exit_runs_queued_items_and_cancels_delayed_ones(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "queued\n"
+    # max_active=1: the three ran one after another at exit, in queue order.
+    stamps = [float((tmp_path / f"ran{i}").read_text()) for i in range(3)]
+    assert stamps == sorted(stamps)
+    assert not (tmp_path / "late").exists()
+    assert time.monotonic() - t0 < 60
