@@ -505,3 +505,44 @@ def test_interpreter_exit_runs_queued_items_and_cancels_delayed_ones(tmp_path):
     assert stamps == sorted(stamps)
     assert not (tmp_path / "late").exists()
     assert time.monotonic() - t0 < 60
+
+
+def test_killed_workers_lose_no_work_item():
+    # Two workqueues on one pool, one of them ordered; random busy workers are SIGKILLed while
+    # items flow. Every Work ends: a result, or WorkerLost for the item its worker ran.
+    import signal
+
+    with procpool.Workqueue("storm-a", max_active=4) as a, procpool.Workqueue("storm-b", ordered=True) as b:
+        works = [(wq, i, wq.queue(tasks.sleep_then, 0.005, i)) for i in range(80) for wq in (a, b)]
+        stop = threading.Event()
+        kills = []
+
+        def killer():
+            while not stop.is_set():
+                busy = [w for w in a.pool.workers() if w.state == "busy"]
+                if busy:
+                    try:
+                        os.kill(busy[0].pid, signal.SIGKILL)
+                        kills.append(busy[0].pid)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.03)
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            lost = 0
+            for _, i, w in works:
+                exc = w.exception(timeout=60)
+                if exc is None:
+                    assert w.result() == i
+                else:
+                    assert isinstance(exc, procpool.WorkerLost), exc
+                    lost += 1
+        finally:
+            stop.set()
+            t.join()
+        assert kills and 1 <= lost <= len(kills)
+        for wq in (a, b):
+            s = wq.stats()
+            assert s.in_flight == 0 and s.completed == s.started == 80
