@@ -11,7 +11,9 @@ back every complete message in it; several results, or a batch of work items, co
 from __future__ import annotations
 
 import os
+import select
 import struct
+import time
 
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
@@ -75,10 +77,20 @@ class FrameReader:
         self._fill()
         return self.pop_ready()
 
-    def next_batch(self) -> list[bytes]:
-        """Block until at least one whole message is here; return all complete ones."""
+    def next_batch(self, spin: float = 0.0) -> list[bytes]:
+        """Block until at least one whole message is here; return all complete ones. With
+        ``spin`` > 0, first poll the fd for up to that many seconds before sleeping in read."""
+        ready = self.pop_ready()
+        if ready:
+            return ready
+        if spin > 0:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            deadline = time.perf_counter() + spin
+            while not poller.poll(0) and time.perf_counter() < deadline:
+                pass
         while True:
+            self._fill()
             ready = self.pop_ready()
             if ready:
                 return ready
-            self._fill()

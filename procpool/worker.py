@@ -89,6 +89,7 @@ class WorkerSpec:
     nice: int = 0  # added to the worker's niceness at start
     cpus: frozenset[int] | None = None  # CPUs the worker binds itself to at start
     title: str | None = None  # the whole title instead of worker_title() (a workqueue's rescuer)
+    spin: float = 0.0  # seconds to poll for the next item before sleeping (procpool.pool.SPIN)
 
 
 def _set_title(title: str) -> None:
@@ -233,10 +234,15 @@ def worker_main(spec: WorkerSpec) -> None:
         exit_path(spec, table)
     table.set_state(wid, IDLE)
     reader = FrameReader(conn.fileno())
-    process_time = time.process_time
+    process_time, clock = time.process_time, time.perf_counter
+    spin, spin_now = spec.spin, False
     while True:
         try:
-            batch = reader.next_batch()
+            # Adaptive spinning: poll only while items come within the spin time of the last
+            # answer; after one miss (a longer gap) sleep at once until they come quickly again.
+            t0 = clock()
+            batch = reader.next_batch(spin if spin_now else 0.0)
+            spin_now = clock() - t0 <= spin
         except (EOFError, OSError):
             # The parent is gone (or closed us): there is no teardown to report to, and its
             # spawner will unlink the table. Leave at once.

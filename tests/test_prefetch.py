@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
+import psutil
 import pytest
 import tasks
 from conftest import wait_until
@@ -76,3 +78,29 @@ def test_prefetch_respects_max_tasks_per_child(always_prefetch):
         for pid, _ in pids:
             per_pid[pid] = per_pid.get(pid, 0) + 1
         assert max(per_pid.values()) <= 5 and len(per_pid) >= 8
+
+
+@pytest.mark.parametrize("spin", [0.0, 0.01])
+def test_worker_spins_for_the_next_item_only_when_asked(spin):
+    # A worker whose item came within `spin` of its previous answer polls for the next item
+    # that long before it sleeps: each pair of back-to-back items followed by a pause costs it
+    # `spin` seconds of CPU while it sits idle (one poll that misses, then it sleeps).
+    with procpool.WorkerPool(1, 1, spin=spin) as pool:
+        proc = psutil.Process(pool.workers()[0].pid)
+        before = sum(proc.cpu_times()[:2])
+        for i in range(20):
+            assert pool.submit(tasks.square, i).result(timeout=30) == i * i
+            assert pool.submit(tasks.square, i).result(timeout=30) == i * i
+            time.sleep(0.03)
+        spent = sum(proc.cpu_times()[:2]) - before
+        # CPU times come in clock ticks (10 ms): 20 spins of 10 ms are about 20 ticks.
+        if spin:
+            assert spent >= 0.06, spent
+        else:
+            assert spent < 0.06, spent
+
+
+def test_spin_is_validated():
+    for bad in (-1, 0.5, "fast"):
+        with pytest.raises((ValueError, TypeError), match="spin"):
+            procpool.WorkerPool(0, 1, spin=bad)
