@@ -13,7 +13,8 @@ from .errors import (
     WorkerLost,
 )
 from .executor import ProcessPoolExecutor
-from .pool import PoolStats, WorkerInfo, WorkerPool
+from .pool import WorkerPool
+from .stats import PoolStats, WorkerInfo
 from .workqueue import Work, Workqueue, WorkqueueStats
 
 __all__ = [

@@ -716,7 +716,7 @@ def _seconds(*, positive: bool = False) -> Callable[[str], float]:
 
 def _number(text: str) -> float:
     """A finite float. Range checks are WorkerPool's, so its message is the one users see;
-    but it lets nan and inf through (WorkerPool's _check_number), so refuse them here."""
+    but it lets nan and inf through (WorkerPool's check_number), so refuse them here."""
     try:
         value = float(text)
     except ValueError:

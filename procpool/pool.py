@@ -21,7 +21,8 @@ Path of one work item::
    submit()   [caller thread]  pickle (fn, args, kwargs) ─► L: idle worker? ─yes─► send to it
                                                               │ no
                                                               └─► worklist (+ wake the arbiter to grow)
-   worker     recv ─► run ─► send seq + (ok, value, traceback)
+   worker     recv ─► (spin up to SPIN for the next item if they come that fast) ─► run ─►
+              send seq + CPU time + (ok, value, traceback)
    arbiter    [one thread]     recv ─► L: its next prefetched item, or the next from the
                                worklist (+ up to PREFETCH_MAX more behind it when items are
                                short and the worklist deep) ─► send; or enter idle
@@ -36,12 +37,9 @@ selector: it receives results, reaps exited workers, grows the pool when work wa
 idle workers past their timeout and kills workers whose item ran past its own timeout. It
 never blocks on a worker.
 
-Teardown (``close``), the seed's ``put_unbound_pool()``::
-
-   L: closing; destroy idle workers (busy ones are destroyed as they go idle and nothing is
-   left to run) ─► wait: no attached worker, no pending item ─► M arb + attach: ids left?
-   install the detach completion ─► wait on it ─► wait until every process is reaped ─►
-   stop the arbiter ─► unlink the id table
+The module is split by concept: procpool.concurrency (when to grow: the nr_running rule and
+its sampler), procpool.teardown (close(), the only place that waits for workers),
+procpool.calls (pickling a call), procpool.stats (what a pool reports), procpool.checks.
 
 Guards:  L = self._lock (parent only)     M = Manager locks (any process)
          I = set in __init__, read-only after    A = arbiter thread only
@@ -50,9 +48,7 @@ Guards:  L = self._lock (parent only)     M = Manager locks (any process)
 from __future__ import annotations
 
 import atexit
-import functools
 import itertools
-import math
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
 import os
@@ -65,30 +61,31 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from . import faults as _faults
+from .calls import dumps_call, dumps_initializer
+from .checks import check_attrs, check_number
+from .concurrency import CPU_INTENSIVE_THRESHOLD, ConcurrencyManagement
 from .errors import (
     InitializerFailed,
     ItemCancelled,
     ItemTimeout,
-    PoolClosed,
     RemoteTraceback,
-    TeardownTimeout,
     TransferError,
     WorkerLost,
 )
 from .frames import FrameReader, frame, write_all
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
-from .spawner import get_spawner, stop_spawner
+from .spawner import get_spawner, resolve_context, stop_spawner
+from .stats import Account, PoolStats, WorkerInfo
+from .teardown import Teardown
 from .worker import (
     CPU_TIME,
     DIE,
     INIT_FAILED,
-    PICKLE_PROTOCOL,
     RESULT_HEAD,
     SEQ_BYTES,
     WorkerSpec,
@@ -107,75 +104,11 @@ CREATE_COOLDOWN = 1.0
 PREFETCH_BELOW = 0.0005
 PREFETCH_MAX = 32
 SERVICE_EWMA_WEIGHT = 0.1
-#: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
-KILL_GRACE = 1.0
-#: Concurrency management: while work waits and the pool may grow, the arbiter samples its
-#: busy workers' process states this often (seconds), and marks a worker CPU-intensive once
-#: its item kept the CPU this long (the kernel's wq_cpu_intensive_thresh_us: 10 ms).
-CM_SAMPLE_INTERVAL = 0.010
-CPU_INTENSIVE_THRESHOLD = 0.010
 #: A worker that has just answered keeps polling its pipe for the next item this long (seconds)
 #: before it sleeps, as long as its previous item came within that time: waking a sleeping
 #: process costs ~20 µs per direction on a 2-core VM (bare pipe ping-pong 45 µs, with the
 #: reader polling 4 µs), which is most of a one-at-a-time round trip.
 SPIN = 0.0002
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """A consistent snapshot of a pool's counters (taken under the pool lock)."""
-
-    nr_workers: int  # attached workers (idle + busy), dying ones excluded
-    nr_idle: int
-    nr_busy: int
-    nr_dying: int  # destroyed, process not reaped yet
-    nr_pending: int  # items waiting for a worker
-    created: int
-    destroyed: int
-    items_done: int  # items that ended with a result or their function's exception
-    lost: int  # workers that died without being destroyed
-    killed: int = 0  # of `destroyed`: SIGKILLed for an item's timeout or by cancel_running()
-    prefetched: int = 0  # items sent to a busy worker behind its current one (short items)
-    requeued: int = 0  # prefetched items taken back, unstarted, from a worker that was lost
-    concurrency: int = 0  # the concurrency target (running workers the pool aims for)
-    nr_running: int = 0  # busy workers counted as running (not blocked, not CPU-intensive)
-    cm_wakeups: int = 0  # workers started only because busy ones were blocked or CPU-intensive
-    cpu_intensive: int = 0  # items marked CPU-intensive (kept the CPU past the threshold)
-    cm_samples: int = 0  # sampling rounds of busy workers' process states
-    cpu_time: float = 0.0  # seconds of CPU the answered items' calls took in the workers
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One worker process, as ``WorkerPool.workers()`` reports it."""
-
-    id: int
-    pid: int
-    state: str  # 'idle' | 'busy' | 'dying'
-    title: str
-
-
-class Account:
-    """Counters a pool charges on behalf of one client's items: a workqueue's wq_monitor
-    numbers, where several workqueues share a pool. Charged by the pools' arbiter threads
-    (a workqueue moved by apply_attrs has items on two pools at once), hence a lock."""
-
-    __slots__ = ("_lock", "cpu_time", "cpu_intensive", "cm_wakeups", "on_change")
-
-    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
-        self._lock = threading.Lock()  # guards the three counters
-        self.cpu_time = 0.0  # seconds of CPU its answered items took in the workers
-        self.cpu_intensive = 0  # its items marked CPU-intensive
-        self.cm_wakeups = 0  # workers started by concurrency management for its waiting items
-        self.on_change = on_change  # I: called after each charge (outside the lock)
-
-    def charge(self, cpu_time: float = 0.0, cpu_intensive: int = 0, cm_wakeups: int = 0) -> None:
-        with self._lock:
-            self.cpu_time += cpu_time
-            self.cpu_intensive += cpu_intensive
-            self.cm_wakeups += cm_wakeups
-        if self.on_change is not None:
-            self.on_change()
 
 
 class _Item:
@@ -257,142 +190,7 @@ def _close_live_pools() -> None:
     stop_spawner()
 
 
-def resolve_context(mp_context: Any) -> Any:
-    """The multiprocessing context that starts the program's spawner when the program runs
-    threads (see procpool.spawner; a single-threaded program forks its spawner directly):
-    forkserver unless told otherwise.
-
-    forkserver is the default because it is safe when the parent runs threads (a fork of a
-    threaded parent can copy a lock held by another thread) while each new worker is still
-    only a fork of a small single-threaded server, with procpool already imported there.
-    """
-    if mp_context is None:
-        mp_context = "forkserver"
-    if isinstance(mp_context, str):
-        try:
-            ctx = multiprocessing.get_context(mp_context)
-        except ValueError:
-            raise ValueError(f"mp_context: unknown start method {mp_context!r}") from None
-    else:
-        ctx = mp_context
-    method = ctx.get_start_method()
-    if method == "fork":
-        raise ValueError(
-            "mp_context: procpool does not start workers with 'fork' (unsafe in a threaded parent, "
-            "and every worker would inherit every other worker's pipes); use 'forkserver' (the "
-            "default) or 'spawn'"
-        )
-    if method == "forkserver":
-        _preload_into_forkserver(ctx)
-    return ctx
-
-
-def _preload_into_forkserver(ctx: Any) -> None:
-    # Importing procpool once in the fork server, not in the spawner it starts, is most of
-    # that start. Keep whatever preload list the program set (default: ['__main__']).
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver
-    if getattr(server, "_forkserver_pid", None) is not None:
-        return  # already running; too late to change what it preloaded
-    mods = list(getattr(server, "_preload_modules", ["__main__"]))
-    if "procpool.worker" not in mods:
-        ctx.set_forkserver_preload(mods + ["procpool.worker"])
-
-
-@functools.cache
-def _cloudpickle() -> Any:
-    """The cloudpickle module if it is installed (the optional extra), else None."""
-    try:
-        import cloudpickle
-    except ImportError:
-        return None
-    return cloudpickle
-
-
-def _dumps(obj: Any) -> bytes:
-    """Plain pickle; cloudpickle only where plain pickle fails (lambdas, closures, functions
-    of an interactive ``__main__``) and it is installed. Plain pickle stays first because it is
-    faster and pickles functions by reference, as the worker expects to import them. A worker
-    loads cloudpickle's output with plain pickle, as long as it can import cloudpickle."""
-    try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
-    except Exception:
-        cp = _cloudpickle()
-        if cp is None:
-            raise
-        return cp.dumps(obj, PICKLE_PROTOCOL)
-
-
-def _unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> TypeError:
-    """A TypeError naming the first of ``parts`` (label, object) that cannot be pickled."""
-    for what, obj in parts:
-        try:
-            _dumps(obj)
-        except Exception as part_exc:
-            return TypeError(f"{where}: {what} cannot be pickled: {part_exc}")
-    return TypeError(f"{where}: the call cannot be pickled: {exc}")
-
-
-def _dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
-    """Pickle one call in the caller's thread; on failure, name the part that failed. A
-    ``tag`` (a workqueue's name) rides along as a fourth element for the worker's title."""
-    try:
-        call = (fn, args, kwargs) if tag is None else (fn, args, kwargs, tag)
-        return seq.to_bytes(SEQ_BYTES, "little") + _dumps(call)
-    except Exception as exc:
-        parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
-        parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
-        parts += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
-        raise _unpicklable("submit()", parts, exc) from exc
-
-
-def _dumps_initializer(initializer: Callable[..., Any] | None, initargs: Any) -> bytes | None:
-    """Pickle ``(initializer, initargs)`` once, when the pool is made, so a bad one is refused
-    there and then rather than in every worker."""
-    if initializer is None:
-        return None
-    if not callable(initializer):
-        raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}: {initializer!r}")
-    initargs = tuple(initargs)
-    try:
-        return _dumps((initializer, initargs))
-    except Exception as exc:
-        parts: list[tuple[str, Any]] = [(f"initializer {initializer!r}", initializer)]
-        parts += [(f"initargs[{i}] ({type(a).__name__})", a) for i, a in enumerate(initargs)]
-        raise _unpicklable("WorkerPool()", parts, exc) from exc
-
-
-def _check_number(name: str, value: Any, *, minimum: float, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-
-
-def check_attrs(nice: Any, cpus: Any) -> tuple[int, frozenset[int] | None]:
-    """Validate pool attributes (the kernel's workqueue_attrs); returns them normalized.
-
-    ``nice`` is a delta each worker adds to the niceness it inherits, within the OS range
-    (-20..19); ``cpus`` a non-empty subset of the CPUs this process may run on."""
-    if isinstance(nice, bool) or not isinstance(nice, int):
-        raise TypeError(f"nice must be an int, got {nice!r}")
-    if not -20 <= nice <= 19:
-        raise ValueError(f"nice must be within -20..19, got {nice}")
-    if cpus is None:
-        return nice, None
-    cpus = frozenset(cpus)
-    if not cpus:
-        raise ValueError("cpus must not be empty (None means: the CPUs this process may use)")
-    allowed = os.sched_getaffinity(0)
-    for cpu in sorted(cpus, key=repr):
-        if isinstance(cpu, bool) or not isinstance(cpu, int) or cpu not in allowed:
-            raise ValueError(f"cpus: CPU {cpu!r} is not one this process may use ({sorted(allowed)})")
-    return nice, cpus
-
-
-class WorkerPool:
+class WorkerPool(ConcurrencyManagement, Teardown):
     """A pool of worker processes with asynchronous worker destruction.
 
     ``min_workers`` processes start at once and the pool never culls below them; a submit that
@@ -445,23 +243,23 @@ class WorkerPool:
     ) -> None:
         if max_workers is None:
             max_workers = max(os.cpu_count() or 1, (min_workers or 0))
-        _check_number("max_workers", max_workers, minimum=1, integer=True)
+        check_number("max_workers", max_workers, minimum=1, integer=True)
         if min_workers is None:
             min_workers = min(KEEP_IDLE, max_workers)
-        _check_number("min_workers", min_workers, minimum=0, integer=True)
+        check_number("min_workers", min_workers, minimum=0, integer=True)
         if min_workers > max_workers:
             raise ValueError(f"min_workers ({min_workers}) must not exceed max_workers ({max_workers})")
-        _check_number("idle_timeout", idle_timeout, minimum=0)
-        _check_number("linger_dying", linger_dying, minimum=0)
+        check_number("idle_timeout", idle_timeout, minimum=0)
+        check_number("linger_dying", linger_dying, minimum=0)
         if max_tasks_per_child is not None:
-            _check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
-        init_payload = _dumps_initializer(initializer, initargs)
+            check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
+        init_payload = dumps_initializer(initializer, initargs)
         nice, cpus = check_attrs(nice, cpus)
         if concurrency is None:
             concurrency = len(cpus) if cpus is not None else len(os.sched_getaffinity(0))
-        _check_number("concurrency", concurrency, minimum=1, integer=True)
-        _check_number("cpu_intensive_threshold", cpu_intensive_threshold, minimum=0)
-        _check_number("spin", spin, minimum=0)
+        check_number("concurrency", concurrency, minimum=1, integer=True)
+        check_number("cpu_intensive_threshold", cpu_intensive_threshold, minimum=0)
+        check_number("spin", spin, minimum=0)
         if spin > 0.01:
             raise ValueError(f"spin must be at most 0.01 s (it burns CPU while it lasts), got {spin!r}")
         if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
@@ -546,6 +344,11 @@ class WorkerPool:
         self._arbiter_thread.start()
         _live_pools.add(self)
 
+    def _unlist(self) -> None:
+        """The end of teardown: no longer a live pool, and its id may be reused."""
+        _free_pool_id(self.id)
+        _live_pools.discard(self)
+
     def _abort_init(self) -> None:
         for w in list(self._workers.values()):
             try:
@@ -573,7 +376,7 @@ class WorkerPool:
         worker is SIGKILLed and replaced, and the item fails with ``ItemTimeout`` (a builtin
         ``TimeoutError``). A killed worker is the only sure way to stop arbitrary code."""
         if timeout is not None:
-            _check_number("timeout", timeout, minimum=0)
+            check_number("timeout", timeout, minimum=0)
         return self._submit(fn, args, kwargs, timeout)
 
     def _submit(
@@ -591,7 +394,7 @@ class WorkerPool:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
-        payload = _dumps_call(seq, fn, args, kwargs, tag)
+        payload = dumps_call(seq, fn, args, kwargs, tag)
         fut: Future = Future()
         item = _Item(seq, fut, payload, timeout, account)
         wake = False
@@ -753,7 +556,7 @@ class WorkerPool:
 
         Returns how many were flagged; never waits for a process (the seed's destroy_worker).
         """
-        _check_number("n", n, minimum=0, integer=True)
+        check_number("n", n, minimum=0, integer=True)
         with self._lock:
             count = 0
             while count < n and self._idle:
@@ -761,48 +564,7 @@ class WorkerPool:
                 count += 1
         return count
 
-    def close(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
-        """Tear the pool down (the seed's put_unbound_pool()); idempotent.
-
-        Idle workers are destroyed at once; busy ones finish their item, and pending items
-        still run unless ``cancel_futures``. With ``wait``, returns only once every worker
-        detached and no process of the pool remains. ``timeout`` bounds the wait for running
-        and pending items: after it, pending items fail with PoolClosed, and busy workers get
-        SIGTERM, then SIGKILL, their items failing with TeardownTimeout.
-        """
-        if timeout is not None:
-            _check_number("timeout", timeout, minimum=0)
-        cancelled: list[_Item] = []
-        with self._lock:
-            first = not self._closing
-            self._closing = True
-            if first:
-                if cancel_futures:
-                    # Items taken back from a lost worker's prefetch are RUNNING already:
-                    # they cannot be cancelled, so they stay and run.
-                    cancelled = [it for it in self._worklist if not it.started]
-                    self._worklist = deque(it for it in self._worklist if it.started)
-                while self._idle:
-                    self._destroy_worker(self._idle.popleft())
-        for item in cancelled:
-            item.future.cancel()
-        if first:
-            # The pool stays in _live_pools until its teardown ends (see _teardown), so that
-            # at interpreter exit the pending work of a close(wait=False) still runs, as
-            # concurrent.futures promises for shutdown(wait=False).
-            self._wake()
-            if wait and threading.current_thread() is not self._arbiter_thread:
-                self._teardown(timeout)
-                return
-            # close() from a done-callback runs on the arbiter thread, which teardown must
-            # join: hand teardown to its own thread instead of deadlocking.
-            threading.Thread(
-                target=self._teardown, args=(timeout,), name=f"procpool-teardown-{self.id}", daemon=True
-            ).start()
-        elif wait:
-            self._closed.wait()
-
-    shutdown = close
+    shutdown = Teardown.close
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -820,23 +582,6 @@ class WorkerPool:
     def _may_grow(self) -> bool:
         """Work waits, nobody idle to take it, and room for another worker."""
         return bool(self._worklist) and not self._idle and len(self._workers) < self.max_workers
-
-    def _nr_running(self) -> int:
-        """The kernel's nr_running: busy workers not blocked and not CPU-intensive."""
-        return len(self._workers) - len(self._idle) - self._nr_cm_out
-
-    def _need_more_worker(self) -> bool:
-        """The kernel's rule: work waits, nobody idle to take it, room for another worker, and
-        fewer workers running than the concurrency target (blocked and CPU-intensive busy
-        workers do not count, so blocking items get extra workers and CPU-bound ones do not
-        oversubscribe the CPUs)."""
-        return self._may_grow() and self._nr_running() < self.concurrency
-
-    def _cm_set(self, w: _Worker, blocked: bool, intensive: bool) -> None:
-        """Update ``w``'s concurrency flags and the count of excluded workers. L held."""
-        before = w.cm_blocked or w.cm_intensive
-        w.cm_blocked, w.cm_intensive = blocked, intensive
-        self._nr_cm_out += (blocked or intensive) - before
 
     def _used_up(self, w: _Worker) -> bool:
         """Has ``w`` run its max_tasks_per_child items? Then it retires instead of idling."""
@@ -1123,79 +868,11 @@ class WorkerPool:
             with self._lock:
                 if self._stop_arbiter:
                     return
-                grow = self._nr_to_create()
-                # Workers the pool would not start if every busy one counted as running;
-                # each is charged to the client of a waiting item it was started for.
-                by_cm = max(0, min(grow, len(self._workers) - len(self._idle) + grow - self.concurrency))
-                waiting = [it.account for it in itertools.islice(self._worklist, by_cm)]
-            if grow and time.monotonic() >= self._create_retry_at:
-                made = self._create_workers(grow)
-                if by_cm and made:
-                    with self._lock:
-                        self._cm_wakeups += min(by_cm, made)
-                    for account in waiting[: min(by_cm, made)]:
-                        if account is not None:
-                            account.charge(cm_wakeups=1)
+            self._grow()
             self._cull_idle()
             self._kill_overdue()
 
     _stop_arbiter = False  # L: set by teardown once every process is reaped
-
-    def _nr_to_create(self) -> int:
-        if not self._need_more_worker():
-            return 0
-        return min(
-            len(self._worklist), self.max_workers - len(self._workers), self.concurrency - self._nr_running()
-        )
-
-    def _maybe_sample(self) -> None:
-        """Concurrency management (the kernel's wq_worker_sleeping() and CPU-intensive
-        detection, by sampling): while work waits and the pool may grow, every
-        CM_SAMPLE_INTERVAL read each busy worker's process state and CPU time with psutil.
-        Blocked (sleeping, disk-sleep) workers and those whose item kept the CPU past
-        ``cpu_intensive_threshold`` stop counting in nr_running. Nothing is read when no
-        work waits. Arbiter thread; psutil calls happen outside L."""
-        now = time.monotonic()
-        if now < self._next_sample_at:
-            return
-        with self._lock:
-            if not self._may_grow():
-                return
-            busy = [(w, w.current.seq) for w in self._workers.values() if w.state == "busy" and w.current is not None]
-            self._cm_samples += 1
-        self._next_sample_at = now + CM_SAMPLE_INTERVAL
-        import psutil
-
-        seen = []
-        for w, seq in busy:
-            try:
-                if w.ps is None:
-                    w.ps = psutil.Process(w.pid)
-                status = w.ps.status()
-                t = w.ps.cpu_times()
-            except psutil.Error:
-                continue  # gone: the arbiter reaps it
-            blocked = status in (psutil.STATUS_SLEEPING, psutil.STATUS_DISK_SLEEP)
-            seen.append((w, seq, blocked, t.user + t.system))
-        marked: list[Account] = []
-        with self._lock:
-            for w, seq, blocked, cpu in seen:
-                if w.state != "busy" or w.current is None or w.current.seq != seq:
-                    continue  # moved on meanwhile: its new item counts as running
-                intensive = w.cm_intensive
-                # As the kernel's worker->current_at, the CPU clock restarts when the item
-                # starts (here: its first sample) and whenever it is seen blocked: only a
-                # stretch of CPU without sleeping makes it CPU-intensive.
-                if w.cm_seq != seq or blocked:
-                    w.cm_seq, w.cm_cpu0 = seq, cpu
-                elif not intensive and cpu - w.cm_cpu0 >= self.cpu_intensive_threshold:
-                    intensive = True
-                    self._cpu_intensive += 1
-                    if w.current.account is not None:
-                        marked.append(w.current.account)
-                self._cm_set(w, blocked, intensive)
-        for account in marked:
-            account.charge(cpu_intensive=1)
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -1409,116 +1086,6 @@ class WorkerPool:
             self._sel.unregister(fileobj)
         except (KeyError, ValueError):
             pass
-
-    # -- teardown ---------------------------------------------------------------------------------
-
-    def _teardown(self, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            self._wait_drained(deadline)
-            assert self._table is not None
-            with self._arb:
-                self._no_create = True
-                with self._attach:
-                    waiting = self._table.nr_allocated() > 0
-                    if waiting:
-                        self._table.install_completion()
-            if waiting:
-                _faults.hit(self._faults, "teardown.before_wait")
-                self._wait_completion(deadline)
-            self._wait_reaped(deadline)
-            with self._lock:
-                self._stop_arbiter = True
-            self._wake()
-            self._arbiter_thread.join()
-        finally:
-            self._free_resources()
-            self._closed.set()
-            _live_pools.discard(self)
-
-    def _wait_drained(self, deadline: float | None) -> None:
-        """Wait until no worker is attached and no item waits; past the deadline, give up on
-        pending items and kill the busy workers."""
-        self._wait_for(lambda: not self._workers and not self._worklist, deadline, "its timeout ran out")
-
-    def _wait_for(self, done: Callable[[], bool], deadline: float | None, reason: str) -> None:
-        """Wait on ``self._changed`` until ``done()`` (evaluated under L); past the deadline,
-        escalate (``reason`` goes into the items' errors)."""
-        with self._lock:
-            while not done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._changed.wait(left)
-            else:
-                return
-        self._escalate(reason)
-
-    def _escalate(self, reason: str) -> None:
-        with self._lock:
-            self._abandon = True
-            abandoned = list(self._worklist)
-            self._worklist.clear()
-            victims = list(self._workers.values()) + list(self._dying)
-            for w in victims:
-                if w.kill_reason is None:  # a worker already killed for its item keeps that reason
-                    w.kill_reason = (TeardownTimeout, f"by close() after {reason}")
-        self._fail_unstarted(abandoned)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for w in victims:
-                try:
-                    os.kill(w.pid, sig)
-                except ProcessLookupError:
-                    pass
-            end = time.monotonic() + KILL_GRACE
-            with self._lock:
-                while (self._workers or self._dying) and time.monotonic() < end:
-                    self._changed.wait(end - time.monotonic())
-                if not self._workers and not self._dying:
-                    return
-
-    def _fail_unstarted(self, items: list[_Item]) -> None:
-        for item in items:
-            if item.started or item.future.set_running_or_notify_cancel():
-                item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))
-
-    def _wait_completion(self, deadline: float | None) -> None:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self._completion_r.poll(left):
-            return
-        self._escalate("its timeout ran out while workers were still detaching")
-        self._completion_r.poll(KILL_GRACE)
-
-    def _wait_reaped(self, deadline: float | None) -> None:
-        self._wait_for(
-            lambda: not self._workers and not self._dying,
-            deadline,
-            "its timeout ran out while dying workers were still alive",
-        )
-
-    def _free_resources(self) -> None:
-        for conn in (self._completion_r, self._completion_w):
-            conn.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._sel.close()
-        if self._table is not None:
-            self._completions_seen = self._table.completions
-            self._table.destroy()
-            self._table = None
-        _free_pool_id(self.id)
-
-    @property
-    def completions(self) -> int:
-        """How many times the detach completion completed: 0 until teardown, then at most 1
-        (0 too when no worker was left attached to wait for)."""
-        if self._table is not None:
-            return self._table.completions
-        return self._completions_seen
-
 
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is None:

@@ -23,6 +23,7 @@ treats the workers as lost (and kills any that survive), then starts a new spawn
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import select
@@ -430,6 +431,52 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str])
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+# -- the start method of a spawner in a threaded program ------------------------------------------
+
+
+def resolve_context(mp_context: Any) -> Any:
+    """The multiprocessing context that starts the program's spawner when the program runs
+    threads (see procpool.spawner; a single-threaded program forks its spawner directly):
+    forkserver unless told otherwise.
+
+    forkserver is the default because it is safe when the parent runs threads (a fork of a
+    threaded parent can copy a lock held by another thread) while each new worker is still
+    only a fork of a small single-threaded server, with procpool already imported there.
+    """
+    if mp_context is None:
+        mp_context = "forkserver"
+    if isinstance(mp_context, str):
+        try:
+            ctx = multiprocessing.get_context(mp_context)
+        except ValueError:
+            raise ValueError(f"mp_context: unknown start method {mp_context!r}") from None
+    else:
+        ctx = mp_context
+    method = ctx.get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "mp_context: procpool does not start workers with 'fork' (unsafe in a threaded parent, "
+            "and every worker would inherit every other worker's pipes); use 'forkserver' (the "
+            "default) or 'spawn'"
+        )
+    if method == "forkserver":
+        _preload_into_forkserver(ctx)
+    return ctx
+
+
+def _preload_into_forkserver(ctx: Any) -> None:
+    # Importing procpool once in the fork server, not in the spawner it starts, is most of
+    # that start. Keep whatever preload list the program set (default: ['__main__']).
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return  # already running; too late to change what it preloaded
+    mods = list(getattr(server, "_preload_modules", ["__main__"]))
+    if "procpool.worker" not in mods:
+        ctx.set_forkserver_preload(mods + ["procpool.worker"])
 
 
 _spawner: Spawner | None = None

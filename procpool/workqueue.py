@@ -57,8 +57,10 @@ from concurrent.futures import _base as _futures_base
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import check_attrs, check_number
 from .idtable import write_workqueues
-from .pool import Account, WorkerPool, _check_number, check_attrs
+from .pool import WorkerPool
+from .stats import Account
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
 DEFAULT_MAX_ACTIVE = 256
@@ -251,7 +253,7 @@ class Workqueue:
             max_active = 1
         elif max_active is None:
             max_active = DEFAULT_MAX_ACTIVE
-        _check_number("max_active", max_active, minimum=1, integer=True)
+        check_number("max_active", max_active, minimum=1, integer=True)
         self.name = name  # I
         self.max_active = max_active  # I
         self.ordered = ordered  # I
@@ -312,7 +314,7 @@ class Workqueue:
 
     def queue_delayed(self, delay: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Work:
         """Queue ``fn(*args, **kwargs)`` once ``delay`` seconds have passed (never earlier)."""
-        _check_number("delay", delay, minimum=0)
+        check_number("delay", delay, minimum=0)
         work = Work(self, fn, args, kwargs)
         with self._lock:
             self._check_may_queue()
@@ -322,7 +324,7 @@ class Workqueue:
     def mod_delayed(self, work: Work, delay: float) -> bool:
         """Re-arm ``work`` to be queued ``delay`` seconds from now, if it has not started (its
         timer is pending, or it waits in the queue). False if it is in flight or done."""
-        _check_number("delay", delay, minimum=0)
+        check_number("delay", delay, minimum=0)
         self._check_mine(work)
         with self._lock:
             if work.where == "pending":

@@ -1,0 +1,76 @@
+"""Pickling a call in the submitting thread, so that a call which cannot cross the process
+boundary fails there, with an error naming the part that cannot be pickled.
+
+Wire format of a work message: see procpool.worker."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+from .worker import PICKLE_PROTOCOL, SEQ_BYTES
+
+
+@functools.cache
+def cloudpickle_module() -> Any:
+    """The cloudpickle module if it is installed (the optional extra), else None."""
+    try:
+        import cloudpickle
+    except ImportError:
+        return None
+    return cloudpickle
+
+
+def dumps(obj: Any) -> bytes:
+    """Plain pickle; cloudpickle only where plain pickle fails (lambdas, closures, functions
+    of an interactive ``__main__``) and it is installed. Plain pickle stays first because it is
+    faster and pickles functions by reference, as the worker expects to import them. A worker
+    loads cloudpickle's output with plain pickle, as long as it can import cloudpickle."""
+    try:
+        return pickle.dumps(obj, PICKLE_PROTOCOL)
+    except Exception:
+        cp = cloudpickle_module()
+        if cp is None:
+            raise
+        return cp.dumps(obj, PICKLE_PROTOCOL)
+
+
+def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> TypeError:
+    """A TypeError naming the first of ``parts`` (label, object) that cannot be pickled."""
+    for what, obj in parts:
+        try:
+            dumps(obj)
+        except Exception as part_exc:
+            return TypeError(f"{where}: {what} cannot be pickled: {part_exc}")
+    return TypeError(f"{where}: the call cannot be pickled: {exc}")
+
+
+def dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
+    """Pickle one call in the caller's thread; on failure, name the part that failed. A
+    ``tag`` (a workqueue's name) rides along as a fourth element for the worker's title."""
+    try:
+        call = (fn, args, kwargs) if tag is None else (fn, args, kwargs, tag)
+        return seq.to_bytes(SEQ_BYTES, "little") + dumps(call)
+    except Exception as exc:
+        parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
+        parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
+        parts += [(f"keyword argument {k!r} ({type(v).__name__})", v) for k, v in kwargs.items()]
+        raise unpicklable("submit()", parts, exc) from exc
+
+
+def dumps_initializer(initializer: Callable[..., Any] | None, initargs: Any) -> bytes | None:
+    """Pickle ``(initializer, initargs)`` once, when the pool is made, so a bad one is refused
+    there and then rather than in every worker."""
+    if initializer is None:
+        return None
+    if not callable(initializer):
+        raise TypeError(f"initializer must be a callable, got {type(initializer).__name__}: {initializer!r}")
+    initargs = tuple(initargs)
+    try:
+        return dumps((initializer, initargs))
+    except Exception as exc:
+        parts: list[tuple[str, Any]] = [(f"initializer {initializer!r}", initializer)]
+        parts += [(f"initargs[{i}] ({type(a).__name__})", a) for i, a in enumerate(initargs)]
+        raise unpicklable("WorkerPool()", parts, exc) from exc
