@@ -186,7 +186,11 @@ def _close_live_pools() -> None:
     let the spawner go. Registered after multiprocessing's own exit hook (imported above), so
     it runs before that hook joins child processes such as the spawner."""
     for pool in list(_live_pools):
-        pool.close(wait=True)
+        # Only the program's own pools: a fork of the program (os.fork, then a normal exit)
+        # inherits this set but not the pools' arbiter threads; closing them there would send
+        # DIE to the program's workers through inherited pipes, then wait forever.
+        if pool._owner_pid == os.getpid():
+            pool.close(wait=True)
     stop_spawner()
 
 
@@ -318,6 +322,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self._next_sample_at = 0.0  # A
 
         self.id = _alloc_pool_id()  # I
+        self._owner_pid = os.getpid()  # I: the program; a fork of it must not tear the pool down
         self._table: IdTable | None = None
         try:
             # Dying workers keep their ids until they detach, so a pool under churn can hold

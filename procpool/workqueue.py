@@ -170,7 +170,9 @@ def _destroy_at_exit() -> None:
     """Registered after procpool.pool's own hook, so it runs first: the pools are still open
     while the workqueues' queued items finish."""
     with _registry_lock:
-        wqs = list(reversed(_live))
+        # Only in the program that made them: a fork of it (os.fork, then sys.exit) inherits
+        # the list but not the pools' threads, and would wait forever.
+        wqs = [wq for wq in reversed(_live) if wq._owner_pid == os.getpid()]
     for wq in wqs:
         wq._destroy_at_exit()
 
@@ -261,6 +263,7 @@ class Workqueue:
         self._max_workers = max_workers  # I
         self.pool = get_pool(self._key, max_workers)  # L: where new items go (apply_attrs changes it)
         self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
+        self._owner_pid = os.getpid()  # I
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 
 import psutil
@@ -281,3 +284,43 @@ def test_default_start_method_is_safe_with_threads_in_the_parent():
     finally:
         held.release()
         t.join()
+
+
+FORK_CHILD_SCRIPT = """
+import os, sys, procpool, tasks
+pool = procpool.WorkerPool(2, 2)
+wq = procpool.Workqueue("forkexit")
+pids = sorted(w.pid for w in pool.workers())
+child = os.fork()
+if child == 0:
+    sys.exit(0)  # a normal exit: atexit hooks run in the fork
+_, status = os.waitpid(child, 0)
+assert os.waitstatus_to_exitcode(status) == 0
+# The fork's exit neither closed the program's pool nor destroyed its workqueue.
+assert sorted(w.pid for w in pool.workers()) == pids, (pool.workers(), pids)
+assert pool.submit(tasks.square, 6).result(timeout=10) == 36
+assert wq.queue(tasks.square, 5).result(timeout=10) == 25
+print("ok", flush=True)
+"""
+
+
+def test_a_forked_child_exiting_leaves_the_programs_pools_alone():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    # Its own session: if the fork hangs in its exit (the bug this guards against), the whole
+    # group is killed, so no stray process outlives the test.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORK_CHILD_SCRIPT],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    assert proc.returncode == 0, err
+    assert out == "ok\n"
