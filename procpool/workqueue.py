@@ -423,6 +423,7 @@ class Workqueue:
                 self._delayed.discard(work)
             work.where = "done"
             self._changed.notify_all()
+        _mark_dirty()
         self._after_leaving(release, sends)
         return cancelled
 
@@ -605,12 +606,14 @@ class Workqueue:
             raise ValueError(f"{work!r} is not an item of workqueue {self.name!r}")
 
     def _enqueue(self, work: Work) -> None:
+        _mark_dirty()  # pending changed: every change of a published number marks it
         work.seq = next(self._seq)
         work.where = "pending"
         self._pending.append(work)
         self._active[work.seq] = work
 
     def _arm(self, work: Work, delay: float) -> None:
+        _mark_dirty()
         work.deadline = time.monotonic() + delay
         work.where = "delayed"
         self._delayed.add(work)
@@ -782,6 +785,7 @@ class Workqueue:
             with self._lock:
                 self._mayday += 1
                 self._rescued += len(taken)
+            _mark_dirty()
             for work in taken:
                 self._rescue(work)
 
