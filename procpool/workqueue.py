@@ -34,7 +34,8 @@ an executor's pending work at exit).
 
 Completions run on the pool's arbiter thread: a done-callback of a Work may queue more work
 (chained queueing, allowed even during drain) but must not wait on this workqueue (flush,
-drain, destroy, cancel_work(sync=True)): the arbiter it would block delivers the results.
+drain, destroy, flush_work, cancel_work(sync=True)): the arbiter it would block delivers the
+results, so those raise RuntimeError there instead of hanging.
 
 Guards:  L = Workqueue._lock      I = set in __init__, read-only after
          R = _registry_lock (the pool registry and the live workqueues, module level)
@@ -349,6 +350,8 @@ class Workqueue:
         with self._lock:
             if work.where == "delayed":
                 return False
+        if not work.done():
+            self._check_may_wait("flush_work")
         try:
             work.exception(timeout)
         except CancelledError:
@@ -403,6 +406,11 @@ class Workqueue:
                 # In flight (it may be running: only the pool's cancel_running could stop
                 # it) or done already.
                 if sync and work.where == "inflight":
+                    self._lock.release()
+                    try:
+                        self._check_may_wait("cancel_work(sync=True)")
+                    finally:
+                        self._lock.acquire()
                     self._changed.wait_for(lambda: work.where == "done")
                 return False
             # Off the queue and the timer: nobody can start, re-arm or cancel it any more.
@@ -431,6 +439,7 @@ class Workqueue:
         """Wait until every item queued before this call finished. Items queued meanwhile
         (chained from completions) are not waited for; delayed items count once their timer
         put them on the queue. False if ``timeout`` ran out."""
+        self._check_may_wait("flush")
         with self._lock:
             # Flush racing a requeue: a mark, not "until empty". An item queued while we wait
             # (a completion chaining another, a timer firing) gets a later seq and does not
@@ -447,6 +456,7 @@ class Workqueue:
         """Flush until the workqueue is empty (delayed items included). Meanwhile only chained
         queueing (from a done-callback of one of its own items) is allowed; other queueing
         raises RuntimeError. False if ``timeout`` ran out."""
+        self._check_may_wait("drain")
         with self._lock:
             self._draining += 1
             try:
@@ -457,6 +467,7 @@ class Workqueue:
     def destroy(self) -> None:
         """Drain, then drop this workqueue's reference on its pool (the last one closes it).
         Idempotent; queueing afterwards raises RuntimeError."""
+        self._check_may_wait("destroy")
         with self._lock:
             if self._destroyed:
                 return
@@ -600,6 +611,22 @@ class Workqueue:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed")
         if self._draining and getattr(_chained, "wq", None) is not self:
             raise RuntimeError(f"workqueue {self.name!r} is draining: only chained queueing is allowed")
+
+    def _check_may_wait(self, what: str) -> None:
+        """Refuse to wait on the thread that would have to deliver what we wait for: a
+        done-callback runs on a pool's arbiter thread, and blocking it there would wait
+        forever. A clear error instead of a hang."""
+        me = threading.current_thread()
+        with self._lock:
+            pools = [self.pool, *(p for _, p in self._retired.values())]
+            if self._rescuer_pool is not None:
+                pools.append(self._rescuer_pool)
+        if any(me is p._arbiter_thread for p in pools):
+            raise RuntimeError(
+                f"workqueue {self.name!r}: {what}() from a done-callback would deadlock: callbacks run on "
+                "the pool's arbiter thread, which delivers the results it would wait for (queue more work "
+                "instead, or wait from another thread)"
+            )
 
     def _check_mine(self, work: Work) -> None:
         if not isinstance(work, Work) or work.wq is not self:

@@ -546,3 +546,28 @@ def test_killed_workers_lose_no_work_item():
         for wq in (a, b):
             s = wq.stats()
             assert s.in_flight == 0 and s.completed == s.started == 80
+
+
+def test_waiting_from_a_done_callback_raises_instead_of_hanging(tmp_path):
+    release = tmp_path / "release"
+    errors: list[BaseException] = []
+    with procpool.Workqueue("cb-wait") as wq:
+        blocker = wq.queue(tasks.wait_for_file, str(release), "late")
+
+        def callback(_work):
+            for wait in (wq.flush, wq.drain, lambda: wq.flush_work(blocker)):
+                try:
+                    wait()
+                except RuntimeError as exc:
+                    errors.append(exc)
+
+        go = tmp_path / "go"
+        first = wq.queue(tasks.wait_for_file, str(go), 9)
+        first.add_done_callback(callback)  # before it can finish: the callback runs on the arbiter
+        go.touch()
+        assert first.result(timeout=30) == 9
+        wait_until(lambda: len(errors) == 3, what="the three refusals")
+        assert all("done-callback would deadlock" in str(e) for e in errors)
+        assert not blocker.done()  # the callback did not wait for it
+        release.touch()
+        assert blocker.result(timeout=30) == "late"  # and the pool carried on
