@@ -166,6 +166,22 @@ def _unregister(wq: Workqueue) -> None:
             _live.remove(wq)
 
 
+def _forget_parents_workqueues() -> None:
+    """In a child forked from the program: its workqueues and pools belong to the parent (their
+    threads did not come along), so the child starts with none of its own. Fresh locks too: a
+    fork copies a lock held by another thread as held, forever."""
+    global _registry_lock, _publish_lock, _dirty, _publisher
+    _registry_lock = threading.Lock()
+    _publish_lock = threading.Lock()
+    _dirty = threading.Event()
+    _publisher = None
+    _pools.clear()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_workqueues)
+
+
 @atexit.register
 def _destroy_at_exit() -> None:
     """Registered after procpool.pool's own hook, so it runs first: the pools are still open

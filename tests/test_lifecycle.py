@@ -293,7 +293,13 @@ wq = procpool.Workqueue("forkexit")
 pids = sorted(w.pid for w in pool.workers())
 child = os.fork()
 if child == 0:
-    sys.exit(0)  # a normal exit: atexit hooks run in the fork
+    # The fork starts with no workqueue and no shared pool of its own: a workqueue made here
+    # gets a new pool (with the fork's own spawner), not the parent's.
+    wq2 = procpool.Workqueue("forkchild")
+    assert wq2.pool is not wq.pool
+    ok = wq2.queue(tasks.square, 4).result(timeout=10) == 16
+    wq2.destroy()
+    sys.exit(0 if ok else 3)  # a normal exit: atexit hooks run in the fork
 _, status = os.waitpid(child, 0)
 assert os.waitstatus_to_exitcode(status) == 0
 # The fork's exit neither closed the program's pool nor destroyed its workqueue.
@@ -304,7 +310,7 @@ print("ok", flush=True)
 """
 
 
-def test_a_forked_child_exiting_leaves_the_programs_pools_alone():
+def test_a_forked_child_leaves_the_programs_pools_and_workqueues_alone():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     # Its own session: if the fork hangs in its exit (the bug this guards against), the whole
     # group is killed, so no stray process outlives the test.
