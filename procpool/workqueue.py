@@ -238,6 +238,11 @@ class Work(Future):
         return super().cancel()
 
 
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None:
+        check_number("timeout", timeout, minimum=0)
+
+
 _chained = threading.local()  # .wq: the workqueue whose item's completion this thread runs
 
 
@@ -361,7 +366,9 @@ class Workqueue:
 
     def flush_work(self, work: Work, timeout: float | None = None) -> bool:
         """Wait until ``work`` finished. False if it was never queued (its timer is pending);
-        True once it ended (result, exception or cancelled)."""
+        True once it ended (result, exception or cancelled). TimeoutError if ``timeout`` ran
+        out first (as ``Future.result``)."""
+        _check_timeout(timeout)
         self._check_mine(work)
         with self._lock:
             if work.where == "delayed":
@@ -376,7 +383,9 @@ class Workqueue:
 
     def flush_delayed_work(self, work: Work, timeout: float | None = None) -> bool:
         """Queue ``work`` now if its timer is pending, then wait until it finished. False if it
-        had ended already before this call, else True once it ended."""
+        had ended already before this call, else True once it ended (TimeoutError as
+        ``flush_work``)."""
+        _check_timeout(timeout)
         self._check_mine(work)
         with self._lock:
             if work.where == "done":
@@ -455,6 +464,7 @@ class Workqueue:
         """Wait until every item queued before this call finished. Items queued meanwhile
         (chained from completions) are not waited for; delayed items count once their timer
         put them on the queue. False if ``timeout`` ran out."""
+        _check_timeout(timeout)
         self._check_may_wait("flush")
         with self._lock:
             # Flush racing a requeue: a mark, not "until empty". An item queued while we wait
@@ -472,6 +482,7 @@ class Workqueue:
         """Flush until the workqueue is empty (delayed items included). Meanwhile only chained
         queueing (from a done-callback of one of its own items) is allowed; other queueing
         raises RuntimeError. False if ``timeout`` ran out."""
+        _check_timeout(timeout)
         self._check_may_wait("drain")
         with self._lock:
             self._draining += 1

@@ -571,3 +571,18 @@ def test_waiting_from_a_done_callback_raises_instead_of_hanging(tmp_path):
         assert not blocker.done()  # the callback did not wait for it
         release.touch()
         assert blocker.result(timeout=30) == "late"  # and the pool carried on
+
+
+def test_wait_timeouts_are_validated_and_honoured(tmp_path):
+    release = tmp_path / "release"
+    with procpool.Workqueue("timeouts") as wq:
+        w = wq.queue(tasks.wait_for_file, str(release), 1)
+        for wait in (wq.flush, wq.drain, lambda t: wq.flush_work(w, t), lambda t: wq.flush_delayed_work(w, t)):
+            for bad in (-1, "soon", float("nan")):
+                with pytest.raises((ValueError, TypeError), match="timeout"):
+                    wait(bad)
+        assert wq.flush(0.05) is False and wq.drain(0.05) is False
+        with pytest.raises(TimeoutError):
+            wq.flush_work(w, 0.05)
+        release.touch()
+        assert wq.flush_work(w, 30) is True and w.result() == 1
