@@ -14,6 +14,11 @@ arbiter, in miniature)::
                                                                   handler only records which
     then: close(cancel_futures=True, timeout) timed ─► summary ─► exit code
 
+With ``--workqueue NAME`` the items go through a ``procpool.Workqueue`` (max_active from
+``--max-active``) on its shared pool: workers show ``+NAME``/``-NAME`` in their titles and
+``procpool ps`` lists the workqueue's statistics; stopping cancels what no worker has
+started, then closes the pool the same bounded way, then destroys the workqueue.
+
 The built-in workload comes in bursts separated by pauses longer than the idle timeout, so the
 pool visibly grows (a burst finds no idle worker) and shrinks (the idle cull) in ps/htop.
 
@@ -50,6 +55,7 @@ import psutil
 
 from .idtable import FLAG_DIE, FREE, IdTable, is_wq_segment, list_segments, read_workqueues
 from .pool import WorkerPool
+from .workqueue import Workqueue
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -429,24 +435,56 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     interval = args.interval if args.interval is not None else (TTY_INTERVAL if out.isatty() else LOG_INTERVAL)
     task_s = args.task_ms / 1000.0
 
+    wq: Workqueue | None = None
+    works: list[Future] = []  # with --workqueue: what stopping early may have to cancel
+
     def submit_one(index: int) -> Future:
-        if fn is not None:
-            return pool.submit(fn, index)
-        return pool.submit(work_item, index, task_s, args.burn)
+        call = (fn, index) if fn is not None else (work_item, index, task_s, args.burn)
+        if wq is None:
+            return pool.submit(*call)
+        work = wq.queue(*call)
+        works.append(work)
+        return work
+
+    if args.workqueue is not None:
+        pool_only = [
+            opt
+            for opt, value, default in (
+                ("--min-workers", args.min_workers, None),
+                ("--idle-timeout", args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+                ("--linger-dying", args.linger_dying, 0.0),
+                ("--title-prefix", args.title_prefix, "kworker"),
+                ("--start-method", args.start_method, None),
+            )
+            if value != default
+        ]
+        if pool_only:
+            err.write(
+                f"{prog}: error: {', '.join(pool_only)} cannot be used with --workqueue (a workqueue's pool is "
+                "shared: kworker titles, no minimum, the default idle timeout; only --max-workers applies)\n"
+            )
+            return EXIT_USAGE
+    elif args.max_active is not None:
+        err.write(f"{prog}: error: --max-active needs --workqueue\n")
+        return EXIT_USAGE
 
     waker = Waker()
     started = time.monotonic()
     try:
         with SignalRecorder(waker) as signals:
             try:
-                pool = WorkerPool(
-                    args.min_workers,
-                    args.max_workers,
-                    idle_timeout,
-                    title_prefix=args.title_prefix,
-                    linger_dying=args.linger_dying,
-                    mp_context=args.start_method,
-                )
+                if args.workqueue is not None:
+                    wq = Workqueue(args.workqueue, max_active=args.max_active, max_workers=args.max_workers)
+                    pool = wq.pool
+                else:
+                    pool = WorkerPool(
+                        args.min_workers,
+                        args.max_workers,
+                        idle_timeout,
+                        title_prefix=args.title_prefix,
+                        linger_dying=args.linger_dying,
+                        mp_context=args.start_method,
+                    )
             except (ValueError, TypeError) as exc:
                 err.write(f"{prog}: error: {exc}\n")
                 return EXIT_USAGE
@@ -457,10 +495,11 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             feeder = Feeder(tally, submit_one, split_bursts(args.tasks, args.bursts), pause)
             progress = Progress(out, tty=out.isatty(), interval=interval, quiet=args.quiet)
             if not args.quiet:
+                via = "" if wq is None else f" via workqueue {wq.name} (max_active {wq.max_active})"
                 out.write(
                     f"procpool run: pool u{pool.id} (pid {os.getpid()}, table {pool.table_name}): {args.tasks} items"
-                    f" in {len(feeder.sizes)} bursts, workers {pool.min_workers}..{pool.max_workers}, idle timeout"
-                    f" {pool.idle_timeout:g}s, pause {pause:g}s\n"
+                    f" in {len(feeder.sizes)} bursts{via}, workers {pool.min_workers}..{pool.max_workers}, idle"
+                    f" timeout {pool.idle_timeout:g}s, pause {pause:g}s\n"
                 )
                 out.flush()
             try:
@@ -468,9 +507,17 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             finally:
                 progress.finish()
                 t0 = time.monotonic()
+                if wq is not None:
+                    # Newest first, so that cancelling an item in flight does not let the
+                    # workqueue hand the pool a waiting one that is about to be cancelled too.
+                    for work in reversed(works):
+                        if not work.done():
+                            wq.cancel_work(work)  # type: ignore[arg-type]
                 # Early stop: what has not run yet is cancelled; what runs gets a bounded
                 # wait, then close() kills it (its item fails with TeardownTimeout).
                 pool.close(wait=True, cancel_futures=True, timeout=args.teardown_timeout)
+                if wq is not None:
+                    wq.destroy()  # everything ended: drains at once, drops the (closed) pool
                 teardown_ms = (time.monotonic() - t0) * 1000.0
             signum = signals.received if early else None
             if signum is None and signals.received is not None:
@@ -478,13 +525,15 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         waker.close()
     result = RunResult(reason, signum, time.monotonic() - started, teardown_ms)
-    write_summary(out, pool, tally, feeder, result)
+    write_summary(out, pool, tally, feeder, result, wq)
     if signum is not None:
         return 128 + signum
     return EXIT_FAILED if tally.failed else EXIT_OK
 
 
-def write_summary(out: TextIO, pool: WorkerPool, tally: Tally, feeder: Feeder, result: RunResult) -> None:
+def write_summary(
+    out: TextIO, pool: WorkerPool, tally: Tally, feeder: Feeder, result: RunResult, wq: Workqueue | None = None
+) -> None:
     s = pool.stats()
     never = feeder.total - tally.submitted
     cancelled = tally.cancelled + never
@@ -495,6 +544,12 @@ def write_summary(out: TextIO, pool: WorkerPool, tally: Tally, feeder: Feeder, r
         f"  workers   {s.created} created, {s.destroyed} destroyed, {s.lost} lost",
         f"  teardown  {result.teardown_ms:.1f} ms",
     ]
+    if wq is not None:
+        w = wq.stats()
+        lines.append(
+            f"  workqueue {wq.name}: {w.started} started, {w.completed} completed, at most {w.max_in_flight} in"
+            f" flight, CPU {w.cpu_time:.2f}s, {w.cpu_intensive} CPU-intensive, {w.cm_wakeups} cm wakeups"
+        )
     if tally.first_failure is not None:
         lines.append(f"  first failure: {tally.first_failure}")
     out.write("\n".join(lines) + "\n")
@@ -765,6 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep a detached dying worker alive S seconds, to watch kworker/dying in ps (default 0)",
     )
     g.add_argument("--title-prefix", default="kworker", metavar="PREFIX", help="process title prefix (default kworker)")
+    g.add_argument(
+        "--workqueue",
+        metavar="NAME",
+        help="queue the items on a procpool.Workqueue NAME (its shared pool's workers show +NAME/-NAME in "
+        "their titles; procpool ps lists its statistics); only --max-workers applies to its pool",
+    )
+    g.add_argument(
+        "--max-active",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="with --workqueue: items in flight at a time (default 256)",
+    )
     g.add_argument(
         "--start-method",
         choices=("forkserver", "spawn"),

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import psutil
 import pytest
+from conftest import wait_until
 
 from procpool import cli, idtable
 
@@ -199,6 +200,35 @@ def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run]) -> None
     assert 4 in after_peak[after_peak.index(2) :], f"no regrowth after the cull: {seen}"
 
 
+def test_run_on_a_workqueue_shows_it_in_titles_and_ps(start: Callable[..., Run]) -> None:
+    run = start(
+        "run", "--workqueue", "cliwq", "--max-active", "3", "--tasks", "30", "--task-ms", "200",
+        "--bursts", "1", "--quiet",
+    )  # fmt: skip
+
+    def entry() -> dict[str, Any] | None:
+        for pool in ps_json():
+            if pool["owner_pid"] == run.pid:
+                for e in pool["workqueues"]:
+                    if e["name"] == "cliwq" and e["started"] > 0:
+                        return {"pool": pool, "wq": e}
+        return None
+
+    seen = wait_until(entry, timeout=WAIT, what="ps listing the workqueue of the run")
+    assert seen["wq"]["in_flight"] <= 3 and seen["wq"]["max_active"] == 3
+    # Its workers name the workqueue in their titles while they run its items.
+    wait_until(
+        lambda: any((w["title"] or "").endswith("+cliwq") for p in ps_json() if p["owner_pid"] == run.pid
+                    for w in p["workers"]),
+        timeout=WAIT,
+        what="a worker titled ...+cliwq",
+    )  # fmt: skip
+    assert run.wait() == 0, run.err
+    out = run.out
+    assert summary_items(out) == (30, 30, 0, 0)
+    assert "workqueue cliwq: 30 started, 30 completed, at most 3 in flight" in out
+
+
 def test_run_duration_cancels_the_rest(start: Callable[..., Run]) -> None:
     run = start("run", "--tasks", "3000", "--task-ms", "20", "--bursts", "1", "--duration", "1", "--quiet")
     assert run.wait() == 0, run.err
@@ -359,6 +389,10 @@ def test_run_func_errors_exit_2(tmp_path: Path, user_module: str, spec: str, mes
         (["--idle-timeout", "-1"], "idle_timeout must be a finite number >= 0"),
         (["--idle-timeout", "nan"], "argument --idle-timeout: must be a finite number"),
         (["--title-prefix", "a b"], "title_prefix must be a non-empty string without spaces"),
+        (["--workqueue", "a b"], "name must be a non-empty string without spaces"),
+        (["--workqueue", "wq", "--linger-dying", "1"], "--linger-dying cannot be used with --workqueue"),
+        (["--max-active", "2"], "--max-active needs --workqueue"),
+        (["--workqueue", "wq", "--max-active", "0"], "argument --max-active: must be >= 1"),
     ],
 )
 def test_run_bad_options_exit_2(args: list[str], message: str) -> None:
