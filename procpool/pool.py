@@ -77,6 +77,7 @@ from .errors import (
     WorkerLost,
 )
 from .frames import FrameReader, frame, write_all
+from .future import new_future
 from .idtable import FLAG_DIE, IdTable
 from .manager import new_lock
 from .spawner import get_spawner, resolve_context, stop_spawner
@@ -400,7 +401,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
         payload = dumps_call(seq, fn, args, kwargs, tag)
-        fut: Future = Future()
+        fut: Future = new_future()
         item = _Item(seq, fut, payload, timeout, account)
         wake = False
         with self._lock:
