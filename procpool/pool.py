@@ -676,7 +676,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         """Kill a busy worker for its item's sake (timeout, cancel_running): off the books at
         once like _destroy_worker(), but by SIGKILL, and it keeps ``current`` so that _reap()
         fails the item with ``error``. L held; never waits. If its result beats the signal,
-        the result wins (see _handle_result)."""
+        the result wins (see _complete_answers)."""
         assert w.state == "busy" and w.current is not None
         self._cm_set(w, False, False)
         del self._workers[w.id]
@@ -908,45 +908,69 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             # The worker is gone; its sentinel will say how. Stop watching its pipe.
             self._unregister(w.rconn)
             return
-        for data in messages:
-            self._handle_result(w, data)
+        self._handle_results(w, messages)
 
-    def _handle_result(self, w: _Worker, data: bytes) -> None:
-        head = data[:SEQ_BYTES]
-        (cpu,) = CPU_TIME.unpack_from(data, SEQ_BYTES)
-        try:
-            ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
-        except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
-            ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
-            value.__cause__ = exc
-        if not ok and tb is not None and isinstance(value, BaseException):
-            value.__cause__ = RemoteTraceback(tb)
-        if head == INIT_FAILED:
-            self._on_init_failed(w, value)
+    def _handle_results(self, w: _Worker, messages: list[bytes]) -> None:
+        """The answers of one read, in the order the worker sent them (often many: prefetched
+        short items). One pass under L for all of them, one write of what to send next, then
+        the futures, outside L."""
+        answers: list[tuple[int, float, bool, Any]] = []
+        for data in messages:
+            head = data[:SEQ_BYTES]
+            (cpu,) = CPU_TIME.unpack_from(data, SEQ_BYTES)
+            try:
+                ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
+            except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
+                ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
+                value.__cause__ = exc
+            if not ok and tb is not None and isinstance(value, BaseException):
+                value.__cause__ = RemoteTraceback(tb)
+            if head == INIT_FAILED:
+                # Only ever a worker's first and last message (it then waits for DIE).
+                self._complete_answers(w, answers)
+                answers = []
+                self._on_init_failed(w, value)
+                continue
+            answers.append((int.from_bytes(head, "little"), cpu, ok, value))
+        self._complete_answers(w, answers)
+
+    def _complete_answers(self, w: _Worker, answers: list[tuple[int, float, bool, Any]]) -> None:
+        if not answers:
             return
+        done: list[tuple[_Item, float, bool, Any]] = []
+        nxt: list[_Item] = []
         with self._lock:
-            item = w.current
-            w.current = None
-            self._deadlines.pop(w, None)
-            self._items_done += 1
-            self._cpu_time += cpu
-            now = time.monotonic()
-            self._service_ewma += (now - w.started_at - self._service_ewma) * SERVICE_EWMA_WEIGHT
-            # A worker killed (item timeout, cancel_running) just as its result came is already
-            # off the books: the item keeps the result it earned; the worker gets nothing more.
-            nxt = self._after_item(w) if w.state != "dying" else []
+            for seq, cpu, ok, value in answers:
+                item = w.current
+                if item is None and w.queued:
+                    # Killed (item timeout, cancel_running) just as its item answered, and it
+                    # went on to the next one before the signal landed: that one ran, so it
+                    # keeps its result too.
+                    item = w.queued.popleft()
+                if item is None or seq != item.seq:  # pragma: no cover - protocol bug
+                    raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
+                w.current = None
+                self._deadlines.pop(w, None)
+                self._items_done += 1
+                self._cpu_time += cpu
+                now = time.monotonic()
+                self._service_ewma += (now - w.started_at - self._service_ewma) * SERVICE_EWMA_WEIGHT
+                # A worker killed (item timeout, cancel_running) just as its result came is
+                # already off the books: the item keeps the result it earned; the worker gets
+                # nothing more.
+                if w.state != "dying":
+                    nxt += self._after_item(w)
+                done.append((item, cpu, ok, value))
         self._send(w, nxt)
-        seq = int.from_bytes(head, "little")
-        if item is None or seq != item.seq:  # pragma: no cover - protocol bug
-            raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
-        if item.account is not None:
-            item.account.charge(cpu_time=cpu)
-        if item.dropped:
-            return  # cancel_running() already ended it
-        if ok:
-            item.future.set_result(value)
-        else:
-            item.future.set_exception(value)
+        for item, cpu, ok, value in done:
+            if item.account is not None:
+                item.account.charge(cpu_time=cpu)
+            if item.dropped:
+                continue  # cancel_running() already ended it
+            if ok:
+                item.future.set_result(value)
+            else:
+                item.future.set_exception(value)
 
     def _on_init_failed(self, w: _Worker, exc: BaseException) -> None:
         """``w``'s initializer raised, and it waits for DIE. Destroy it, fail the item it was
@@ -995,8 +1019,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         # finished item would be reported lost.
         try:
             while w.rconn.poll(0):
-                for data in w.reader.read_ready():
-                    self._handle_result(w, data)
+                self._handle_results(w, w.reader.read_ready())
         except (EOFError, OSError):
             pass
         self._unregister(w.rconn)
