@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import functools
 import pickle
+import types
 from collections.abc import Callable
 from typing import Any
 
-from .worker import PICKLE_PROTOCOL, SEQ_BYTES
+from .worker import FN_CACHE_MAX, FN_LEN, PICKLE_PROTOCOL, SEQ_BYTES
+
+# Module-level functions -> their pickle, a reference (module and name) that never changes.
+# Only plain functions pickled by plain pickle are kept: a bound method or a partial carries
+# state that may change between submits, and cloudpickle pickles a closure by value.
+_function_pickles: dict[Callable[..., Any], bytes] = {}
+_CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
 
 
 @functools.cache
@@ -47,12 +54,32 @@ def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Typ
     return TypeError(f"{where}: the call cannot be pickled: {exc}")
 
 
+def dumps_function(fn: Callable[..., Any]) -> bytes:
+    """``fn`` pickled, from the cache when it is a plain module-level function."""
+    cacheable = type(fn) in _CACHEABLE
+    if cacheable:
+        data = _function_pickles.get(fn)
+        if data is not None:
+            return data
+        try:
+            data = pickle.dumps(fn, PICKLE_PROTOCOL)
+        except Exception:
+            return dumps(fn)  # a lambda or a closure: by value, with cloudpickle, never kept
+        if len(_function_pickles) >= FN_CACHE_MAX:
+            _function_pickles.clear()
+        _function_pickles[fn] = data
+        return data
+    return dumps(fn)
+
+
 def dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
-    """Pickle one call in the caller's thread; on failure, name the part that failed. A
-    ``tag`` (a workqueue's name) rides along as a fourth element for the worker's title."""
+    """Pickle one call in the caller's thread (wire format: see procpool.worker); on failure,
+    name the part that failed. A ``tag`` (a workqueue's name) rides along for the worker's
+    title."""
     try:
-        call = (fn, args, kwargs) if tag is None else (fn, args, kwargs, tag)
-        return seq.to_bytes(SEQ_BYTES, "little") + dumps(call)
+        fn_data = dumps_function(fn)
+        rest = dumps((args, kwargs) if tag is None else (args, kwargs, tag))
+        return b"".join((seq.to_bytes(SEQ_BYTES, "little"), FN_LEN.pack(len(fn_data)), fn_data, rest))
     except Exception as exc:
         parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
         parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]

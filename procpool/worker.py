@@ -17,8 +17,11 @@ freed, so a new worker that takes the id at once never shares a title with a liv
 Wire format on the worker's two pipes (work in, results out; the parent's ends stay in the parent):
 
 * parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
-  number + pickle of ``(fn, args, kwargs)`` made in the submitting thread, or of
-  ``(fn, args, kwargs, tag)`` for a workqueue's item (the tag goes in the title, see Titles);
+  number + 4-byte length of the function's pickle + the function's pickle + pickle of
+  ``(args, kwargs)``, or of ``(args, kwargs, tag)`` for a workqueue's item (the tag goes in the
+  title, see Titles), all made in the submitting thread. The function travels apart so both
+  sides can cache it: the parent the pickle of a module-level function (a reference), the
+  worker the function loaded from those bytes;
 * worker → parent: the same 8 bytes + the item's CPU time in the worker (seconds, 8-byte
   little-endian double: the workqueue statistics' CPU time) + pickle of ``(ok, value,
   traceback_text)``. The sequence number stays outside the pickle so the parent knows which
@@ -147,16 +150,38 @@ class Titles:
             self.current = title
 
 
+FN_LEN = struct.Struct("<I")
+#: Functions loaded from their pickles, by those bytes (a worker runs few distinct functions;
+#: the cache starts over when it holds this many).
+FN_CACHE_MAX = 256
+_functions: dict[bytes, Any] = {}
+
+
+def _load_function(payload: memoryview) -> tuple[Any, int]:
+    """The function of a work message's body, and where the rest of the body starts."""
+    (n,) = FN_LEN.unpack_from(payload)
+    end = FN_LEN.size + n
+    key = bytes(payload[FN_LEN.size : end])
+    fn = _functions.get(key)
+    if fn is None:
+        fn = pickle.loads(key)
+        if len(_functions) >= FN_CACHE_MAX:
+            _functions.clear()
+        _functions[key] = fn
+    return fn, end
+
+
 def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
     unpickle the call or to pickle the result ends as a TransferError saying which, not as a
     bare pickling error that would look like the function's own."""
     try:
-        call = pickle.loads(payload)
-        fn, args, kwargs = call[:3]
+        fn, start = _load_function(payload)
+        call = pickle.loads(payload[start:])
+        args, kwargs = call[:2]
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
         return _error_message(TransferError(f"the call could not be unpickled in the worker: {exc!r}"), exc)
-    tag = call[3] if len(call) > 3 and titles is not None else None
+    tag = call[2] if len(call) > 2 and titles is not None else None
     if tag is not None:
         titles.set(f"{titles.base}+{tag}")
     try:

@@ -172,3 +172,13 @@ def sleep_then_write(seconds: float, path: str) -> None:
     """Sleep, then write when it finished (CLOCK_MONOTONIC) to ``path``."""
     time.sleep(seconds)
     Path(path).write_text(str(time.monotonic()))
+
+
+class Counter:
+    """A picklable object whose state changes between submits of its bound method."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def get(self) -> int:
+        return self.value

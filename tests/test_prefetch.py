@@ -104,3 +104,30 @@ def test_spin_is_validated():
     for bad in (-1, 0.5, "fast"):
         with pytest.raises((ValueError, TypeError), match="spin"):
             procpool.WorkerPool(0, 1, spin=bad)
+
+
+def test_function_pickles_are_cached_only_where_they_cannot_change():
+    # Module-level functions travel as cached references; a bound method carries its
+    # instance's state, and a closure (cloudpickle) its cells: both must be pickled afresh.
+    from procpool import calls
+
+    counter = tasks.Counter()
+    with procpool.WorkerPool(1, 1) as pool:
+        assert pool.submit(tasks.square, 3).result(timeout=30) == 9
+        assert tasks.square in calls._function_pickles
+        assert pool.submit(tasks.square, 4).result(timeout=30) == 16
+        for value in (1, 2, 3):
+            counter.value = value
+            assert pool.submit(counter.get).result(timeout=30) == value
+        assert not any(isinstance(k, type(counter.get)) for k in calls._function_pickles)
+        try:
+            import cloudpickle  # noqa: F401
+        except ImportError:
+            return
+        for value in (5, 6):
+            assert pool.submit(lambda v=value: v * 10).result(timeout=30) == value * 10
+
+            def closure(v=value):
+                return v + 1
+
+            assert pool.submit(closure).result(timeout=30) == value + 1
