@@ -694,15 +694,16 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             pass  # already dead: the arbiter reaps it
         self._changed.notify_all()
 
-    def _after_item(self, w: _Worker) -> list[_Item]:
+    def _after_item(self, w: _Worker, refill: bool = True) -> list[_Item]:
         """The worker ``w`` finished its item: it goes on with its prefetched items, or gets
         the next ones, or idles, or retires after max_tasks_per_child items (the parent
         decides, not the worker: a worker leaving by itself would free its id while this side
-        still maps the id to it). Returns what to send it. L held."""
+        still maps the id to it). Returns what to send it. ``refill=False``: more answers of
+        the same read follow, so topping up its prefetch queue waits for the last. L held."""
         w.nr_done += 1
         if w.queued:
             self._start_item(w, w.queued.popleft())
-            return self._prefetch(w)
+            return self._prefetch(w) if refill else []
         if self._used_up(w):
             self._destroy_worker(w)
             return []
@@ -939,8 +940,9 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             return
         done: list[tuple[_Item, float, bool, Any]] = []
         nxt: list[_Item] = []
+        last = len(answers) - 1
         with self._lock:
-            for seq, cpu, ok, value in answers:
+            for i, (seq, cpu, ok, value) in enumerate(answers):
                 item = w.current
                 if item is None and w.queued:
                     # Killed (item timeout, cancel_running) just as its item answered, and it
@@ -959,7 +961,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 # already off the books: the item keeps the result it earned; the worker gets
                 # nothing more.
                 if w.state != "dying":
-                    nxt += self._after_item(w)
+                    nxt += self._after_item(w, refill=i == last)
                 done.append((item, cpu, ok, value))
         self._send(w, nxt)
         for item, cpu, ok, value in done:

@@ -268,6 +268,9 @@ def worker_main(spec: WorkerSpec) -> None:
             t0 = clock()
             batch = reader.next_batch(spin if spin_now else 0.0)
             spin_now = clock() - t0 <= spin
+            # One CPU clock reading per item: each item's CPU time runs from the end of the
+            # one before (or from here, after waiting: spinning is nobody's item).
+            cpu0 = process_time()
         except (EOFError, OSError):
             # The parent is gone (or closed us): there is no teardown to report to, and its
             # spawner will unlink the table. Leave at once.
@@ -280,9 +283,10 @@ def worker_main(spec: WorkerSpec) -> None:
                 exit_path(spec, table)
             table.set_state(wid, BUSY)
             faults.hit(fspec, "worker.busy", wid)
-            cpu0 = process_time()
             answer = _run_item(memoryview(msg)[SEQ_BYTES:], titles)
-            out = msg[:SEQ_BYTES] + CPU_TIME.pack(process_time() - cpu0) + answer
+            cpu1 = process_time()
+            out = msg[:SEQ_BYTES] + CPU_TIME.pack(cpu1 - cpu0) + answer
+            cpu0 = cpu1
             table.add_done(wid)
             table.set_state(wid, IDLE)
             try:
