@@ -278,22 +278,30 @@ def worker_main(spec: WorkerSpec) -> None:
         # Several items may come in one read (the parent prefetches short items). They run
         # in order, each result sent as soon as it exists: the parent counts on that order
         # to know which item was running if this process dies.
-        for msg in batch:
+        # The slot says busy from the first item of a batch to the last (one state write per
+        # batch, not two per item), and idle before the last answer goes out, so a caller that
+        # has its result sees the worker idle.
+        last = len(batch) - 1
+        for i, msg in enumerate(batch):
             if msg == DIE:
                 exit_path(spec, table)
-            table.set_state(wid, BUSY)
-            faults.hit(fspec, "worker.busy", wid)
+            if i == 0:
+                table.set_state(wid, BUSY)
+            if fspec:
+                faults.hit(fspec, "worker.busy", wid)
             answer = _run_item(memoryview(msg)[SEQ_BYTES:], titles)
             cpu1 = process_time()
             out = msg[:SEQ_BYTES] + CPU_TIME.pack(cpu1 - cpu0) + answer
             cpu0 = cpu1
             table.add_done(wid)
-            table.set_state(wid, IDLE)
+            if i == last:
+                table.set_state(wid, IDLE)
             try:
                 send(out)
             except OSError:
                 _exit(0)
-            faults.hit(fspec, "worker.idle", wid)
+            if fspec:
+                faults.hit(fspec, "worker.idle", wid)
 
 
 def exit_path(spec: WorkerSpec, table: IdTable) -> None:
