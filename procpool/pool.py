@@ -104,6 +104,11 @@ CREATE_COOLDOWN = 1.0
 #: to a busy worker up to PREFETCH_MAX at a time when the worklist is deep.
 PREFETCH_BELOW = 0.0005
 PREFETCH_MAX = 32
+#: ... and while the calls sent to it and not answered yet add up to at most this many bytes:
+#: well under a pipe's 64 KiB, so the arbiter's write never waits for the worker to read.
+#: (A worker blocked sending a large result while the arbiter is blocked writing it more
+#: work would be a deadlock.)
+PREFETCH_BYTES = 32 * 1024
 SERVICE_EWMA_WEIGHT = 0.1
 #: A worker that has just answered keeps polling its pipe for the next item this long (seconds)
 #: before it sleeps, as long as its previous item came within that time: on a 2-core VM a
@@ -640,11 +645,17 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             # Still well fed: top it up later, many items in one write, rather than one
             # write (and maybe one wake-up of the worker) per item answered.
             return []
+        sent = sum(len(it.payload) for it in w.queued)
+        if w.current is not None:
+            sent += len(w.current.payload)
         out: list[_Item] = []
         while len(w.queued) < depth and self._worklist and self._worklist[0].timeout is None:
+            if sent + len(self._worklist[0].payload) > PREFETCH_BYTES:
+                break
             item = self._next_item()
             if item is None:
                 break
+            sent += len(item.payload)
             w.queued.append(item)
             out.append(item)
         self._prefetched += len(out)

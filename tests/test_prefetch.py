@@ -131,3 +131,18 @@ def test_function_pickles_are_cached_only_where_they_cannot_change():
                 return v + 1
 
             assert pool.submit(closure).result(timeout=30) == value + 1
+
+
+def test_large_calls_and_results_do_not_deadlock_prefetch(always_prefetch, tmp_path):
+    # Short items with 8 KiB arguments and results: prefetching 32 of them would be 256 KiB
+    # for a 64 KiB pipe. The arbiter then blocked writing while the worker blocked sending a
+    # result the arbiter was not reading: a deadlock. Prefetch is now bounded in bytes.
+    release = tmp_path / "release"
+    big = b"x" * 8192
+    with procpool.WorkerPool(2, 2) as pool:
+        blockers = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(2)]
+        futs = [pool.submit(tasks.identity, big) for _ in range(200)]
+        release.touch()
+        assert [f.result(timeout=30) for f in blockers] == [0, 1]
+        assert all(f.result(timeout=30) == big for f in futs)
+        assert pool.stats().prefetched > 0  # it still prefetched, within the byte bound
