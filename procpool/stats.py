@@ -29,7 +29,7 @@ class PoolStats:
     cm_wakeups: int = 0  # workers started only because busy ones were blocked or CPU-intensive
     cpu_intensive: int = 0  # items marked CPU-intensive (kept the CPU past the threshold)
     cm_samples: int = 0  # sampling rounds of busy workers' process states
-    cpu_time: float = 0.0  # seconds of CPU the answered items' calls took in the workers
+    cpu_time: float = 0.0  # seconds of CPU the answered items took in the workers (call, unpickling, pickling)
 
 
 @dataclass(frozen=True)
