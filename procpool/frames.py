@@ -38,11 +38,12 @@ def write_all(fd: int, data: bytes) -> None:
 class FrameReader:
     """Buffered reader of framed messages on one file descriptor (one reader per fd)."""
 
-    __slots__ = ("fd", "_buf")
+    __slots__ = ("fd", "_buf", "_poller")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._buf = bytearray()
+        self._poller: select.poll | None = None  # made on the first spin
 
     def _fill(self) -> None:
         data = os.read(self.fd, CHUNK)
@@ -84,8 +85,10 @@ class FrameReader:
         if ready:
             return ready
         if spin > 0:
-            poller = select.poll()
-            poller.register(self.fd, select.POLLIN)
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self.fd, select.POLLIN)
             deadline = time.perf_counter() + spin
             while not poller.poll(0) and time.perf_counter() < deadline:
                 pass

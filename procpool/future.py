@@ -8,9 +8,10 @@ of submits a second, creating them and the collections they trigger were a large
 A ``PoolFuture`` is a Future in everything callers use: ``isinstance``, every method, and
 ``concurrent.futures.wait``/``as_completed``, which take ``f._condition`` themselves. Only
 that condition differs: ``_Condition``, a small non-reentrant condition variable with the
-same methods (nothing in concurrent.futures acquires one future's condition twice). It wakes
-a waiter only when notified or timed out, never spuriously: ``Future.result`` waits once and
-reads a wake-up without a result as a timeout.
+methods concurrent.futures uses (acquire/release, ``with``, wait, notify_all); nothing there
+acquires one future's condition twice. It wakes a waiter only when notified or timed out,
+never spuriously: ``Future.result`` waits once and reads a wake-up without a result as a
+timeout.
 
 If a Python version adds fields to ``Future.__init__``, ``new_future`` falls back to the
 standard Future rather than guess.
@@ -19,7 +20,6 @@ standard Future rather than guess.
 from __future__ import annotations
 
 import _thread
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, _base
 from typing import Any
@@ -74,27 +74,6 @@ class _Condition:
                     self._waiters.remove(waiter)
                 except ValueError:
                     pass
-
-    def wait_for(self, predicate: Callable[[], Any], timeout: float | None = None) -> Any:
-        """Wait until ``predicate()`` is true, or ``timeout`` passed; its last value."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        result = predicate()
-        while not result:
-            left = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-            self.wait(left)
-            result = predicate()
-        return result
-
-    def notify(self, n: int = 1) -> None:
-        """Wake up to ``n`` waiters, oldest first. The caller holds the lock."""
-        waiters = self._waiters
-        while waiters and n > 0:
-            waiters.pop(0).release()
-            n -= 1
 
     def notify_all(self) -> None:
         waiters = self._waiters
