@@ -77,6 +77,27 @@ def test_map_sends_each_chunk_as_one_item():
             assert len({pid for pid, _ in out[start : start + 4]}) == 1
 
 
+def test_map_chunks_sequences_and_iterators_alike():
+    # A range, list or tuple is chunked by slicing, anything else by iterating: same results.
+    cases = [range(3, 100, 7), range(40, 0, -3), range(0), list(range(-5, 30)), tuple("abcdefghij")]
+    with procpool.ProcessPoolExecutor(2) as ex:
+        for seq in cases:
+            for chunksize in (1, 4, 1000):
+                assert list(ex.map(tasks.identity, seq, chunksize=chunksize)) == list(seq)
+                assert list(ex.map(tasks.identity, iter(seq), chunksize=chunksize)) == list(seq)
+
+
+def test_chunked_map_timeout_cancels_the_chunks_that_did_not_start(files):
+    done, release = files("done"), files("release")
+    Path(done).touch()
+    with procpool.ProcessPoolExecutor(1) as ex:
+        it = ex.map(tasks.wait_for_file, [release, done, done, done, done], chunksize=2, timeout=0.5)
+        with pytest.raises(TimeoutError):
+            next(it)
+        Path(release).touch()  # the first chunk finishes; the other two never start
+    assert ex.pool.stats().items_done == 1
+
+
 def test_map_raises_when_iterated_not_when_called():
     with procpool.ProcessPoolExecutor(2) as ex:
         for chunksize in (1, 2):
