@@ -13,15 +13,32 @@ stock ``SyncManager.Lock()`` does not give us, and why:
 * **The server must not outlive its program.** A Manager server started by a program that
   is SIGKILLed keeps running forever. Ours watches its parent's sentinel and exits when it
   becomes readable.
+* **A worker must not pay a connection on its way out.** Every worker takes the attach lock
+  once, to detach, and a stock proxy connects on first use: a socket connect, an
+  authentication handshake both ways and a new server thread, ~1 ms of CPU between the two
+  sides, sixty-four at once when a pool of 64 is torn down (that was most of its teardown).
+  So the spawner, which forked the server, keeps a private channel to it (a socket pair)::
+
+      spawner ──fork──► worker i          (keeps end A_i of a new socket pair)
+         └── A_i's peer, B_i, over the handover channel (SCM_RIGHTS) ──► Manager server
+      Manager: handover thread holds B_i; first bytes on it ─► a thread runs serve_client(B_i)
+
+  The worker's lock proxy adopts A_i as its connection (``ManagerLock.adopt_connection``).
+  No handshake: only the spawner can hand a connection over, and only to its own children,
+  which would otherwise get the authkey. No server thread until the worker first speaks. A
+  spawner that cannot hand over (a replacement started after the first one died) forks
+  workers that connect the stock way.
 """
 
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import threading
 import time
 from multiprocessing import connection
-from multiprocessing.managers import BaseManager, BaseProxy
+from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any
 
 import psutil
@@ -131,9 +148,25 @@ class ManagerLock:
     def __init__(self, proxy: _RobustLockProxy, name: str) -> None:
         self._proxy = proxy
         self.name = name
+        self._adopted = False
 
     def acquire(self, timeout: float | None = None) -> bool:
-        return self._proxy.acquire(os.getpid(), timeout)
+        try:
+            return self._proxy.acquire(os.getpid(), timeout)
+        except (EOFError, OSError):
+            if not self._adopted:
+                raise
+            # The handed-over connection never reached the server (the spawner died before
+            # passing it on), so the request was not seen: connect the stock way and retry.
+            self._adopted = False
+            del self._proxy._tls.connection
+            return self._proxy.acquire(os.getpid(), timeout)
+
+    def adopt_connection(self, fd: int) -> None:
+        """Use ``fd``, a connection the spawner handed over to the server, for this lock's
+        requests from this process (see the module docstring)."""
+        self._proxy._tls.connection = connection.Connection(fd)
+        self._adopted = True
 
     def release(self) -> None:
         self._proxy.release(os.getpid())
@@ -167,16 +200,67 @@ def _rebuild_lock(token: Any, name: str) -> ManagerLock:
     return ManagerLock(_RobustLockProxy(token, "pickle", authkey=None, incref=False), name)
 
 
+#: Descriptors per handover message: a spawner batch's worth (SCM_RIGHTS allows 253).
+HANDOVER_MAX = 128
+
+_handover_fd = -1  # in the Manager server: its end of the spawner's handover channel
+
+
+class _Server(Server):
+    """The stock server, plus the connections the spawner hands over (module docstring)."""
+
+    def serve_forever(self) -> None:
+        if _handover_fd >= 0:
+            threading.Thread(
+                target=self._take_handovers, args=(_handover_fd,), name="procpool-handover", daemon=True
+            ).start()
+        super().serve_forever()
+
+    def _take_handovers(self, fd: int) -> None:
+        channel = socket.socket(fileno=fd)
+        sel = selectors.DefaultSelector()
+        sel.register(channel, selectors.EVENT_READ)
+        while sel.get_map():
+            for key, _ in sel.select():
+                if key.fileobj is channel:
+                    try:
+                        msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
+                    except OSError:
+                        msg, fds = b"", []
+                    for conn_fd in fds:
+                        sel.register(conn_fd, selectors.EVENT_READ)
+                    if not msg:  # the spawner is gone: serve what we hold, take no more
+                        sel.unregister(channel)
+                        channel.close()
+                    continue
+                # The worker spoke (or exited: EOF ends serve_client at once).
+                sel.unregister(key.fd)
+                threading.Thread(target=self._serve, args=(connection.Connection(key.fd),), daemon=True).start()
+
+    def _serve(self, conn: connection.Connection) -> None:
+        try:
+            self.serve_client(conn)  # ends by raising SystemExit at EOF
+        finally:
+            # Closed here, not when the thread's frames are freed: a program's threading
+            # excepthook (pytest installs one) can keep those alive, and the worker's socket
+            # with them.
+            conn.close()
+
+
 class _Manager(BaseManager):
-    pass
+    _Server = _Server
 
 
 _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 
 
-def _server_init(alive_fd: int, close_fds: list[int]) -> None:
+def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     """Runs in the Manager server process (a fork of the spawner) before it serves."""
+    global _handover_fd
     from .spawner import reset_signals
+
+    _handover_fd = handover_fd
+    threading.excepthook = threading.__excepthook__  # the program's hook (pytest's, say) is not ours
 
     reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not ours
     try:
@@ -202,18 +286,33 @@ def _server_init(alive_fd: int, close_fds: list[int]) -> None:
 _servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
 
 
-def start_server(alive_fd: int, close_fds: list[int]) -> Any:
-    """In the spawner: fork a Manager server (a fork of a single-threaded process is safe)."""
+def start_server(alive_fd: int, close_fds: list[int]) -> tuple[Any, socket.socket]:
+    """In the spawner: fork a Manager server (a fork of a single-threaded process is safe).
+    Returns its address and the spawner's end of the handover channel."""
     import multiprocessing
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     # An abstract-namespace socket (Linux): no temporary directory to create (and no
     # tempfile import) in the way of the program's first pool. Any local process could
     # connect to it, as to a socket file; what admits a client is the authkey handshake.
     address = f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
     m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
-    m.start(initializer=_server_init, initargs=(alive_fd, close_fds))
+    try:
+        m.start(initializer=_server_init, initargs=(alive_fd, [*close_fds, ours.fileno()], theirs.fileno()))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
     _servers.append(m)
-    return m.address
+    return m.address, ours
+
+
+def hand_over(channel: socket.socket, fds: list[int]) -> None:
+    """In the spawner: pass the server's ends of new workers' connections to the server."""
+    for start in range(0, len(fds), HANDOVER_MAX):
+        socket.send_fds(channel, [b"h"], fds[start : start + HANDOVER_MAX])
 
 
 def stop_servers() -> None:

@@ -315,6 +315,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     import psutil
 
     from . import worker  # noqa: F401 - what every worker runs
+    from .manager import hand_over
 
     psutil.boot_time()
     wake_r, wake_w = os.pipe()
@@ -322,6 +323,9 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
     status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe
+    # Our end of the channel that hands workers' connections to the Manager we forked; None
+    # when we did not fork it (a replacement spawner): workers then connect themselves.
+    handover: socket.socket | None = None
 
     def reap() -> None:
         while True:
@@ -359,7 +363,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
 
             answer: Any
             try:
-                answer = start_server(fds[0], [sock.fileno(), wake_r, wake_w])
+                answer, handover = start_server(fds[0], [sock.fileno(), wake_r, wake_w])
             except Exception as exc:
                 answer = exc
             os.close(fds[0])
@@ -367,24 +371,42 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             continue
         completion_fd, rest = fds[0], fds[1:]
         answer = []
+        # A Manager connection per worker, handed over to the server (see procpool.manager).
+        pairs = [socket.socketpair() for _ in specs] if handover is not None else []
+        ours = [fd for pair in pairs for fd in (pair[0].detach(), pair[1].detach())]
+        given: list[int] = []  # the server's ends of the workers that were forked
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
+            mgr = ours[2 * i] if ours else -1
             try:
                 pid = os.fork()
             except OSError as exc:
                 answer.append(exc)  # its descriptors are closed with the rest below
                 continue
             if pid == 0:
-                keep = {rx, tx, completion_fd}
-                for fd in [sock.fileno(), wake_r, wake_w, *status_w.values(), *fds]:
+                keep = {rx, tx, completion_fd, mgr}
+                extra = [handover.fileno()] if handover is not None else []
+                for fd in [sock.fileno(), wake_r, wake_w, *extra, *status_w.values(), *fds, *ours]:
                     if fd not in keep:
                         try:
                             os.close(fd)
                         except OSError:
                             pass
-                _child(spec, rx, tx, completion_fd, sys_path)
+                _child(spec, rx, tx, completion_fd, sys_path, mgr)
             status_w[pid] = sw
             answer.append(pid)
+            if ours:
+                given.append(ours[2 * i + 1])
+        if given:
+            try:
+                hand_over(handover, given)
+            except OSError:
+                # The server is gone (so is the program, soon): the workers' requests fail
+                # and their exit paths handle that as with any lost Manager.
+                handover.close()
+                handover = None
+        for fd in ours:
+            os.close(fd)
         live = set(status_w.values())
         for fd in fds:
             if fd not in live:
@@ -413,7 +435,7 @@ def _program_gone(program: int) -> None:
         os._exit(0)
 
 
-def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str]) -> None:
+def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str], mgr: int) -> None:
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
@@ -423,6 +445,8 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str])
 
         spec.conn = Channel(rx, tx)
         spec.completion = connection.Connection(completion_fd, readable=False)
+        if mgr >= 0:
+            spec.attach_lock.adopt_connection(mgr)
         worker_main(spec)
         code = 0
     except BaseException:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
@@ -110,6 +111,36 @@ def test_close_waits_for_every_detach_and_leaves_nothing():
     assert not any(alive(p) for p in pids)
     assert not os.path.exists(f"/dev/shm/{name}")
     assert my_segments() == []
+
+
+def _manager_process() -> psutil.Process:
+    found = [p for p in psutil.Process().children(recursive=True) if title_of(p.pid) == "procpool: manager"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone(tmp_path):
+    # The spawner hands each new worker's Manager connection to the Manager at fork, so a
+    # worker's exit path does no connect and no handshake: the Manager holds one socket per
+    # live worker, and drops it when the worker is gone, even SIGKILLed.
+    release = str(tmp_path / "release")
+    pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
+    try:
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+        mgr = _manager_process()
+        wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
+        base = mgr.num_fds()
+        futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
+        wait_until(lambda: pool.stats().nr_busy == 4, what="four busy workers")
+        wait_until(lambda: mgr.num_fds() == base + 3, what=f"3 more Manager sockets than {base}")
+        victim = pool.workers()[-1].pid
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: sum(f.done() for f in futs) == 1, what="the victim's item failed")
+        wait_until(lambda: mgr.num_fds() == base + 2, what="the victim's Manager socket closed")
+        Path(release).touch()
+        assert sum(f.exception(timeout=10) is None for f in futs) == 3
+    finally:
+        pool.close(timeout=10)
 
 
 def test_close_with_no_worker_left_does_not_wait():
