@@ -98,6 +98,22 @@ def test_chunked_map_timeout_cancels_the_chunks_that_did_not_start(files):
     assert ex.pool.stats().items_done == 1
 
 
+def test_closing_a_map_iterator_cancels_what_did_not_start(tmp_path):
+    # As with the standard library's generator: close() ends the iteration at once, and the
+    # calls that have not started are cancelled (a fresh pool never prefetches: see pool.py).
+    done, release = str(tmp_path / "done"), str(tmp_path / "release")
+    Path(done).touch()
+    for chunksize, calls in ((1, [done, release, release]), (2, [done, done, release, release, release])):
+        with procpool.ProcessPoolExecutor(1) as ex:
+            it = ex.map(tasks.wait_for_file, calls, chunksize=chunksize)
+            assert next(it) is None  # the first call (chunk) is done; the next one runs
+            it.close()
+            assert list(it) == []  # nothing more, not even the rest of the chunk in hand
+            Path(release).touch()
+        assert ex.pool.stats().items_done == 2
+        Path(release).unlink()
+
+
 def test_map_raises_when_iterated_not_when_called():
     with procpool.ProcessPoolExecutor(2) as ex:
         for chunksize in (1, 2):
