@@ -372,8 +372,15 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
         completion_fd, rest = fds[0], fds[1:]
         answer = []
         # A Manager connection per worker, handed over to the server (see procpool.manager).
-        pairs = [socket.socketpair() for _ in specs] if handover is not None else []
-        ours = [fd for pair in pairs for fd in (pair[0].detach(), pair[1].detach())]
+        ours: list[int] = []
+        try:
+            for _ in specs if handover is not None else ():
+                a, b = socket.socketpair()
+                ours += [a.detach(), b.detach()]
+        except OSError:  # out of descriptors: these workers connect the stock way
+            for fd in ours:
+                os.close(fd)
+            ours = []
         given: list[int] = []  # the server's ends of the workers that were forked
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
