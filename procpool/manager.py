@@ -286,9 +286,9 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
 _servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
 
 
-def start_server(alive_fd: int, close_fds: list[int]) -> tuple[Any, socket.socket]:
+def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
     """In the spawner: fork a Manager server (a fork of a single-threaded process is safe).
-    Returns its address and the spawner's end of the handover channel."""
+    Returns its (address, pid) and the spawner's end of the handover channel."""
     import multiprocessing
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -306,7 +306,7 @@ def start_server(alive_fd: int, close_fds: list[int]) -> tuple[Any, socket.socke
     finally:
         theirs.close()
     _servers.append(m)
-    return m.address, ours
+    return (m.address, m._process.pid), ours  # type: ignore[attr-defined]
 
 
 def hand_over(channel: socket.socket, fds: list[int]) -> None:
@@ -329,7 +329,8 @@ def stop_servers() -> None:
 _manager: _Manager | None = None
 _manager_pid = 0
 _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe; never closed
-_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w
+_server_pid = 0  # the Manager server process of this program's Manager
+_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w, _server_pid
 
 
 def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
@@ -338,7 +339,7 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
     The spawner forks it, so that starting it costs a fork, not a process start through
     multiprocessing; it lives as long as the program, even if the spawner is replaced.
     """
-    global _manager, _manager_pid, _manager_alive_w
+    global _manager, _manager_pid, _manager_alive_w, _server_pid
     with _manager_lock:
         if _manager is None or _manager_pid != os.getpid():
             from multiprocessing import current_process
@@ -348,7 +349,7 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
             spawner = get_spawner(ctx, allow_fork)  # first: a forked spawner must not hold alive_w
             alive_r, alive_w = os.pipe()
             try:
-                address = spawner.start_manager(alive_r)
+                address, server_pid = spawner.start_manager(alive_r)
             except BaseException:
                 os.close(alive_w)
                 raise
@@ -357,7 +358,15 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
             m = _Manager(address=address, authkey=bytes(current_process().authkey))
             m.connect()
             _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
+            _server_pid = server_pid
         return _manager
+
+
+def server_pid() -> int | None:
+    """The pid of this program's Manager server process, if it has one (to watch it from
+    outside: ps, psutil, tests)."""
+    with _manager_lock:
+        return _server_pid if _manager is not None and _manager_pid == os.getpid() else None
 
 
 def new_lock(ctx: Any, name: str, allow_fork: bool = True) -> ManagerLock:

@@ -194,8 +194,8 @@ class Spawner:
     def is_alive(self) -> bool:
         return self._proc.is_alive()
 
-    def start_manager(self, alive_fd: int) -> Any:
-        """Have the spawner fork the program's Manager server; returns its address.
+    def start_manager(self, alive_fd: int) -> tuple[Any, int]:
+        """Have the spawner fork the program's Manager server; returns its address and pid.
         ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
         when it reads EOF there, i.e. when the program is gone, whatever became of us."""
         payload = pickle.dumps(("manager", None, None), pickle.HIGHEST_PROTOCOL)

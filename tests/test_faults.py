@@ -92,7 +92,10 @@ def test_killed_idle_or_dying_worker_leaves_the_pool_usable(state):
 
 def test_worker_killed_holding_the_manager_lock_does_not_block_the_next_one():
     # Worker 0 is SIGKILLed at the exact moment it holds the Manager attach lock mid-detach.
-    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults="detach.locked@0=kill")
+    # Worker 1 detaches last (after the teardown installed its completion), so it completes.
+    pool = procpool.WorkerPool(
+        min_workers=2, max_workers=2, faults="detach.locked@0=kill,detach.before_lock@1=delay:0.5"
+    )
     pids = [w.pid for w in pool.workers()]
     t0 = time.monotonic()
     pool.close()

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import psutil
 import pytest
@@ -113,34 +112,48 @@ def test_close_waits_for_every_detach_and_leaves_nothing():
     assert my_segments() == []
 
 
-def _manager_process() -> psutil.Process:
-    found = [p for p in psutil.Process().children(recursive=True) if title_of(p.pid) == "procpool: manager"]
-    assert len(found) == 1, found
-    return found[0]
+MANAGER_SOCKETS_SCRIPT = """
+import os, signal, sys, time, psutil, procpool, tasks
+from conftest import wait_until
+release = sys.argv[1]
+pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
+assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+mgr = psutil.Process(procpool.manager.server_pid())
+assert " ".join(mgr.cmdline()).strip() == "procpool: manager"
+wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
+counts = [mgr.num_fds()]
+futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
+wait_until(lambda: pool.stats().nr_busy == 4, what="four busy workers")
+wait_until(lambda: mgr.num_fds() != counts[0], timeout=5, what="a change")
+counts.append(mgr.num_fds())
+os.kill(pool.workers()[-1].pid, signal.SIGKILL)
+wait_until(lambda: sum(f.done() for f in futs) == 1, what="the victim's item failed")
+wait_until(lambda: mgr.num_fds() != counts[1], timeout=5, what="a change")
+counts.append(mgr.num_fds())
+open(release, "w").close()
+assert sum(f.exception(timeout=10) is None for f in futs) == 3
+pool.close()
+print(*counts, flush=True)
+"""
 
 
 def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone(tmp_path):
     # The spawner hands each new worker's Manager connection to the Manager at fork, so a
     # worker's exit path does no connect and no handshake: the Manager holds one socket per
-    # live worker, and drops it when the worker is gone, even SIGKILLed.
-    release = str(tmp_path / "release")
-    pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
-    try:
-        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
-        mgr = _manager_process()
-        wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
-        base = mgr.num_fds()
-        futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
-        wait_until(lambda: pool.stats().nr_busy == 4, what="four busy workers")
-        wait_until(lambda: mgr.num_fds() == base + 3, what=f"3 more Manager sockets than {base}")
-        victim = pool.workers()[-1].pid
-        os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: sum(f.done() for f in futs) == 1, what="the victim's item failed")
-        wait_until(lambda: mgr.num_fds() == base + 2, what="the victim's Manager socket closed")
-        Path(release).touch()
-        assert sum(f.exception(timeout=10) is None for f in futs) == 3
-    finally:
-        pool.close(timeout=10)
+    # live worker, and drops it when the worker is gone, even SIGKILLed. Counted in a program
+    # of its own, whose Manager serves nobody else.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    out = subprocess.run(
+        [sys.executable, "-c", MANAGER_SOCKETS_SCRIPT, str(tmp_path / "release")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    one_idle, four_busy, three_busy = map(int, out.stdout.split())
+    assert four_busy == one_idle + 3  # three new workers, a socket each, before any exits
+    assert three_busy == four_busy - 1  # the SIGKILLed one's socket is closed
 
 
 def test_close_with_no_worker_left_does_not_wait():
