@@ -219,7 +219,20 @@ class _Server(Server):
     def _take_handovers(self, fd: int) -> None:
         channel = socket.socket(fileno=fd)
         sel = selectors.DefaultSelector()
-        sel.register(channel, selectors.EVENT_READ)
+        try:
+            sel.register(channel, selectors.EVENT_READ)
+            self._handovers(channel, sel)
+        finally:
+            # Normally the spawner is gone and nothing is held. Should this thread fail, the
+            # spawner's next handover fails (it then stops handing over) and the workers
+            # whose connections we held see them close: they connect the stock way.
+            for key in list(sel.get_map().values()):
+                if key.fileobj is not channel:
+                    os.close(key.fd)
+            sel.close()
+            channel.close()
+
+    def _handovers(self, channel: socket.socket, sel: selectors.BaseSelector) -> None:
         while sel.get_map():
             for key, _ in sel.select():
                 if key.fileobj is channel:
@@ -227,11 +240,15 @@ class _Server(Server):
                         msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
                     except OSError:
                         msg, fds = b"", []
-                    for conn_fd in fds:
-                        sel.register(conn_fd, selectors.EVENT_READ)
+                    for i, conn_fd in enumerate(fds):
+                        try:
+                            sel.register(conn_fd, selectors.EVENT_READ)
+                        except BaseException:
+                            for rest in fds[i:]:
+                                os.close(rest)
+                            raise
                     if not msg:  # the spawner is gone: serve what we hold, take no more
                         sel.unregister(channel)
-                        channel.close()
                     continue
                 # The worker spoke (or exited: EOF ends serve_client at once).
                 sel.unregister(key.fd)
@@ -292,6 +309,7 @@ def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], 
     import multiprocessing
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)  # a server that stopped reading must not stall the spawner
 
     # An abstract-namespace socket (Linux): no temporary directory to create (and no
     # tempfile import) in the way of the program's first pool. Any local process could

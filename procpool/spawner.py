@@ -16,6 +16,11 @@ readable once the worker is gone), the write end stays in the spawner, which wri
 status there when it reaps the worker. So a crash is noticed as soon as the kernel reports
 it, and no worker ever stays a zombie.
 
+The spawner also forks the program's Manager server, and makes each worker's connection to
+it as it forks the worker: one end of a new socket pair stays in the worker, the other goes
+to the server over a private channel (see procpool.manager), so no worker ever connects or
+authenticates on its way out.
+
 If the program dies, the spawner sees its request socket close and exits; the workers see
 their own sockets close and exit. If the spawner dies, every status pipe closes: the program
 treats the workers as lost (and kills any that survive), then starts a new spawner.

@@ -156,6 +156,24 @@ def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone
     assert three_busy == four_busy - 1  # the SIGKILLed one's socket is closed
 
 
+def test_a_lock_whose_handed_over_connection_never_reached_the_manager_connects_itself():
+    # What a worker does if the spawner died before passing its connection on: the first
+    # request fails on a closed socket, and the lock connects the stock way and retries.
+    import socket
+
+    from procpool.manager import new_lock
+    from procpool.spawner import resolve_context
+
+    lock = new_lock(resolve_context(None), "test.fallback")
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    lock.adopt_connection(ours.detach())
+    assert lock.acquire(timeout=5)
+    assert lock.owner()[0] == os.getpid()
+    lock.release()
+    assert lock.owner() is None
+
+
 def test_close_with_no_worker_left_does_not_wait():
     pool = procpool.WorkerPool(min_workers=0, max_workers=2)
     pool.close()
