@@ -92,3 +92,25 @@ def test_cpu_intensive_marks_go_to_the_workqueue_whose_item_burnt(tmp_path):
         assert h.cpu_intensive > 0
         assert c.cpu_intensive == 0
         assert h.cm_wakeups + c.cm_wakeups <= hot.pool.stats().cm_wakeups
+
+
+def _worker_cpu(pool: procpool.WorkerPool) -> float:
+    import psutil
+
+    return sum(sum(psutil.Process(w.pid).cpu_times()[:2]) for w in pool.workers())
+
+
+def test_cpu_time_of_short_items_is_what_the_worker_spent():
+    # Short items are charged their wall time between two readings of the CPU clock, the
+    # reading item the rest: the total still matches what the worker process spent (as the
+    # kernel counts it, in 10 ms ticks), for items that compute and for items that sleep.
+    with procpool.WorkerPool(1, 1, spin=0) as pool:
+        assert pool.submit(tasks.square, 2).result(timeout=10) == 4
+        for fn, arg in ((tasks.burn_cpu, 0.0004), (tasks.sleep_then, 0.0003)):
+            before, reported = _worker_cpu(pool), pool.stats().cpu_time
+            for f in [pool.submit(fn, arg) for _ in range(400)]:
+                f.result(timeout=30)
+            spent = _worker_cpu(pool) - before
+            reported = pool.stats().cpu_time - reported
+            # A sleeping item charged its wall time would add 400 x 0.3 ms = 0.12 s here.
+            assert 0.8 * spent - 0.03 <= reported <= spent + 0.03, (fn.__name__, reported, spent)
