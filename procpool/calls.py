@@ -13,7 +13,7 @@ from typing import Any
 
 from .worker import FN_CACHE_MAX, FN_LEN, PICKLE_PROTOCOL, SEQ_BYTES
 
-# Module-level functions -> their pickle, a reference (module and name) that never changes.
+# Module-level functions -> their part of a call (length + pickle), a reference (module and name) that never changes.
 # Only plain functions pickled by plain pickle are kept: a bound method or a partial carries
 # state that may change between submits, and cloudpickle pickles a closure by value.
 _function_pickles: dict[Callable[..., Any], bytes] = {}
@@ -54,22 +54,25 @@ def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Typ
     return TypeError(f"{where}: the call cannot be pickled: {exc}")
 
 
-def dumps_function(fn: Callable[..., Any]) -> bytes:
-    """``fn`` pickled, from the cache when it is a plain module-level function."""
+def function_part(fn: Callable[..., Any]) -> bytes:
+    """``fn``'s part of the wire format (4-byte length + its pickle), from the cache when it
+    is a plain module-level function."""
     cacheable = type(fn) in _CACHEABLE
     if cacheable:
-        data = _function_pickles.get(fn)
-        if data is not None:
-            return data
+        part = _function_pickles.get(fn)
+        if part is not None:
+            return part
         try:
             data = pickle.dumps(fn, PICKLE_PROTOCOL)
         except Exception:
-            return dumps(fn)  # a lambda or a closure: by value, with cloudpickle, never kept
+            data = dumps(fn)  # a lambda or a closure: by value, with cloudpickle, never kept
+            return FN_LEN.pack(len(data)) + data
         if len(_function_pickles) >= FN_CACHE_MAX:
             _function_pickles.clear()
-        _function_pickles[fn] = data
-        return data
-    return dumps(fn)
+        part = _function_pickles[fn] = FN_LEN.pack(len(data)) + data
+        return part
+    data = dumps(fn)
+    return FN_LEN.pack(len(data)) + data
 
 
 def dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
@@ -77,9 +80,9 @@ def dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag:
     name the part that failed. A ``tag`` (a workqueue's name) rides along for the worker's
     title."""
     try:
-        fn_data = dumps_function(fn)
+        fn_part = function_part(fn)
         rest = dumps((args, kwargs) if tag is None else (args, kwargs, tag))
-        return b"".join((seq.to_bytes(SEQ_BYTES, "little"), FN_LEN.pack(len(fn_data)), fn_data, rest))
+        return b"".join((seq.to_bytes(SEQ_BYTES, "little"), fn_part, rest))
     except Exception as exc:
         parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
         parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
