@@ -113,13 +113,18 @@ def test_close_waits_for_every_detach_and_leaves_nothing():
 
 
 MANAGER_SOCKETS_SCRIPT = """
-import os, signal, sys, time, psutil, procpool, tasks
+import os, signal, sys, threading, time, psutil, procpool, tasks
 from conftest import wait_until
-release = sys.argv[1]
+release, threaded = sys.argv[1], sys.argv[2] == "threaded"
+if threaded:  # then the spawner (and the Manager it forks) starts through the fork server
+    stop = threading.Event()
+    threading.Thread(target=stop.wait, daemon=True).start()
 pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
 assert pool.submit(tasks.square, 3).result(timeout=10) == 9
 mgr = psutil.Process(procpool.manager.server_pid())
 assert " ".join(mgr.cmdline()).strip() == "procpool: manager"
+spawner = psutil.Process(mgr.ppid())  # forked by this program, or by the fork server
+assert (spawner.ppid() == os.getpid()) != threaded
 wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
 counts = [mgr.num_fds()]
 futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
@@ -137,14 +142,15 @@ print(*counts, flush=True)
 """
 
 
-def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone(tmp_path):
+@pytest.mark.parametrize("program", ["single-threaded", "threaded"])
+def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone(tmp_path, program):
     # The spawner hands each new worker's Manager connection to the Manager at fork, so a
     # worker's exit path does no connect and no handshake: the Manager holds one socket per
     # live worker, and drops it when the worker is gone, even SIGKILLed. Counted in a program
     # of its own, whose Manager serves nobody else.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     out = subprocess.run(
-        [sys.executable, "-c", MANAGER_SOCKETS_SCRIPT, str(tmp_path / "release")],
+        [sys.executable, "-c", MANAGER_SOCKETS_SCRIPT, str(tmp_path / "release"), program],
         env=env,
         capture_output=True,
         text=True,
