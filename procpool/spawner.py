@@ -311,9 +311,10 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     except Exception:  # pragma: no cover - cosmetic
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the program's to handle
-    # Import here, once, what every worker needs on its way out: multiprocessing's Manager
-    # handshake imports hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker
-    # at the worst moment, a teardown of many at once.
+    # Import here, once, what a worker needs on its way out when it has to connect to the
+    # Manager itself (a replacement spawner hands no connections over): the handshake imports
+    # hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment,
+    # a teardown of many at once. (Usually no-ops: the program imported them already.)
     import hashlib  # noqa: F401
     import hmac  # noqa: F401
 
