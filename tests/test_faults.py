@@ -105,6 +105,49 @@ def test_worker_killed_holding_the_manager_lock_does_not_block_the_next_one():
     assert not any(alive(p) for p in pids)
 
 
+# Workers 1-3 ask for the attach lock a moment after worker 0, which then holds it.
+LATER = ",".join(f"detach.before_lock@{i}=delay:0.05" for i in (1, 2, 3))
+
+
+def _hold_attach_lock_and_close(pool) -> tuple[threading.Thread, dict[int, int]]:
+    """Close ``pool`` in a thread while its worker 0 holds the attach lock (fault point) and
+    the others, dying, wait for it; returns the closing thread and the workers' pids by id."""
+    pids = {w.id: w.pid for w in pool.workers()}
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    wait_until(lambda: (pool._attach.owner() or (0,))[0] == pids[0], what="worker 0 holds the attach lock")
+    wait_until(
+        lambda: all(title_of(pid) == "kworker/dying" for wid, pid in pids.items() if wid), what="the others dying"
+    )
+    return closer, pids
+
+
+def test_detaching_workers_take_over_from_a_holder_that_dies():
+    # Worker 0 holds the attach lock (a long fault delay) while the others queue for it;
+    # SIGKILLing it hands the lock on: every other worker detaches, the teardown completes.
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=f"detach.locked@0=delay:60,{LATER}")
+    closer, pids = _hold_attach_lock_and_close(pool)
+    os.kill(pids[0], signal.SIGKILL)
+    closer.join(20)
+    assert not closer.is_alive()
+    assert pool._attach.broken >= 1
+    assert pool.completions == 1
+    assert not any(alive(p) for p in pids.values())
+
+
+def test_a_worker_killed_while_waiting_to_detach_is_skipped():
+    # Worker 2 dies while it waits for the attach lock (or just before it asks): the lock
+    # passes over it, and the parent frees its id on its behalf.
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=f"detach.locked@0=delay:1,{LATER}")
+    closer, pids = _hold_attach_lock_and_close(pool)
+    os.kill(pids[2], signal.SIGKILL)
+    closer.join(20)
+    assert not closer.is_alive()
+    assert pool._attach.broken == 0  # nobody died holding it
+    assert pool.completions == 1
+    assert not any(alive(p) for p in pids.values())
+
+
 def test_worker_destroyed_before_it_ever_ran():
     # The worker is still starting (delayed before it touches its slot) when it is destroyed.
     with procpool.WorkerPool(min_workers=2, max_workers=2, faults="worker.start@1=delay:0.5") as pool:
