@@ -122,28 +122,23 @@ def _hold_attach_lock_and_close(pool) -> tuple[threading.Thread, dict[int, int]]
     return closer, pids
 
 
-def test_detaching_workers_take_over_from_a_holder_that_dies():
-    # Worker 0 holds the attach lock (a long fault delay) while the others queue for it;
-    # SIGKILLing it hands the lock on: every other worker detaches, the teardown completes.
-    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=f"detach.locked@0=delay:60,{LATER}")
+@pytest.mark.parametrize(
+    "victim, hold",
+    [
+        # Worker 0, holding the lock, is SIGKILLed: the next waiter takes the lock over.
+        (0, 60),
+        # Worker 2 dies while it waits for the lock (or just before it asks): the lock passes
+        # over it, and the parent frees its id on its behalf.
+        (2, 1),
+    ],
+)
+def test_workers_queued_to_detach_survive_a_sigkill_in_the_queue(victim, hold):
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=f"detach.locked@0=delay:{hold},{LATER}")
     closer, pids = _hold_attach_lock_and_close(pool)
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(pids[victim], signal.SIGKILL)
     closer.join(20)
     assert not closer.is_alive()
-    assert pool._attach.broken >= 1
-    assert pool.completions == 1
-    assert not any(alive(p) for p in pids.values())
-
-
-def test_a_worker_killed_while_waiting_to_detach_is_skipped():
-    # Worker 2 dies while it waits for the attach lock (or just before it asks): the lock
-    # passes over it, and the parent frees its id on its behalf.
-    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=f"detach.locked@0=delay:1,{LATER}")
-    closer, pids = _hold_attach_lock_and_close(pool)
-    os.kill(pids[2], signal.SIGKILL)
-    closer.join(20)
-    assert not closer.is_alive()
-    assert pool._attach.broken == 0  # nobody died holding it
+    assert pool._attach.broken == (1 if victim == 0 else 0)  # taken over only from a dead holder
     assert pool.completions == 1
     assert not any(alive(p) for p in pids.values())
 
