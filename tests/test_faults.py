@@ -139,7 +139,9 @@ def test_workers_queued_to_detach_survive_a_sigkill_in_the_queue(victim, hold):
     closer.join(20)
     assert not closer.is_alive()
     assert pool._attach.broken == (1 if victim == 0 else 0)  # taken over only from a dead holder
-    assert pool.completions == 1
+    # Once at most; 0 when the parent, freeing the dead worker's id, was the last to detach
+    # before the teardown looked (then nothing was left to wait for).
+    assert pool.completions <= 1
     assert not any(alive(p) for p in pids.values())
 
 
