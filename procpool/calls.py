@@ -13,8 +13,8 @@ from typing import Any
 
 from .worker import FN_CACHE_MAX, FN_LEN, PICKLE_PROTOCOL, SEQ_BYTES
 
-# Module-level functions -> their part of a call (length + pickle), a reference (module and name) that never changes.
-# Only plain functions pickled by plain pickle are kept: a bound method or a partial carries
+# Module-level functions -> their part of a call: length + pickle, a reference (module and
+# name) that never changes. Only plain functions pickled by plain pickle are kept: a bound method or a partial carries
 # state that may change between submits, and cloudpickle pickles a closure by value.
 _function_pickles: dict[Callable[..., Any], bytes] = {}
 _CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
@@ -57,21 +57,21 @@ def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Typ
 def function_part(fn: Callable[..., Any]) -> bytes:
     """``fn``'s part of the wire format (4-byte length + its pickle), from the cache when it
     is a plain module-level function."""
-    cacheable = type(fn) in _CACHEABLE
-    if cacheable:
-        part = _function_pickles.get(fn)
-        if part is not None:
-            return part
+    if type(fn) not in _CACHEABLE:
+        return _with_length(dumps(fn))
+    part = _function_pickles.get(fn)
+    if part is None:
         try:
             data = pickle.dumps(fn, PICKLE_PROTOCOL)
         except Exception:
-            data = dumps(fn)  # a lambda or a closure: by value, with cloudpickle, never kept
-            return FN_LEN.pack(len(data)) + data
+            return _with_length(dumps(fn))  # a lambda or a closure: by value, with cloudpickle, never kept
         if len(_function_pickles) >= FN_CACHE_MAX:
             _function_pickles.clear()
-        part = _function_pickles[fn] = FN_LEN.pack(len(data)) + data
-        return part
-    data = dumps(fn)
+        part = _function_pickles[fn] = _with_length(data)
+    return part
+
+
+def _with_length(data: bytes) -> bytes:
     return FN_LEN.pack(len(data)) + data
 
 

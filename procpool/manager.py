@@ -307,7 +307,7 @@ class _Server(Server):
         parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]] = {}
         while sel.get_map():
             # Only while someone is parked do we look at owners on our own (their deaths).
-            waiting = [lock for lock, _ in parked_in.values() if lock.has_parked()]
+            waiting = {lock for lock, _ in parked_in.values() if lock.has_parked()}
             events = sel.select(OWNER_POLL if waiting else None)
             for key, _ in events:
                 if key.fileobj is channel:
@@ -337,18 +337,18 @@ class _Server(Server):
                     conn.close()
                     if parked is not None:
                         parked[0].unpark(parked[1])
-                    waiting = [lock for lock, _ in parked_in.values()]
-                    for lock in set(waiting):
+                    for lock in {lock for lock, _ in parked_in.values()}:
                         lock.take_over_if_owner_died()
                     continue
-                if self._answer(conn, request, parked_in) is False:
+                if self._answer(conn, request, parked_in):
                     sel.unregister(conn)  # a server thread of its own serves it from now on
             if not events:
-                for lock in set(waiting):
+                for lock in waiting:
                     lock.take_over_if_owner_died()
 
-    def _answer(self, conn: connection.Connection, request: Any, parked_in: dict) -> bool | None:
-        """Answer one request of a handed-over connection; False: handed to a thread."""
+    def _answer(self, conn: connection.Connection, request: Any, parked_in: dict) -> bool:
+        """Answer (or park) one request of a handed-over connection; True if it went to a
+        server thread of its own instead."""
         try:
             ident, methodname, args, kwds = request
             obj = self.id_to_obj[ident][0]
@@ -361,7 +361,7 @@ class _Server(Server):
                     grant()
                 else:
                     parked_in[conn] = (obj, grant)
-                return None
+                return False
             if methodname in ("release", "owner", "broken_count"):
                 try:
                     msg = ("#RETURN", getattr(obj, methodname)(*args))
@@ -371,15 +371,15 @@ class _Server(Server):
                     conn.send(msg)
                 except OSError:
                     pass  # gone: its EOF comes next
-                return None
+                return False
         threading.Thread(target=self._serve, args=(conn, request), daemon=True).start()
-        return False
+        return True
 
     def _serve(self, conn: connection.Connection, first: Any) -> None:
         """A stock server thread for a handed-over connection, from its request ``first``."""
         try:
-            # serve_client reads requests itself: give it this one back through a socket
-            # pair would be contrived, so answer it here, the stock way, then carry on.
+            # serve_client reads its requests itself, and this one is read already: answer
+            # it here, the way serve_client would, then let serve_client carry on.
             ident, methodname, args, kwds = first
             try:
                 obj, exposed, _ = self.id_to_obj[ident]
