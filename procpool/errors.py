@@ -41,6 +41,16 @@ class InitializerFailed(ProcpoolError, BrokenProcessPool):
     """
 
 
+class PoolBroken(ProcpoolError, BrokenProcessPool):
+    """The pool could not go on: its arbiter thread failed, its teardown failed, or it was
+    closing and could not start a worker to run the item. The failure is the ``__cause__``.
+
+    Every item still in the pool then ends with this (none is left waiting), ``submit`` raises
+    it, and ``close()`` still runs to the end, killing what is left. A ``BrokenProcessPool``,
+    as ``concurrent.futures`` callers expect from a pool that broke.
+    """
+
+
 class ItemTimeout(ProcpoolError, TimeoutError):
     """The item ran longer than its ``timeout`` (``submit_with``); its worker was killed and is
     replaced. A builtin ``TimeoutError``, so ``except TimeoutError`` catches it."""

@@ -22,6 +22,11 @@ Points (worker side unless marked parent):
 ``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
 ``create.start``            parent: just before one worker process is started
 ``teardown.before_wait``    parent: completion installed, before waiting on it
+``reap``                    parent: a worker's exit seen, before its books are settled
+``arbiter.loop``            parent: the arbiter's loop itself, outside any handler (a
+                            ``raise`` there is a failure of the loop's machinery)
+``manager.acquire``         Manager server: a lock request arrived (``kill``/``exit`` end the
+                            server; a replacement Manager is never injected again)
 ==========================  ==============================================================
 
 With no spec the check is a dictionary lookup on an empty dict.
@@ -48,6 +53,9 @@ POINTS = frozenset(
         "create.after_alloc",
         "create.start",
         "teardown.before_wait",
+        "reap",
+        "arbiter.loop",
+        "manager.acquire",
     }
 )
 ACTIONS = frozenset({"delay", "raise", "kill", "exit"})

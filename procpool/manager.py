@@ -47,12 +47,15 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any
 
 import psutil
+
+from . import faults
 
 OWNER_POLL = 0.05
 
@@ -93,13 +96,15 @@ class _RobustLockServer:
     detach: never longer than one pool's worth of exits.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fault_spec: faults.Spec | None = None) -> None:
         self._cond = threading.Condition()
         self._owner: Owner | None = None
         self._parked: deque[tuple[Owner, Grant]] = deque()
         self.broken = 0
+        self._faults = fault_spec or {}  # the pool's ``manager.*`` fault points (tests only)
 
     def acquire(self, pid: int, timeout: float | None = None) -> bool:
+        faults.hit(self._faults, "manager.acquire")
         deadline = None if timeout is None else time.monotonic() + timeout
         # The start time is looked up here, in the long-lived server, while the caller is
         # certainly alive (it waits for this answer): in a freshly forked worker the same
@@ -128,6 +133,7 @@ class _RobustLockServer:
     def park(self, pid: int, grant: Grant) -> bool:
         """Acquire for a handed-over connection, without blocking: True if acquired now;
         otherwise ``grant()`` is called once the lock is this caller's."""
+        faults.hit(self._faults, "manager.acquire")
         me = _identify(int(pid))
         with self._cond:
             if self._owner is None:
@@ -239,6 +245,11 @@ class ManagerLock:
 
     def release(self) -> None:
         self._proxy.release(os.getpid())
+
+    @property
+    def address(self) -> Any:
+        """The address of the Manager server that holds this lock."""
+        return self._proxy._token.address
 
     def owner(self) -> Owner | None:
         return self._proxy.owner()
@@ -357,7 +368,12 @@ class _Server(Server):
         if isinstance(obj, _RobustLockServer) and not kwds:
             if methodname == "acquire" and len(args) == 2 and args[1] is None:
                 grant = _grant(conn)
-                if obj.park(args[0], grant):
+                try:
+                    acquired = obj.park(args[0], grant)
+                except Exception as exc:  # a bad pid, a fault point: that request fails, not this thread
+                    _send_quietly(conn, ("#ERROR", exc))
+                    return False
+                if acquired:
                     grant()
                 else:
                     parked_in[conn] = (obj, grant)
@@ -367,10 +383,7 @@ class _Server(Server):
                     msg = ("#RETURN", getattr(obj, methodname)(*args))
                 except Exception as exc:
                     msg = ("#ERROR", exc)
-                try:
-                    conn.send(msg)
-                except OSError:
-                    pass  # gone: its EOF comes next
+                _send_quietly(conn, msg)
                 return False
         threading.Thread(target=self._serve, args=(conn, request), daemon=True).start()
         return True
@@ -397,6 +410,13 @@ class _Server(Server):
             # excepthook (pytest installs one) can keep those alive, and the worker's socket
             # with them.
             conn.close()
+
+
+def _send_quietly(conn: connection.Connection, msg: Any) -> None:
+    try:
+        conn.send(msg)
+    except OSError:
+        pass  # gone: its EOF comes next
 
 
 def _grant(conn: connection.Connection) -> Grant:
@@ -492,46 +512,150 @@ def stop_servers() -> None:
 
 _manager: _Manager | None = None
 _manager_pid = 0
-_manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe; never closed
-_server_pid = 0  # the Manager server process of this program's Manager
-_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w, _server_pid
+_manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
+_server: Owner = (0, 0.0)  # the Manager server process of this program's Manager: (pid, start time)
+_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w, _server
 
 
 def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
     """The program's Manager, started on first use (shared by every pool of the program).
 
     The spawner forks it, so that starting it costs a fork, not a process start through
-    multiprocessing; it lives as long as the program, even if the spawner is replaced.
+    multiprocessing; it lives as long as the program, even if the spawner is replaced, unless
+    it dies (see ``replace_dead_manager``).
     """
-    global _manager, _manager_pid, _manager_alive_w, _server_pid
     with _manager_lock:
         if _manager is None or _manager_pid != os.getpid():
-            from multiprocessing import current_process
-
-            from .spawner import get_spawner
-
-            spawner = get_spawner(ctx, allow_fork)  # first: a forked spawner must not hold alive_w
-            alive_r, alive_w = os.pipe()
-            try:
-                address, server_pid = spawner.start_manager(alive_r)
-            except BaseException:
-                os.close(alive_w)
-                raise
-            finally:
-                os.close(alive_r)
-            m = _Manager(address=address, authkey=bytes(current_process().authkey))
-            m.connect()
-            _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
-            _server_pid = server_pid
+            _start_manager(ctx, allow_fork)
+        assert _manager is not None
         return _manager
+
+
+def _start_manager(ctx: Any, allow_fork: bool) -> None:
+    """_manager_lock held."""
+    global _manager, _manager_pid, _manager_alive_w, _server
+    from multiprocessing import current_process
+
+    from .spawner import get_spawner
+
+    spawner = get_spawner(ctx, allow_fork)  # first: a forked spawner must not hold alive_w
+    alive_r, alive_w = os.pipe()
+    try:
+        address, pid = spawner.start_manager(alive_r)
+    except BaseException:
+        os.close(alive_w)
+        raise
+    finally:
+        os.close(alive_r)
+    m = _Manager(address=address, authkey=bytes(current_process().authkey))
+    try:
+        m.connect()
+    except BaseException:
+        os.close(alive_w)
+        raise
+    if _manager_alive_w >= 0 and _manager_pid == os.getpid():
+        os.close(_manager_alive_w)  # a dead server's: nobody reads it any more
+    _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
+    _server = _identify(pid)
+
+
+def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
+    """The Manager server at ``address`` stopped answering. If it is dead, start a new one
+    (unless another pool already did); True if the program's Manager is now a live one other
+    than ``address``'s, False if that server is still alive (the failure was something else:
+    out of descriptors, say) or no new one could be started."""
+    with _manager_lock:
+        if _manager is not None and _manager_pid == os.getpid() and _manager.address != address:
+            return True  # replaced already, by another pool
+        if _manager is not None and _manager_pid == os.getpid() and owner_alive(_server):
+            return False
+        try:
+            _start_manager(ctx, allow_fork)
+        except Exception:
+            return False
+        return True
 
 
 def server_pid() -> int | None:
     """The pid of this program's Manager server process, if it has one (to watch it from
     outside: ps, psutil, tests)."""
     with _manager_lock:
-        return _server_pid if _manager is not None and _manager_pid == os.getpid() else None
+        return _server[0] if _manager is not None and _manager_pid == os.getpid() else None
 
 
-def new_lock(ctx: Any, name: str, allow_fork: bool = True) -> ManagerLock:
-    return ManagerLock(get_manager(ctx, allow_fork).RobustLock(), name)  # type: ignore[attr-defined]
+def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
+    return ManagerLock(get_manager(ctx, allow_fork).RobustLock(fault_spec), name)  # type: ignore[attr-defined]
+
+
+#: The errors a Manager request raises when the server is gone (refused, reset, EOF).
+LOST = (EOFError, OSError)
+
+
+class PoolLocks:
+    """A pool's two Manager locks, ``arb`` (the kernel's manager_arb: one creator at a time,
+    and none once teardown passed its point of no return) and ``attach`` (id allocation and
+    freeing, and the detach completion's state), with the way on when the server dies.
+
+    ``held(name)`` takes one as a context manager. If the Manager server is found dead, both
+    locks are replaced by locks of a new server, and the new one is taken: workers started
+    from then on carry the new ``attach``; workers attached through the dead server cannot
+    take its lock on their way out, so they exit without detaching and the parent frees
+    their ids when it reaps them (``_detach_on_behalf``), under the new lock. (A worker that
+    was inside its critical section when the server died finishes it unguarded: its id slot
+    is generation-checked, so the parent's repair of it is safe.) Only the first locks get
+    the pool's ``manager.*`` fault points, so an injected Manager death happens once.
+    """
+
+    def __init__(self, ctx: Any, allow_fork: bool, pool_id: int, fault_spec: faults.Spec) -> None:
+        self._ctx = ctx  # I
+        self._allow_fork = allow_fork  # I
+        self._pool_id = pool_id  # I
+        self._guard = threading.Lock()  # guards arb, attach and replaced (the swap, not the locks' use)
+        self.replaced = 0
+        mine = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}
+        self.arb, self.attach = self._new(mine)
+
+    def _new(self, fault_spec: faults.Spec | None = None) -> tuple[ManagerLock, ManagerLock]:
+        arb = new_lock(self._ctx, f"pool{self._pool_id}.manager_arb", self._allow_fork, fault_spec)
+        attach = new_lock(self._ctx, f"pool{self._pool_id}.attach", self._allow_fork, fault_spec)
+        return arb, attach
+
+    @contextmanager
+    def held(self, name: str) -> Iterator[None]:
+        """Hold lock ``name`` ('arb' or 'attach'). Raises what the Manager raised if it cannot
+        be reached and cannot be replaced. A release that fails because the server died while
+        we held the lock is not an error: the lock died with it."""
+        lock = self._take(name)
+        try:
+            yield
+        finally:
+            try:
+                lock.release()
+            except LOST:
+                pass
+
+    def _take(self, name: str) -> ManagerLock:
+        lock: ManagerLock = getattr(self, name)
+        try:
+            lock.acquire()
+            return lock
+        except LOST:
+            if not self._replace(lock):
+                raise
+        lock = getattr(self, name)
+        lock.acquire()
+        return lock
+
+    def _replace(self, failed: ManagerLock) -> bool:
+        """New locks if ``failed``'s server is dead; True if there are new ones to try."""
+        with self._guard:
+            if failed is not self.arb and failed is not self.attach:
+                return True  # another thread of this pool replaced them already
+            if not replace_dead_manager(self._ctx, self._allow_fork, failed.address):
+                return False
+            try:
+                self.arb, self.attach = self._new()
+            except Exception:
+                return False
+            self.replaced += 1
+            return True

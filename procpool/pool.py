@@ -72,6 +72,8 @@ from .errors import (
     InitializerFailed,
     ItemCancelled,
     ItemTimeout,
+    PoolBroken,
+    PoolClosed,
     RemoteTraceback,
     TransferError,
     WorkerLost,
@@ -79,7 +81,7 @@ from .errors import (
 from .frames import FrameReader, frame, write_all
 from .future import new_future
 from .idtable import FLAG_DIE, IdTable
-from .manager import new_lock
+from .manager import LOST, PoolLocks
 from .spawner import get_spawner, resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
@@ -136,8 +138,8 @@ class _Worker:
     """The parent's handle on one worker process."""
 
     __slots__ = (
-        "id", "gen", "proc", "conn", "rconn", "reader", "pid", "state", "current", "queued", "started_at",
-        "idle_since", "kill_reason", "nr_done", "ps", "cm_seq", "cm_cpu0", "cm_blocked", "cm_intensive",
+        "id", "gen", "proc", "conn", "rconn", "rfd", "reader", "pid", "state", "current", "queued", "started_at",
+        "idle_since", "kill_reason", "nr_done", "ps", "cm_seq", "cm_cpu0", "cm_blocked", "cm_intensive", "reaped",
     )
 
     def __init__(self, wid: int, gen: int, proc: Any, conn: Any, rconn: Any) -> None:
@@ -146,6 +148,10 @@ class _Worker:
         self.proc = proc  # I
         self.conn = conn  # I: write end of its work pipe (only this process has it)
         self.rconn = rconn  # I: read end of its result pipe
+        # I: its number, what the selector knows it by (a closed Connection has no fileno())
+        self.rfd: int = rconn.fileno()
+        # A: _reap() ran: its pipes are closed, and any event of the same select() for it is stale
+        self.reaped = False
         self.reader = FrameReader(rconn.fileno())  # A: buffered reads of its results
         self.pid: int = proc.pid  # I
         self.state = "idle"  # L
@@ -314,7 +320,8 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self._completions_seen = 0  # set from the id table just before it is freed
         self._seq = itertools.count()
         self._closed = threading.Event()  # set when teardown finished
-        self._broken: BaseException | None = None  # L: the initializer error that broke the pool
+        # L: what broke the pool: the initializer's exception, or a PoolBroken (see _break)
+        self._broken: BaseException | None = None
         self._deadlines: dict[_Worker, float] = {}  # L: busy workers whose item has a timeout
         # L: recent time an item takes from its start to its result, as seen here. Starts
         # high: nothing is prefetched until items have shown they are short.
@@ -335,10 +342,9 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             # more ids than workers for a moment; when the table is full, creation waits for
             # the next detach.
             self._table = IdTable.create(self.id, capacity=2 * max_workers + 2)
-            # M arb: one creator at a time, and none once teardown passed its point of no return
-            self._arb = new_lock(self._ctx, f"pool{self.id}.manager_arb", self._allow_fork)
+            # M arb: one creator at a time, and none once teardown passed its point of no return;
             # M attach: id allocation and freeing, and the detach completion's state
-            self._attach = new_lock(self._ctx, f"pool{self.id}.attach", self._allow_fork)
+            self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self._faults)
             self._completion_r, self._completion_w = self._ctx.Pipe(duplex=False)
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
@@ -411,9 +417,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         wake = False
         with self._lock:
             if self._broken is not None:
-                raise InitializerFailed(
-                    f"pool u{self.id} is broken: a worker's initializer raised {self._broken!r}"
-                ) from self._broken
+                raise self._broken_error()
             if self._closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if self._idle:
@@ -508,9 +512,22 @@ class WorkerPool(ConcurrencyManagement, Teardown):
 
     @property
     def broken(self) -> bool:
-        """True once a worker's initializer raised: submit refuses, see ``InitializerFailed``."""
+        """True once the pool cannot take work: a worker's initializer raised
+        (``InitializerFailed``) or the pool's machinery failed (``PoolBroken``); submit refuses."""
         with self._lock:
             return self._broken is not None
+
+    def _broken_error(self) -> Exception:
+        """What submit raises on a broken pool: a new error each time (raising one instance
+        again and again would pile every caller's traceback onto it). L held."""
+        cause = self._broken
+        if isinstance(cause, PoolBroken):
+            err: Exception = PoolBroken(str(cause))
+            err.__cause__ = cause.__cause__
+        else:
+            err = InitializerFailed(f"pool u{self.id} is broken: a worker's initializer raised {cause!r}")
+            err.__cause__ = cause
+        return err
 
     def stats(self) -> PoolStats:
         with self._lock:
@@ -722,11 +739,16 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         if nxt is not None:
             self._start_item(w, nxt)
             return [nxt, *self._prefetch(w)]
-        if self._closing:
+        self._idle_or_retire(w)
+        return []
+
+    def _idle_or_retire(self, w: _Worker) -> None:
+        """``w`` has nothing to run: idle, or, once the pool is closing, destroyed (a closing
+        pool never gains an idle worker, or teardown would wait for it forever). L held."""
+        if self._closing or self._broken is not None:
             self._destroy_worker(w)
         else:
             self._enter_idle(w)
-        return []
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -756,6 +778,10 @@ class WorkerPool(ConcurrencyManagement, Teardown):
     def _create_workers(self, n: int) -> int:
         """Start up to ``n`` workers and put them to work. Returns how many started.
 
+        Whatever goes wrong on the way (the OS refuses a process or descriptors, the Manager
+        is gone and cannot be replaced, a fault point) is a creation failure, never more: the
+        ids go back, and creation is retried after a cooldown (``_creation_failed``).
+
         LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
         for the ids; starts processes holding only M arb; takes L to adopt them.
         """
@@ -763,43 +789,45 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             return 0
         assert self._table is not None
         started: list[_Worker] = []
-        with self._arb:
-            if self._no_create:
-                return 0
-            with self._attach:
-                ids = []
-                for _ in range(n):
-                    got = self._table.alloc()
-                    if got is None:
+        ids: list[tuple[int, int]] = []
+        try:
+            with self._locks.held("arb"):
+                if self._no_create:
+                    return 0
+                with self._locks.held("attach"):
+                    for _ in range(n):
+                        got = self._table.alloc()
+                        if got is None:
+                            break
+                        ids.append(got)
+                _faults.hit(self._faults, "create.after_alloc")
+                for i, (wid, _gen) in enumerate(ids):
+                    try:
+                        _faults.hit(self._faults, "create.start", wid)
+                    except Exception as exc:
+                        failed, ids = ids[i:], ids[:i]
+                        self._creation_failed(failed, exc)
                         break
-                    ids.append(got)
-            _faults.hit(self._faults, "create.after_alloc")
-            for i, (wid, _gen) in enumerate(ids):
-                try:
-                    _faults.hit(self._faults, "create.start", wid)
-                except Exception as exc:
-                    self._creation_failed(ids[i:], exc)
-                    ids = ids[:i]
-                    break
-            started = self._start_processes(ids)
-            if started:
-                self._create_failing_since = None
+                started = self._start_processes(ids)
+                if started:
+                    self._create_failing_since = None
+        except Exception as exc:
+            self._creation_failed([i for i in ids if i not in {(w.id, w.gen) for w in started}], exc)
+            if not started:
+                return 0
         sends = []
         with self._lock:
             for w in started:
                 self._workers[w.id] = w
                 self._created += 1
-                self._sel.register(w.rconn, selectors.EVENT_READ, ("conn", w))
+                self._sel.register(w.rfd, selectors.EVENT_READ, ("conn", w))
                 self._sel.register(w.proc.sentinel, selectors.EVENT_READ, ("exit", w))
-                if self._closing and not self._worklist:
-                    self._destroy_worker(w)
-                    continue
                 nxt = self._next_item()
                 if nxt is not None:
                     self._start_item(w, nxt)
                     sends.append((w, [nxt, *self._prefetch(w)]))
                 else:
-                    self._enter_idle(w)
+                    self._idle_or_retire(w)
         for w, items in sends:
             self._send(w, items)
         return len(started)
@@ -818,7 +846,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 table_name=self.table_name,
                 title_prefix=self.title_prefix,
                 title=self.title,
-                attach_lock=self._attach,
+                attach_lock=self._locks.attach,
                 linger_dying=self.linger_dying,
                 faults=self._faults,
                 initializer=self._init_payload,
@@ -855,10 +883,21 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         return started
 
     def _creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
-        """The OS (or a fault point) refused new processes: give the ids back, retry after a
-        cooldown (the kernel's 1 s). M arb held."""
+        """The OS (or a fault point, or a Manager that is gone) refused new workers: give the
+        ids back, retry after a cooldown (the kernel's 1 s).
+
+        A closing pool with no worker left whose creation failed twice in a row (the retry
+        after the cooldown too) fails its waiting items with PoolBroken instead of waiting for
+        creation to recover: close() must end."""
         assert self._table is not None
-        with self._attach:
+        try:
+            with self._locks.held("attach"):
+                for wid, gen in ids:
+                    self._table.free(wid, gen)
+        except LOST:
+            # No Manager to be had: free them unguarded. They belong to no process, and a
+            # worker only ever writes its own slot; at worst a detaching worker misses that it
+            # was the last one out, which teardown repairs (_free_leftover_ids).
             for wid, gen in ids:
                 self._table.free(wid, gen)
         now = time.monotonic()
@@ -866,31 +905,133 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self._create_error = exc
         if self._create_failing_since is None:
             self._create_failing_since = now
+        with self._lock:
+            give_up = self._closing and not self._workers and now - self._create_failing_since >= CREATE_COOLDOWN
+            waiting = list(self._worklist) if give_up else []
+            if give_up:
+                self._worklist.clear()
+                self._changed.notify_all()
+        if waiting:
+            err = PoolBroken(f"pool u{self.id} was closing and could not start a worker to run the item: {exc!r}")
+            err.__cause__ = exc
+            self._fail_items(waiting, err)
 
     # -- the arbiter thread ---------------------------------------------------------------------
 
     def _arbiter(self) -> None:
-        """One loop, one job per function: results, reaping, growing, culling, item timeouts."""
-        sel = self._sel
-        while True:
-            timeout = self._next_timeout()
-            for key, _ in sel.select(timeout):
-                kind, w = key.data
-                if kind == "conn":
-                    self._on_message(w)
-                elif kind == "exit":
-                    self._reap(w)
-                else:
-                    self._drain_wake()
-            self._maybe_sample()
-            with self._lock:
-                if self._stop_arbiter:
-                    return
-            self._grow()
-            self._cull_idle()
-            self._kill_overdue()
+        """The arbiter thread: one loop, one small handler per event (gunicorn's arbiter).
 
-    _stop_arbiter = False  # L: set by teardown once every process is reaped
+        A handler that raises is contained (``_handler_failed``): the items it concerned fail
+        with a named error and the loop goes on. Only a failure of the loop's own machinery
+        (the selector, a second pool-wide handler failure) ends it, and then
+        ``_arbiter_died`` kills every worker and fails every item, so nothing waits on a loop
+        that is gone.
+        """
+        try:
+            while not self._stop_arbiter:
+                self._arbiter_pass()
+        except BaseException as exc:  # noqa: BLE001 - whatever ended the loop, nothing may hang on it
+            self._arbiter_died(exc)
+
+    _stop_arbiter = False  # L (read without it by the arbiter): set by teardown once every process is reaped
+    _arbiter_dead = False  # L: the arbiter loop ended by a failure; _arbiter_died cleaned up after it
+
+    def _arbiter_pass(self) -> None:
+        for key, _ in self._sel.select(self._next_timeout()):
+            kind, w = key.data
+            if kind == "wake":
+                self._drain_wake()
+            elif not w.reaped:  # a worker reaped earlier in this batch: its pipes are closed
+                self._contain(self._on_message if kind == "conn" else self._reap, w)
+        if self._faults:
+            _faults.hit(self._faults, "arbiter.loop")
+        for step in (self._maybe_sample, self._grow, self._cull_idle, self._kill_overdue):
+            self._contain(step)
+
+    def _contain(self, handler: Callable[..., None], w: _Worker | None = None) -> None:
+        try:
+            if w is None:
+                handler()
+            else:
+                handler(w)
+        except Exception as exc:  # noqa: BLE001 - turned into the failure of what it concerned
+            self._handler_failed(handler.__name__, w, exc)
+
+    def _handler_failed(self, name: str, w: _Worker | None, exc: Exception) -> None:
+        """A handler raised. One that concerned one worker (its message, its exit) costs
+        that worker: it is SIGKILLed (if not gone already) and its item fails with WorkerLost
+        naming the failure; its prefetched items go back to the worklist, as for any lost
+        worker. A pool-wide step (growth, cull, sampling, timeouts) breaks the pool: waiting
+        items fail and submit refuses (PoolBroken), running items finish; a second one ends
+        the loop (``_arbiter_died``)."""
+        if w is not None:
+            why = f"after the pool's arbiter failed in {name}: {exc!r}"
+            if name == "_reap" or w.reaped:
+                self._finish_reap(w, (WorkerLost, why))
+                return
+            with self._lock:
+                if w.kill_reason is None:
+                    w.kill_reason = (WorkerLost, why)
+            w.proc.kill()  # its sentinel brings it to _reap, which fails its item with that reason
+            return
+        err = PoolBroken(f"pool u{self.id} broke: its arbiter failed in {name}: {exc!r}")
+        err.__cause__ = exc
+        with self._lock:
+            first = self._broken is None
+        if not first:
+            raise err
+        self._break(err)
+
+    def _break(self, err: BaseException) -> None:
+        """The pool cannot take more work: fail what waits, refuse submits (``_broken``)."""
+        with self._lock:
+            if self._broken is not None:
+                return
+            self._broken = err
+            waiting = list(self._worklist)
+            self._worklist.clear()
+            self._changed.notify_all()
+        self._fail_items(waiting, err)
+
+    def _fail_items(self, items: list[_Item], err: BaseException) -> None:
+        """End each item's future with ``err`` (one not started is failed too, unless its
+        caller cancelled it). Outside L: set_exception runs done-callbacks."""
+        for item in items:
+            if item.dropped:
+                continue
+            if item.started or item.future.set_running_or_notify_cancel():
+                try:
+                    item.future.set_exception(err)
+                except Exception:  # InvalidStateError: it ended meanwhile (cancel_running)
+                    pass
+
+    def _arbiter_died(self, exc: BaseException) -> None:
+        """The arbiter loop is gone (a failure of its machinery). Nobody will read results or
+        reap workers again, so do it all now, from this thread, bounded: the pool is broken
+        (PoolBroken, ``exc`` as the cause), every worker is SIGKILLed and reaped, every item
+        still in the pool fails, teardown finds nothing left to wait for."""
+        err = PoolBroken(f"pool u{self.id} broke: its arbiter thread failed: {exc!r}")
+        err.__cause__ = exc
+        with self._lock:
+            if self._arbiter_dead:
+                return
+            self._arbiter_dead = True
+        self._break(err)
+        with self._lock:
+            victims = list(self._workers.values()) + list(self._dying)
+            for w in victims:
+                if w.kill_reason is None:
+                    w.kill_reason = (PoolBroken, f"after the pool's arbiter thread failed: {exc!r}")
+        for w in victims:
+            w.proc.kill()
+        for w in victims:
+            if not w.reaped:
+                try:
+                    self._reap(w)
+                except Exception:  # noqa: BLE001 - finished below, whatever failed
+                    self._finish_reap(w, w.kill_reason)
+        with self._lock:
+            self._changed.notify_all()
 
     def _next_timeout(self) -> float | None:
         now = time.monotonic()
@@ -918,7 +1059,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             messages = w.reader.read_ready()
         except (EOFError, OSError):
             # The worker is gone; its sentinel will say how. Stop watching its pipe.
-            self._unregister(w.rconn)
+            self._unregister(w.rfd)
             return
         self._handle_results(w, messages)
 
@@ -1027,7 +1168,10 @@ class WorkerPool(ConcurrencyManagement, Teardown):
     def _reap(self, w: _Worker) -> None:
         """A worker process exited. Reap it; if it was not destroyed, it crashed: fail its
         item and free its id on its behalf."""
+        w.reaped = True  # first: an event of the same select() for its result pipe is stale now
         self._unregister(w.proc.sentinel)
+        if self._faults:
+            _faults.hit(self._faults, "reap", w.id)
         # A result it sent just before dying is still in the pipe: take it first, or a
         # finished item would be reported lost.
         try:
@@ -1035,17 +1179,27 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 self._handle_results(w, w.reader.read_ready())
         except (EOFError, OSError):
             pass
-        self._unregister(w.rconn)
         w.proc.join(1.0)
+        self._finish_reap(w, w.kill_reason)
+
+    def _finish_reap(self, w: _Worker, reason: tuple[type[Exception], str] | None) -> None:
+        """Settle a reaped worker: off the books (lost, if it was not destroyed), its item
+        failed (``reason``: the error and why, if the pool killed it), the items prefetched
+        behind it back to the worklist, its id freed on its behalf, its descriptors closed.
+        Also what a failed ``_reap`` is finished with, so nothing here may raise; running it
+        twice finds nothing left the second time."""
+        w.reaped = True
+        self._unregister(w.rfd)
+        self._unregister(w.proc.sentinel)
         exitcode = w.proc.exitcode
         with self._lock:
             if w in self._dying:
                 self._dying.discard(w)
-            else:
+            elif self._workers.get(w.id) is w:
                 self._lost += 1
                 self._cm_set(w, False, False)
                 del self._workers[w.id]
-                if w.state == "idle":
+                if w in self._idle:
                     self._idle.remove(w)
                 w.state = "dying"
             # Destroyed workers have no item; a killed one (_kill_worker) still has its own.
@@ -1055,15 +1209,20 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             # they go back to the front of the worklist, for another worker to run.
             unstarted = [it for it in w.queued if not it.dropped]
             w.queued.clear()
-            if not self._abandon:
+            if not self._abandon and self._broken is None:
                 self._worklist.extendleft(reversed(unstarted))
                 self._requeued += len(unstarted)
                 unstarted = []
-            reason = w.kill_reason
+            broken = self._broken
             self._changed.notify_all()
-        self._detach_on_behalf(w)
-        self._fail_unstarted(unstarted)  # only when a timed-out close() gave up on the pool
-        if lost is not None:
+        try:
+            self._detach_on_behalf(w)
+        except Exception:  # noqa: BLE001 - the Manager is gone for good: teardown frees the id (_free_leftover_ids)
+            pass
+        if unstarted:  # a timed-out close() gave up on the pool, or the pool broke
+            closed = PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran")
+            self._fail_items(unstarted, broken or closed)
+        if lost is not None and not lost.dropped:
             how = _describe_exit(exitcode)
             if reason is not None:
                 error, why = reason
@@ -1072,13 +1231,12 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 err = WorkerLost(
                     f"worker {w.id} (pid {w.pid}) of pool u{self.id} was lost: {how} while running the item"
                 )
-            lost.future.set_exception(err)
-        w.conn.close()
-        w.rconn.close()
-        try:
-            w.proc.close()
-        except ValueError:
-            pass
+            self._fail_items([lost], err)
+        for close in (w.conn.close, w.rconn.close, w.proc.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
         self._wake()  # re-evaluate growth: the pool may need a replacement
 
     def _detach_on_behalf(self, w: _Worker) -> None:
@@ -1088,7 +1246,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         assert self._table is not None
         if not self._table.owned_by(w.id, w.gen):
             return
-        with self._attach:
+        with self._locks.held("attach"):
             self._table.free(w.id, w.gen)
             self._maybe_complete()
 
@@ -1123,11 +1281,11 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 assert w.current is not None
                 self._kill_worker(w, ItemTimeout, f"after its item ran past its timeout of {w.current.timeout:g} s")
 
-    def _unregister(self, fileobj: Any) -> None:
+    def _unregister(self, fd: int) -> None:
         try:
-            self._sel.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+            self._sel.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass  # not registered (any more), or the selector is closed
 
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is None:

@@ -10,14 +10,22 @@
    _teardown
        ├─ wait: no attached worker, no pending item  ── past close(timeout): _escalate
        ├─ M arb + attach: ids still allocated? install the detach completion
-       ├─ wait on the completion (the last worker to detach completes it)
+       ├─ wait on the completion (the last worker to detach completes it)  ── every worker
+       │     reaped and still no completion (detaches the lost Manager could not do):
+       │     free the leftover ids, complete on their behalf
        ├─ wait until every process is reaped
-       ├─ stop the arbiter
+       ├─ stop the arbiter (a bounded join)
        └─ free: pipes, selector, the id table (unlinked), the pool id
 
-_escalate (only when ``timeout`` runs out): pending items fail with PoolClosed; busy and
-dying workers get SIGTERM, then SIGKILL after KILL_GRACE, and their items fail with
-TeardownTimeout (or the reason they were already being killed for).
+_escalate (when ``timeout`` runs out, or a teardown step failed): pending items fail with
+PoolClosed (PoolBroken after a failure); busy and dying workers get SIGTERM, then SIGKILL
+after KILL_GRACE, and their items fail with TeardownTimeout (PoolBroken), or the reason they
+were already being killed for.
+
+Nothing here waits on the arbiter alone: every wait is on L's condition, woken by the arbiter
+as workers go and items end, and checks in slices of WATCH seconds that the arbiter thread is
+still there. If it is gone, ``_arbiter_died`` has killed and reaped everything already (or is
+run from here, should the thread have ended without it).
 
 This is a mixin of WorkerPool: the fields it uses are the pool's (see its __init__; guards
 L = pool lock, M = Manager locks).
@@ -35,13 +43,19 @@ from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
 from .checks import check_number
-from .errors import PoolClosed, TeardownTimeout
+from .errors import PoolBroken, PoolClosed, TeardownTimeout
+from .idtable import FREE
+from .manager import LOST
 
 if TYPE_CHECKING:
     from .pool import _Item
 
 #: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
 KILL_GRACE = 1.0
+#: How often teardown's waits look whether the arbiter thread is still there (seconds).
+WATCH = 0.1
+#: How long teardown waits for the arbiter thread to end once asked (seconds).
+ARBITER_JOIN = 5.0
 
 
 class Teardown:
@@ -104,27 +118,49 @@ class Teardown:
 
     def _teardown(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        failure: BaseException | None = None
         try:
             self._wait_drained(deadline)
-            assert self._table is not None
-            with self._arb:
-                self._no_create = True
-                with self._attach:
-                    waiting = self._table.nr_allocated() > 0
-                    if waiting:
-                        self._table.install_completion()
-            if waiting:
+            if self._install_completion():
                 _faults.hit(self._faults, "teardown.before_wait")
                 self._wait_completion(deadline)
             self._wait_reaped(deadline)
-            with self._lock:
-                self._stop_arbiter = True
-            self._wake()
-            self._arbiter_thread.join()
+        except Exception as exc:  # noqa: BLE001 - raised again below, once nothing is left
+            failure = exc
+            self._escalate(f"its teardown failed: {exc!r}", PoolBroken)
+            self._wait_reaped(time.monotonic() + KILL_GRACE)
         finally:
+            self._stop_the_arbiter()
             self._free_resources()
             self._closed.set()
             self._unlist()
+        if failure is not None:
+            raise PoolBroken(f"pool u{self.id}: its teardown failed, and what was left of it was killed") from failure
+
+    def _install_completion(self) -> bool:
+        """The point of no return: no more creation; ids still allocated? then install the
+        detach completion for the last one out to complete. True if there is one to wait for.
+        A Manager that is gone for good is no reason to stop: the completion then comes from
+        reaping (``_wait_completion``)."""
+        assert self._table is not None
+        self._no_create = True  # also set under M arb below; set first in case that fails
+        try:
+            with self._locks.held("arb"):
+                self._no_create = True
+                with self._locks.held("attach"):
+                    waiting = self._table.nr_allocated() > 0
+                    if waiting:
+                        self._table.install_completion()
+                    return waiting
+        except LOST:
+            return self._table.nr_allocated() > 0
+
+    def _stop_the_arbiter(self) -> None:
+        with self._lock:
+            self._stop_arbiter = True
+        self._wake()
+        if threading.current_thread() is not self._arbiter_thread:
+            self._arbiter_thread.join(ARBITER_JOIN)
 
     def _wait_drained(self, deadline: float | None) -> None:
         """Wait until no worker is attached and no item waits; past the deadline, give up on
@@ -133,18 +169,28 @@ class Teardown:
 
     def _wait_for(self, done: Callable[[], bool], deadline: float | None, reason: str) -> None:
         """Wait on ``self._changed`` until ``done()`` (evaluated under L); past the deadline,
-        escalate (``reason`` goes into the items' errors)."""
+        escalate (``reason`` goes into the items' errors). Checks every WATCH seconds that the
+        arbiter thread, which makes ``done()`` come true, is still there."""
         with self._lock:
             while not done():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                self._changed.wait(left)
+                if not self._changed.wait(WATCH if left is None else min(left, WATCH)):
+                    if not self._arbiter_thread.is_alive() and not self._arbiter_dead:
+                        self._lock.release()
+                        try:
+                            self._arbiter_died(RuntimeError("the arbiter thread ended without a word"))
+                        finally:
+                            self._lock.acquire()
             else:
                 return
         self._escalate(reason)
 
-    def _escalate(self, reason: str) -> None:
+    def _escalate(self, reason: str, error: type[Exception] = TeardownTimeout) -> None:
+        """Give up on what is left: waiting items fail (PoolClosed, or ``error`` if that is
+        PoolBroken), every worker still there is killed (SIGTERM, then SIGKILL) and its item
+        fails with ``error`` (unless it was being killed for a reason of its own already)."""
         with self._lock:
             self._abandon = True
             abandoned = list(self._worklist)
@@ -152,8 +198,9 @@ class Teardown:
             victims = list(self._workers.values()) + list(self._dying)
             for w in victims:
                 if w.kill_reason is None:  # a worker already killed for its item keeps that reason
-                    w.kill_reason = (TeardownTimeout, f"by close() after {reason}")
-        self._fail_unstarted(abandoned)
+                    w.kill_reason = (error, f"by close() after {reason}")
+        closed = PoolBroken if error is PoolBroken else PoolClosed
+        self._fail_items(abandoned, closed(f"pool u{self.id} was closed ({reason}) before this item ran"))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for w in victims:
                 try:
@@ -163,21 +210,27 @@ class Teardown:
             end = time.monotonic() + KILL_GRACE
             with self._lock:
                 while (self._workers or self._dying) and time.monotonic() < end:
-                    self._changed.wait(end - time.monotonic())
+                    self._changed.wait(min(WATCH, end - time.monotonic()))
                 if not self._workers and not self._dying:
                     return
-
-    def _fail_unstarted(self, items: list[_Item]) -> None:
-        for item in items:
-            if item.started or item.future.set_running_or_notify_cancel():
-                item.future.set_exception(PoolClosed(f"pool u{self.id} was closed (timed out) before this item ran"))
+        if not self._arbiter_thread.is_alive():
+            self._arbiter_died(RuntimeError("the arbiter thread ended without a word"))
 
     def _wait_completion(self, deadline: float | None) -> None:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self._completion_r.poll(left):
-            return
-        self._escalate("its timeout ran out while workers were still detaching")
-        self._completion_r.poll(KILL_GRACE)
+        """Wait for the last worker to detach. If every worker is reaped and none completed,
+        their detaches could not be done (the Manager was lost): free what they left."""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if self._completion_r.poll(WATCH if left is None else max(0.0, min(left, WATCH))):
+                return
+            with self._lock:
+                gone = not self._workers and not self._dying
+            if gone:
+                self._free_leftover_ids()
+                return
+            if left is not None and left <= 0:
+                self._escalate("its timeout ran out while workers were still detaching")
+                deadline = None  # escalation reaped them: the next round ends it
 
     def _wait_reaped(self, deadline: float | None) -> None:
         self._wait_for(
@@ -185,6 +238,16 @@ class Teardown:
             deadline,
             "its timeout ran out while dying workers were still alive",
         )
+
+    def _free_leftover_ids(self) -> None:
+        """Every worker is reaped: free the ids still allocated (no process is left that
+        could touch them) and complete the detach completion on their behalf."""
+        assert self._table is not None
+        for slot in self._table.slots():
+            if slot.state != FREE:
+                self._table.free(slot.id, slot.gen)
+        if self._table.should_complete():
+            self._table.mark_completed()
 
     def _free_resources(self) -> None:
         for conn in (self._completion_r, self._completion_w):
