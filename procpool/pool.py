@@ -1191,6 +1191,11 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         w.reaped = True
         self._unregister(w.rfd)
         self._unregister(w.proc.sentinel)
+        if w.proc.exitcode is None:  # _reap failed before it got there
+            try:
+                w.proc.join(1.0)
+            except (OSError, ValueError):
+                pass
         exitcode = w.proc.exitcode
         with self._lock:
             if w in self._dying:
