@@ -1,6 +1,8 @@
 """procpool: the Linux kernel's workqueue worker pools, with OS processes as workers."""
 
 from .errors import (
+    CallNotPicklable,
+    CallNotUnpicklable,
     FaultInjected,
     InitializerFailed,
     ItemCancelled,
@@ -8,6 +10,8 @@ from .errors import (
     PoolClosed,
     ProcpoolError,
     RemoteTraceback,
+    ResultNotPicklable,
+    ResultNotUnpicklable,
     TeardownTimeout,
     TransferError,
     WorkerLost,
@@ -18,6 +22,8 @@ from .stats import PoolStats, WorkerInfo
 from .workqueue import Work, Workqueue, WorkqueueStats
 
 __all__ = [
+    "CallNotPicklable",
+    "CallNotUnpicklable",
     "FaultInjected",
     "InitializerFailed",
     "ItemCancelled",
@@ -27,6 +33,8 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProcpoolError",
     "RemoteTraceback",
+    "ResultNotPicklable",
+    "ResultNotUnpicklable",
     "TeardownTimeout",
     "TransferError",
     "WorkerInfo",

@@ -11,6 +11,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from .errors import CallNotPicklable
 from .worker import FN_CACHE_MAX, FN_LEN, PICKLE_PROTOCOL, SEQ_BYTES
 
 # Module-level functions -> their part of a call: length + pickle, a reference (module and
@@ -44,14 +45,15 @@ def dumps(obj: Any) -> bytes:
         return cp.dumps(obj, PICKLE_PROTOCOL)
 
 
-def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> TypeError:
-    """A TypeError naming the first of ``parts`` (label, object) that cannot be pickled."""
+def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> CallNotPicklable:
+    """A ``CallNotPicklable`` (a TypeError and a ``pickle.PicklingError``) naming the first of
+    ``parts`` (label, object) that cannot be pickled."""
     for what, obj in parts:
         try:
             dumps(obj)
         except Exception as part_exc:
-            return TypeError(f"{where}: {what} cannot be pickled: {part_exc}")
-    return TypeError(f"{where}: the call cannot be pickled: {exc}")
+            return CallNotPicklable(f"{where}: {what} cannot be pickled: {part_exc}")
+    return CallNotPicklable(f"{where}: the call cannot be pickled: {exc}")
 
 
 def function_part(fn: Callable[..., Any]) -> bytes:

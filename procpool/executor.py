@@ -35,14 +35,37 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from .errors import CallNotPicklable
+from .future import new_future
 from .pool import WorkerPool
 
 T = TypeVar("T")
+
+#: Set when the interpreter starts shutting down (before atexit handlers run), as the
+#: standard library's executor does: a submit from then on (an atexit handler's, a daemon
+#: thread's) is refused, since the pools it would feed are being closed. Written once.
+_interpreter_shutdown = False
+
+
+def _on_interpreter_shutdown() -> None:
+    global _interpreter_shutdown
+    _interpreter_shutdown = True
+
+
+# threading's own exit hooks run when the main thread finishes, before atexit's: the moment
+# concurrent.futures uses, so code that submits from an atexit handler sees the same error.
+try:
+    threading._register_atexit(_on_interpreter_shutdown)  # type: ignore[attr-defined]
+except RuntimeError:  # imported while the interpreter already shuts down
+    _interpreter_shutdown = True
 
 
 def default_max_workers() -> int:
@@ -152,9 +175,12 @@ class ProcessPoolExecutor(Executor):
     ) -> None:
         if max_workers is None:
             max_workers = default_max_workers()
+        elif isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            # The standard library's words: code and tests in the wild match this text.
+            raise ValueError("max_workers must be greater than 0")
         options: dict[str, Any] = {"min_workers": 0, **procpool_options}
-        # WorkerPool validates everything: ValueError for max_workers <= 0 as the standard
-        # library, TypeError for a non-int, and likewise for max_tasks_per_child.
+        # WorkerPool validates the rest: TypeError for a non-int max_workers, and likewise for
+        # max_tasks_per_child.
         self._pool = WorkerPool(
             max_workers=max_workers,
             mp_context=mp_context,
@@ -163,17 +189,38 @@ class ProcessPoolExecutor(Executor):
             max_tasks_per_child=max_tasks_per_child,
             **options,
         )
-        self._max_workers = self._pool.max_workers  # the name some callers read
+        # Compatibility only: the standard library's private attributes that code reads.
+        self._max_workers = self._pool.max_workers
+        self._mp_context = self._pool._ctx
 
     @property
     def pool(self) -> WorkerPool:
         """The underlying WorkerPool (``stats()``, ``workers()``, ``destroy_idle()``)."""
         return self._pool
 
+    @property
+    def _processes(self) -> Mapping[int, WorkerHandle]:
+        """Compatibility only (the standard library's private ``_processes``, which code reads
+        to list worker pids or to terminate workers on a timeout): a read-only snapshot, pid ->
+        ``WorkerHandle``, of the worker processes alive now, dying ones included. Terminating
+        one fails only the item it runs (``WorkerLost``); the pool replaces it. Use
+        ``pool.workers()`` and ``cancel_running()`` in new code."""
+        return types.MappingProxyType({w.pid: WorkerHandle(self._pool, w) for w in self._pool._live_workers()})
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """Schedule ``fn(*args, **kwargs)``; a call that cannot be pickled raises TypeError
-        here (the standard library fails the future later instead)."""
-        return self._pool.submit(fn, *args, **kwargs)
+        """Schedule ``fn(*args, **kwargs)``. As in the standard library, a call that cannot be
+        pickled returns a future failed with ``CallNotPicklable`` (a ``pickle.PicklingError``
+        and a TypeError, naming the part that failed), so code that submits a batch and then
+        looks at each result is not cut short half-way."""
+        if _interpreter_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except CallNotPicklable as exc:
+            fut: Future[T] = new_future()
+            fut.set_running_or_notify_cancel()
+            fut.set_exception(exc)
+            return fut
 
     def submit_with(
         self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -181,7 +228,11 @@ class ProcessPoolExecutor(Executor):
         """``submit`` with a per-item ``timeout``: seconds the call may run once a worker has
         it. Past that its worker is killed and replaced, and the future fails with
         ``procpool.ItemTimeout``, a builtin ``TimeoutError``. (A function that itself takes
-        a ``timeout`` keyword can be given one through ``functools.partial``.)"""
+        a ``timeout`` keyword can be given one through ``functools.partial``.) Unlike
+        ``submit``, a call that cannot be pickled raises ``CallNotPicklable`` here: this is
+        procpool's own API, fail-fast like ``WorkerPool.submit``."""
+        if _interpreter_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         return self._pool.submit_with(fn, *args, timeout=timeout, **kwargs)
 
     def cancel_running(self, future: Future) -> bool:
@@ -201,7 +252,8 @@ class ProcessPoolExecutor(Executor):
         """``map(fn, *iterables)`` in worker processes; results come in order, lazily.
 
         The iterables are consumed and every call submitted now; ``chunksize`` calls travel
-        as one item. Iterating raises a call's exception at its place, or TimeoutError once
+        as one item. Iterating raises a call's exception at its place (``CallNotPicklable``
+        for a call that could not be pickled, for its whole chunk), or TimeoutError once
         ``timeout`` seconds have passed since this call; either way the calls that have not
         started are cancelled.
         """
@@ -218,7 +270,7 @@ class ProcessPoolExecutor(Executor):
                 for chunk in _chunks(iterables, chunksize):
                     futures.append(self.submit(runner, fn, chunk))
         except BaseException:
-            # A call that cannot be pickled (or shutdown in between): leave nothing behind.
+            # Shut down in between (or interrupted): leave nothing behind.
             for fut in futures:
                 fut.cancel()
             raise
@@ -235,3 +287,50 @@ class ProcessPoolExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"<procpool.ProcessPoolExecutor max_workers={self._max_workers} pool={self._pool!r}>"
+
+
+class WorkerHandle:
+    """Compatibility only: what ``ProcessPoolExecutor._processes`` maps a pid to, the part of
+    ``multiprocessing.Process`` that code reading ``_processes`` uses. The worker is a child of
+    procpool's spawner, not of this process, so "alive" means: the pool has not reaped it yet
+    (it learns of an exit from the spawner as soon as the kernel reports it)."""
+
+    __slots__ = ("_pool", "_worker", "pid")
+
+    def __init__(self, pool: WorkerPool, worker: Any) -> None:
+        self._pool = pool
+        self._worker = worker
+        self.pid: int = worker.pid
+
+    def is_alive(self) -> bool:
+        return self._pool._is_live_worker(self._worker)
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status once reaped (negative: the signal), else None."""
+        return None if self.is_alive() else self._worker.proc.exitcode
+
+    def _signal(self, sig: int) -> None:
+        # Only while the pool has not reaped it: after that the pid may be another process's.
+        # (The spawner reaps it, then the pool hears of it, so a live entry is a live pid or,
+        # for a moment, a zombie of the spawner: never a reused pid.)
+        if self.is_alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """SIGTERM: the item it runs fails with ``WorkerLost``; the pool replaces it."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, likewise."""
+        self._signal(signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the pool has reaped it, or ``timeout`` seconds."""
+        self._pool._wait_worker_reaped(self._worker, timeout)
+
+    def __repr__(self) -> str:
+        return f"<procpool.WorkerHandle pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"

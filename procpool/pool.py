@@ -73,7 +73,7 @@ from .errors import (
     ItemCancelled,
     ItemTimeout,
     RemoteTraceback,
-    TransferError,
+    ResultNotUnpicklable,
     WorkerLost,
 )
 from .frames import FrameReader, frame, write_all
@@ -506,6 +506,21 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 return 0.0
         return max(0.0, time.monotonic() - since)
 
+    def _live_workers(self) -> list[_Worker]:
+        """Workers not reaped yet: attached and dying (for the executor's ``_processes``)."""
+        with self._lock:
+            return [*self._workers.values(), *self._dying]
+
+    def _is_live_worker(self, w: _Worker) -> bool:
+        with self._lock:
+            return self._workers.get(w.id) is w or w in self._dying
+
+    def _wait_worker_reaped(self, w: _Worker, timeout: float | None) -> None:
+        """Wait until _reap() took ``w`` off the books, or ``timeout``. _reap notifies
+        _changed; the arbiter reaps as soon as the spawner reports the exit."""
+        with self._lock:
+            self._changed.wait_for(lambda: not (self._workers.get(w.id) is w or w in self._dying), timeout)
+
     @property
     def broken(self) -> bool:
         """True once a worker's initializer raised: submit refuses, see ``InitializerFailed``."""
@@ -933,7 +948,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             try:
                 ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
             except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
-                ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
+                ok, value, tb = False, ResultNotUnpicklable(f"the result could not be unpickled here: {exc!r}"), None
                 value.__cause__ = exc
             if not ok and tb is not None and isinstance(value, BaseException):
                 value.__cause__ = RemoteTraceback(tb)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import faults
-from .errors import ProcpoolError, TransferError
+from .errors import CallNotUnpicklable, ProcpoolError, ResultNotPicklable
 from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .manager import ManagerLock
@@ -181,14 +181,15 @@ def _load_function(payload: memoryview) -> tuple[Any, int]:
 
 def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
-    unpickle the call or to pickle the result ends as a TransferError saying which, not as a
-    bare pickling error that would look like the function's own."""
+    unpickle the call or to pickle the result ends as a TransferError subclass saying which
+    (CallNotUnpicklable, ResultNotPicklable), not as a bare pickling error that would look like
+    the function's own."""
     try:
         fn, start = _load_function(payload)
         call = pickle.loads(payload[start:])
         args, kwargs = call[:2]
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
-        return _error_message(TransferError(f"the call could not be unpickled in the worker: {exc!r}"), exc)
+        return _error_message(CallNotUnpicklable(f"the call could not be unpickled in the worker: {exc!r}"), exc)
     tag = call[2] if len(call) > 2 and titles is not None else None
     if tag is not None:
         titles.set(f"{titles.base}+{tag}")
@@ -203,7 +204,8 @@ def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
         return pickle.dumps((True, value, None), PICKLE_PROTOCOL)
     except BaseException as exc:  # noqa: BLE001
         name = getattr(fn, "__qualname__", None) or repr(fn)
-        return _error_message(TransferError(f"the result of {name} could not be pickled: {exc!r}"), exc)
+        err = ResultNotPicklable(f"the result of {name} could not be pickled in the worker: {exc!r}")
+        return _error_message(err, exc)
 
 
 def _apply_attrs(spec: WorkerSpec) -> bytes | None:
