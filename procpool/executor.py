@@ -111,24 +111,40 @@ def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[Any]:
         yield chunk
 
 
-def _results(futures: list[Future], deadline: float | None, last: list[Any] | None = None) -> Iterator[Any]:
+def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
     """Yield the futures' results in order, waiting until ``deadline`` at most. The list is
-    reversed and popped so a long map does not keep every result alive once yielded.
-    ``last[0]``: the value yielded last (see _ChunkResults.close)."""
+    reversed and popped, and no local names a result while it is yielded, so a result the
+    caller drops is freed at once (a long map must not keep every result alive, nor the
+    last one until the next ``next()``)."""
     futures.reverse()
     try:
         while futures:
             left = None if deadline is None else deadline - time.monotonic()
-            # A negative wait still returns a result that is already there.
-            value = futures[-1].result(left)
-            futures.pop()
-            if last is not None:
-                last[0] = value
-            yield value
+            # Wait (a negative wait still returns a result that is already there); on a
+            # timeout or an error the future stays listed, to be cancelled below.
+            futures[-1].result(left)
+            # Done: taken off the list and its result handed over, nothing else keeps it.
+            yield futures.pop().result()
     finally:
         # Timed out, raised, or the caller stopped iterating: what has not started never will.
         for fut in futures:
             fut.cancel()
+
+
+def _chunk_iterators(futures: list[Future], deadline: float | None, current: list[Any]) -> Iterator[Iterator[Any]]:
+    """A chunked map's chunks, each as an iterator that pops its results one by one (all in C:
+    ``map(chunk.pop, indexes)``), so a result the caller drops is freed at once rather than
+    with the rest of its chunk. ``current``: the chunk being read and its index list, for
+    _ChunkResults.close()."""
+    results = _results(futures, deadline)
+    try:
+        for chunk in results:
+            chunk.reverse()
+            indexes = [-1] * len(chunk)
+            current[:] = (chunk, indexes)
+            yield map(chunk.pop, indexes)
+    finally:
+        results.close()
 
 
 class _ChunkResults(itertools.chain):
@@ -137,17 +153,20 @@ class _ChunkResults(itertools.chain):
     the generator's ``close()``, which cancels what has not started, as the standard
     library's map iterator does. Dropping it drops the generator, to the same effect."""
 
-    __slots__ = ("_chunks", "_last")
+    __slots__ = ("_chunks", "_current")
 
-    def __new__(cls, chunks: Iterator[list[Any]], last: list[Any]) -> _ChunkResults:
+    def __new__(cls, chunks: Iterator[Iterator[Any]], current: list[Any]) -> _ChunkResults:
         self = super().from_iterable(chunks)
-        self._chunks, self._last = chunks, last
+        self._chunks, self._current = chunks, current
         return self
 
     def close(self) -> None:
         self._chunks.close()  # type: ignore[attr-defined]
-        if isinstance(self._last[0], list):
-            self._last[0].clear()  # the rest of the chunk being read: nothing more, as after a generator's close()
+        for part in self._current:
+            # The rest of the chunk being read: nothing more, as after a generator's close()
+            # (the emptied index list ends its map), and its results are freed.
+            part.clear()
+        self._current.clear()
 
 
 class ProcessPoolExecutor(Executor):
@@ -276,8 +295,8 @@ class ProcessPoolExecutor(Executor):
             raise
         if chunksize == 1:
             return _results(futures, deadline)
-        last: list[Any] = [None]
-        return _ChunkResults(_results(futures, deadline, last), last)
+        current: list[Any] = []
+        return _ChunkResults(_chunk_iterators(futures, deadline, current), current)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking work; idempotent. Pending calls still run unless ``cancel_futures``,

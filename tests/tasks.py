@@ -182,3 +182,14 @@ class Counter:
 
     def get(self) -> int:
         return self.value
+
+
+class Payload:
+    """A result that can be weakly referenced (the leak tests watch when it is freed)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def make_object(i: int) -> Payload:
+    return Payload(i)

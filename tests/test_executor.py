@@ -4,6 +4,7 @@ deviations, and its extras (item timeout, cancel_running), all with real worker 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import multiprocessing
 import os
 import pickle
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -541,3 +543,58 @@ def test_lambdas_and_closures_with_cloudpickle():
         assert ex.submit(lambda x: x + offset, 1).result(timeout=T) == 11
         assert list(ex.map(lambda x: x * offset, range(5), chunksize=2)) == [0, 10, 20, 30, 40]
         assert ex.submit(lambda: os.environ.get("PROCPOOL_TEST_INIT")).result(timeout=T) == "yes"
+
+
+# -- nothing of a call or its result is kept once the caller lets go ---------------------------
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_frees_each_result_as_soon_as_the_caller_drops_it(chunksize):
+    with procpool.ProcessPoolExecutor(2) as ex:
+        still_alive = []
+        for obj in ex.map(tasks.make_object, range(10), chunksize=chunksize):
+            assert isinstance(obj, tasks.Payload)
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            still_alive.append(ref() is not None)
+        assert still_alive == [False] * 10
+
+
+def test_a_closed_chunked_map_frees_the_rest_of_its_chunk():
+    with procpool.ProcessPoolExecutor(1) as ex:
+        it = ex.map(tasks.make_object, range(6), chunksize=3)
+        first = next(it)
+        refs = [weakref.ref(first)]
+        it.close()
+        assert list(it) == []
+        del first
+        gc.collect()
+        assert refs[0]() is None
+        # The two results of the chunk not read are gone too: nothing but the chunk held them.
+        assert not [o for o in gc.get_objects() if type(o) is tasks.Payload]
+
+
+def test_submit_keeps_neither_the_arguments_nor_a_dropped_futures_result(files):
+    mark, release = files("mark"), files("release")
+    with procpool.ProcessPoolExecutor(1) as ex:
+        blocker = ex.submit(tasks.write_pid_and_wait, mark, release)
+        arg = tasks.Counter()
+        ref_arg = weakref.ref(arg)
+        pending = ex.submit(tasks.identity, arg)  # queued behind the blocker: not yet sent
+        del arg
+        gc.collect()
+        assert ref_arg() is None  # pickled at submit; the pending item holds only bytes
+        Path(release).touch()
+        result = pending.result(timeout=T)
+        ref_result = weakref.ref(result)
+        del result, pending
+        gc.collect()
+        assert ref_result() is None  # the future was the only holder, and it is gone
+        assert blocker.result(timeout=T) > 0
+        # Through as_completed, the usual loop: each result freed once its future is dropped.
+        futs = [ex.submit(tasks.make_object, i) for i in range(5)]
+        refs = [weakref.ref(f.result(timeout=T)) for f in cf.as_completed(futs, timeout=T)]
+        del futs
+        gc.collect()
+        assert [r() for r in refs] == [None] * 5
