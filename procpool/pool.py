@@ -263,7 +263,6 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         check_number("linger_dying", linger_dying, minimum=0)
         if max_tasks_per_child is not None:
             check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
-        init_payload = dumps_initializer(initializer, initargs)
         nice, cpus = check_attrs(nice, cpus)
         if concurrency is None:
             concurrency = len(cpus) if cpus is not None else len(os.sched_getaffinity(0))
@@ -276,6 +275,9 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
         if title is not None and (not isinstance(title, str) or not title or any(c.isspace() for c in title)):
             raise ValueError(f"title must be a non-empty string without spaces, got {title!r}")
+        # Last of the checks: it dups the descriptors initargs hold (closed in _abort_init or
+        # _unlist, or just below if a check still fails).
+        init_payload, init_fds = dumps_initializer(initializer, initargs)
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
         self._faults = _faults.parse(fault_text)  # I
 
@@ -292,7 +294,14 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self.spin = float(spin)  # I: see SPIN
         self.cpu_intensive_threshold = float(cpu_intensive_threshold)  # I
         self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
-        self._ctx = resolve_context(mp_context)  # I
+        # I: copies of the descriptors initargs hold (a Queue's pipe, a Value's arena), sent with
+        # every spawn request for the workers to inherit; closed when the pool is gone.
+        self._init_fds = init_fds
+        try:
+            self._ctx = resolve_context(mp_context)  # I
+        except BaseException:
+            self._close_init_fds()
+            raise
         # I: may the program's spawner be a plain fork of it (single-threaded programs only)?
         # Only by default: an explicit mp_context is honoured, e.g. by a program whose large,
         # changing heap should not be shared copy-on-write with a long-lived spawner.
@@ -357,8 +366,14 @@ class WorkerPool(ConcurrencyManagement, Teardown):
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""
+        self._close_init_fds()
         _free_pool_id(self.id)
         _live_pools.discard(self)
+
+    def _close_init_fds(self) -> None:
+        fds, self._init_fds = self._init_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def _abort_init(self) -> None:
         for w in list(self._workers.values()):
@@ -369,6 +384,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 pass
         if self._table is not None:
             self._table.destroy()
+        self._close_init_fds()
         _free_pool_id(self.id)
 
     # -- public API -------------------------------------------------------------------------
@@ -845,7 +861,10 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         ]
         try:
             results = get_spawner(self._ctx, self._allow_fork).spawn(
-                specs, [(work[0], result[1]) for work, result in pairs], self._completion_w.fileno()
+                specs,
+                [(work[0], result[1]) for work, result in pairs],
+                self._completion_w.fileno(),
+                self._init_fds,
             )
         except Exception as exc:
             results = [exc] * len(ids)

@@ -598,3 +598,60 @@ def test_submit_keeps_neither_the_arguments_nor_a_dropped_futures_result(files):
         del futs
         gc.collect()
         assert [r() for r in refs] == [None] * 5
+
+
+# -- initargs that may only be shared through inheritance -------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("executor_ctx", [None, "forkserver", "spawn"])
+@pytest.mark.parametrize("objects_ctx", ["forkserver", "spawn"])
+def test_logging_cookbook_queue_lock_and_value_reach_the_workers(executor_ctx, objects_ctx):
+    ctx = multiprocessing.get_context(objects_ctx)
+    queue, lock, counter = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0)
+    with procpool.ProcessPoolExecutor(1, mp_context=executor_ctx) as ex:
+        ex.submit(tasks.square, 1).result(timeout=T)  # the program's spawner and Manager are up
+    fds_before = _open_fds()
+    with procpool.ProcessPoolExecutor(
+        2, mp_context=executor_ctx, initializer=tasks.configure_logging_to, initargs=(queue, lock, counter)
+    ) as ex:
+        pids = list(ex.map(tasks.log_and_count, range(6)))
+    assert counter.value == 6  # every worker incremented the one shared Value, under the lock
+    records = sorted(queue.get(timeout=T).getMessage() for _ in range(6))
+    assert [r.split(" from ")[0] for r in records] == [f"item {i}" for i in range(6)]
+    assert {int(r.split(" from ")[1]) for r in records} == set(pids)
+    assert _open_fds() == fds_before  # the pool's copies of the queue's pipe ends are closed
+
+
+def test_workerpool_initializer_gets_inherited_objects_too():
+    ctx = multiprocessing.get_context("forkserver")
+    queue, lock, counter = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0)
+    with procpool.WorkerPool(0, 2, initializer=tasks.configure_logging_to, initargs=(queue, lock, counter)) as pool:
+        futs = [pool.submit(tasks.log_and_count, i) for i in range(4)]
+        assert all(f.result(timeout=T) > 0 for f in futs)
+        # A worker started after the first ones (the spawner got the descriptors again).
+        pool.destroy_idle(pool.stats().nr_idle)
+        assert pool.submit(tasks.log_and_count, 4).result(timeout=T) > 0
+    assert counter.value == 5
+    assert sorted(queue.get(timeout=T).getMessage().split(" from ")[0] for _ in range(5)) == [
+        f"item {i}" for i in range(5)
+    ]
+
+
+def test_a_manager_queue_works_as_initarg():
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue()
+        with procpool.ProcessPoolExecutor(1, initializer=tasks.remember_queue, initargs=(queue,)) as ex:
+            assert ex.submit(tasks.put_on_remembered, "hello").result(timeout=T) is None
+        assert queue.get(timeout=T) == "hello"
+
+
+def test_fork_context_objects_are_refused_at_creation_with_what_to_use_instead():
+    queue = multiprocessing.get_context("fork").Queue()
+    fds_before = _open_fds()
+    with pytest.raises(TypeError, match=r"initargs\[0\] \(Queue\) was made by a 'fork' context.*forkserver.*Manager"):
+        procpool.ProcessPoolExecutor(1, initializer=tasks.identity, initargs=(queue,))
+    assert _open_fds() == fds_before
