@@ -19,7 +19,10 @@ Where it differs from the standard library, deliberately (the README has the ful
 * an initializer that raises fails the item its worker was given and every waiting item
   with ``InitializerFailed`` (a ``BrokenProcessPool``), and ``submit`` raises it from then
   on; items already running on other workers finish;
-* a call that cannot be pickled raises ``TypeError`` from ``submit``/``map`` at once;
+* a call or result that cannot cross fails only its item (``CallNotUnpicklable``,
+  ``ResultNotUnpicklable``: ``BrokenProcessPool``s that do not break the pool); one that
+  cannot be pickled here fails its future, as in the standard library (``CallNotPicklable``);
+* initargs of the 'fork' context that must be inherited are refused (see procpool.calls);
 * ``mp_context`` may be 'forkserver' (the default) or 'spawn': it chooses how procpool's
   spawner starts when the program runs threads (workers are always forks of that
   single-threaded spawner). A 'fork' context is refused with ``ValueError``, as by WorkerPool:
