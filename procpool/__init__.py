@@ -1,6 +1,8 @@
 """procpool: the Linux kernel's workqueue worker pools, with OS processes as workers."""
 
 from .errors import (
+    CallNotPicklable,
+    CallNotUnpicklable,
     FaultInjected,
     InitializerFailed,
     ItemCancelled,
@@ -9,6 +11,8 @@ from .errors import (
     PoolClosed,
     ProcpoolError,
     RemoteTraceback,
+    ResultNotPicklable,
+    ResultNotUnpicklable,
     TeardownTimeout,
     TransferError,
     WorkerLost,
@@ -19,6 +23,8 @@ from .stats import PoolStats, WorkerInfo
 from .workqueue import Work, Workqueue, WorkqueueStats
 
 __all__ = [
+    "CallNotPicklable",
+    "CallNotUnpicklable",
     "FaultInjected",
     "InitializerFailed",
     "ItemCancelled",
@@ -29,6 +35,8 @@ __all__ = [
     "ProcessPoolExecutor",
     "ProcpoolError",
     "RemoteTraceback",
+    "ResultNotPicklable",
+    "ResultNotUnpicklable",
     "TeardownTimeout",
     "TransferError",
     "WorkerInfo",

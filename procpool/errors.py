@@ -8,8 +8,9 @@ on this item", and ``WorkerLost`` is also a ``BrokenProcessPool`` so code writte
 
 from __future__ import annotations
 
+import pickle
 from concurrent.futures import CancelledError
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 
 class ProcpoolError(Exception):
@@ -63,20 +64,61 @@ class ItemCancelled(ProcpoolError, CancelledError):
 
 
 class TransferError(ProcpoolError):
-    """The call or its result could not cross the process boundary: the call could not be
-    unpickled in the worker, or the result could not be pickled there or unpickled here.
-    The underlying error is in the message and in the ``__cause__`` chain."""
+    """The call or its result could not cross the process boundary. Always one of the four
+    subclasses below, which say which side failed and on what (``side``: 'parent' or
+    'worker'; ``what``: 'call' or 'result'), and are each also an instance of what
+    ``concurrent.futures`` raises in that case, so code written against it catches them. The
+    underlying error is in the message and is the ``__cause__`` (for a failure in the worker,
+    the worker's traceback is the cause's ``__cause__``, or the cause when the error itself
+    could not travel). Unlike the standard library, only the item fails: the pool goes on."""
+
+    side = ""
+    what = ""
+
+
+class CallNotPicklable(TransferError, pickle.PicklingError, TypeError):
+    """The call (function or an argument) could not be pickled in the submitting process.
+    ``concurrent.futures`` fails the future with the pickling error itself (usually a
+    TypeError, a ``pickle.PicklingError`` for functions it cannot find): this is both.
+    ``ProcessPoolExecutor.submit`` returns a future failed with it; ``WorkerPool.submit``
+    raises it."""
+
+    side, what = "parent", "call"
+
+
+class CallNotUnpicklable(TransferError, BrokenProcessPool):
+    """The call could not be unpickled in the worker (a ``__reduce__`` that raises there, a
+    module the worker cannot import). ``concurrent.futures`` breaks its pool for this
+    (``BrokenProcessPool``); procpool fails only this item, its worker goes on."""
+
+    side, what = "worker", "call"
+
+
+class ResultNotPicklable(TransferError, pickle.PicklingError, TypeError):
+    """The function returned a value the worker could not pickle. As in
+    ``concurrent.futures``, the future fails with a pickling error (a TypeError too)."""
+
+    side, what = "worker", "result"
+
+
+class ResultNotUnpicklable(TransferError, BrokenProcessPool):
+    """The worker's result could not be unpickled here. ``concurrent.futures`` breaks its
+    pool for this (``BrokenProcessPool``); procpool fails only this item."""
+
+    side, what = "parent", "result"
 
 
 class FaultInjected(ProcpoolError):
     """Raised at a fault point armed with the ``raise`` action (tests only)."""
 
 
-class RemoteTraceback(Exception):
-    """Carries the worker-side traceback text; set as ``__cause__`` of a re-raised exception."""
+class RemoteTraceback(_RemoteTraceback):
+    """Carries the worker-side traceback text; set as ``__cause__`` of a re-raised exception.
+    A subclass of ``concurrent.futures.process._RemoteTraceback`` (private, but code checks
+    ``type(exc.__cause__)`` against it), so such checks hold for procpool's futures too."""
 
     def __init__(self, tb: str) -> None:
-        super().__init__(tb)
+        Exception.__init__(self, tb)
         self.tb = tb
 
     def __str__(self) -> str:

@@ -19,7 +19,10 @@ Where it differs from the standard library, deliberately (the README has the ful
 * an initializer that raises fails the item its worker was given and every waiting item
   with ``InitializerFailed`` (a ``BrokenProcessPool``), and ``submit`` raises it from then
   on; items already running on other workers finish;
-* a call that cannot be pickled raises ``TypeError`` from ``submit``/``map`` at once;
+* a call or result that cannot cross fails only its item (``CallNotUnpicklable``,
+  ``ResultNotUnpicklable``: ``BrokenProcessPool``s that do not break the pool); one that
+  cannot be pickled here fails its future, as in the standard library (``CallNotPicklable``);
+* initargs of the 'fork' context that must be inherited are refused (see procpool.calls);
 * ``mp_context`` may be 'forkserver' (the default) or 'spawn': it chooses how procpool's
   spawner starts when the program runs threads (workers are always forks of that
   single-threaded spawner). A 'fork' context is refused with ``ValueError``, as by WorkerPool:
@@ -35,14 +38,37 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from .errors import CallNotPicklable
+from .future import new_future
 from .pool import WorkerPool
 
 T = TypeVar("T")
+
+#: Set when the interpreter starts shutting down (before atexit handlers run), as the
+#: standard library's executor does: a submit from then on (an atexit handler's, a daemon
+#: thread's) is refused, since the pools it would feed are being closed. Written once.
+_interpreter_shutdown = False
+
+
+def _on_interpreter_shutdown() -> None:
+    global _interpreter_shutdown
+    _interpreter_shutdown = True
+
+
+# threading's own exit hooks run when the main thread finishes, before atexit's: the moment
+# concurrent.futures uses, so code that submits from an atexit handler sees the same error.
+try:
+    threading._register_atexit(_on_interpreter_shutdown)  # type: ignore[attr-defined]
+except RuntimeError:  # imported while the interpreter already shuts down
+    _interpreter_shutdown = True
 
 
 def default_max_workers() -> int:
@@ -88,24 +114,40 @@ def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[Any]:
         yield chunk
 
 
-def _results(futures: list[Future], deadline: float | None, last: list[Any] | None = None) -> Iterator[Any]:
+def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
     """Yield the futures' results in order, waiting until ``deadline`` at most. The list is
-    reversed and popped so a long map does not keep every result alive once yielded.
-    ``last[0]``: the value yielded last (see _ChunkResults.close)."""
+    reversed and popped, and no local names a result while it is yielded, so a result the
+    caller drops is freed at once (a long map must not keep every result alive, nor the
+    last one until the next ``next()``)."""
     futures.reverse()
     try:
         while futures:
             left = None if deadline is None else deadline - time.monotonic()
-            # A negative wait still returns a result that is already there.
-            value = futures[-1].result(left)
-            futures.pop()
-            if last is not None:
-                last[0] = value
-            yield value
+            # Wait (a negative wait still returns a result that is already there); on a
+            # timeout or an error the future stays listed, to be cancelled below.
+            futures[-1].result(left)
+            # Done: taken off the list and its result handed over, nothing else keeps it.
+            yield futures.pop().result()
     finally:
         # Timed out, raised, or the caller stopped iterating: what has not started never will.
         for fut in futures:
             fut.cancel()
+
+
+def _chunk_iterators(futures: list[Future], deadline: float | None, current: list[Any]) -> Iterator[Iterator[Any]]:
+    """A chunked map's chunks, each as an iterator that pops its results one by one (all in C:
+    ``map(chunk.pop, indexes)``), so a result the caller drops is freed at once rather than
+    with the rest of its chunk. ``current``: the chunk being read and its index list, for
+    _ChunkResults.close()."""
+    results = _results(futures, deadline)
+    try:
+        for chunk in results:
+            chunk.reverse()
+            indexes = [-1] * len(chunk)
+            current[:] = (chunk, indexes)
+            yield map(chunk.pop, indexes)
+    finally:
+        results.close()
 
 
 class _ChunkResults(itertools.chain):
@@ -114,17 +156,20 @@ class _ChunkResults(itertools.chain):
     the generator's ``close()``, which cancels what has not started, as the standard
     library's map iterator does. Dropping it drops the generator, to the same effect."""
 
-    __slots__ = ("_chunks", "_last")
+    __slots__ = ("_chunks", "_current")
 
-    def __new__(cls, chunks: Iterator[list[Any]], last: list[Any]) -> _ChunkResults:
+    def __new__(cls, chunks: Iterator[Iterator[Any]], current: list[Any]) -> _ChunkResults:
         self = super().from_iterable(chunks)
-        self._chunks, self._last = chunks, last
+        self._chunks, self._current = chunks, current
         return self
 
     def close(self) -> None:
         self._chunks.close()  # type: ignore[attr-defined]
-        if isinstance(self._last[0], list):
-            self._last[0].clear()  # the rest of the chunk being read: nothing more, as after a generator's close()
+        for part in self._current:
+            # The rest of the chunk being read: nothing more, as after a generator's close()
+            # (the emptied index list ends its map), and its results are freed.
+            part.clear()
+        self._current.clear()
 
 
 class ProcessPoolExecutor(Executor):
@@ -152,9 +197,12 @@ class ProcessPoolExecutor(Executor):
     ) -> None:
         if max_workers is None:
             max_workers = default_max_workers()
+        elif isinstance(max_workers, int) and not isinstance(max_workers, bool) and max_workers <= 0:
+            # The standard library's words: code and tests in the wild match this text.
+            raise ValueError("max_workers must be greater than 0")
         options: dict[str, Any] = {"min_workers": 0, **procpool_options}
-        # WorkerPool validates everything: ValueError for max_workers <= 0 as the standard
-        # library, TypeError for a non-int, and likewise for max_tasks_per_child.
+        # WorkerPool validates the rest: TypeError for a non-int max_workers, and likewise for
+        # max_tasks_per_child.
         self._pool = WorkerPool(
             max_workers=max_workers,
             mp_context=mp_context,
@@ -163,17 +211,38 @@ class ProcessPoolExecutor(Executor):
             max_tasks_per_child=max_tasks_per_child,
             **options,
         )
-        self._max_workers = self._pool.max_workers  # the name some callers read
+        # Compatibility only: the standard library's private attributes that code reads.
+        self._max_workers = self._pool.max_workers
+        self._mp_context = self._pool._ctx
 
     @property
     def pool(self) -> WorkerPool:
         """The underlying WorkerPool (``stats()``, ``workers()``, ``destroy_idle()``)."""
         return self._pool
 
+    @property
+    def _processes(self) -> Mapping[int, WorkerHandle]:
+        """Compatibility only (the standard library's private ``_processes``, which code reads
+        to list worker pids or to terminate workers on a timeout): a read-only snapshot, pid ->
+        ``WorkerHandle``, of the worker processes alive now, dying ones included. Terminating
+        one fails only the item it runs (``WorkerLost``); the pool replaces it. Use
+        ``pool.workers()`` and ``cancel_running()`` in new code."""
+        return types.MappingProxyType({w.pid: WorkerHandle(self._pool, w) for w in self._pool._live_workers()})
+
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        """Schedule ``fn(*args, **kwargs)``; a call that cannot be pickled raises TypeError
-        here (the standard library fails the future later instead)."""
-        return self._pool.submit(fn, *args, **kwargs)
+        """Schedule ``fn(*args, **kwargs)``. As in the standard library, a call that cannot be
+        pickled returns a future failed with ``CallNotPicklable`` (a ``pickle.PicklingError``
+        and a TypeError, naming the part that failed), so code that submits a batch and then
+        looks at each result is not cut short half-way."""
+        if _interpreter_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except CallNotPicklable as exc:
+            fut: Future[T] = new_future()
+            fut.set_running_or_notify_cancel()
+            fut.set_exception(exc)
+            return fut
 
     def submit_with(
         self, fn: Callable[..., T], /, *args: Any, timeout: float | None = None, **kwargs: Any
@@ -181,7 +250,11 @@ class ProcessPoolExecutor(Executor):
         """``submit`` with a per-item ``timeout``: seconds the call may run once a worker has
         it. Past that its worker is killed and replaced, and the future fails with
         ``procpool.ItemTimeout``, a builtin ``TimeoutError``. (A function that itself takes
-        a ``timeout`` keyword can be given one through ``functools.partial``.)"""
+        a ``timeout`` keyword can be given one through ``functools.partial``.) Unlike
+        ``submit``, a call that cannot be pickled raises ``CallNotPicklable`` here: this is
+        procpool's own API, fail-fast like ``WorkerPool.submit``."""
+        if _interpreter_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
         return self._pool.submit_with(fn, *args, timeout=timeout, **kwargs)
 
     def cancel_running(self, future: Future) -> bool:
@@ -201,7 +274,8 @@ class ProcessPoolExecutor(Executor):
         """``map(fn, *iterables)`` in worker processes; results come in order, lazily.
 
         The iterables are consumed and every call submitted now; ``chunksize`` calls travel
-        as one item. Iterating raises a call's exception at its place, or TimeoutError once
+        as one item. Iterating raises a call's exception at its place (``CallNotPicklable``
+        for a call that could not be pickled, for its whole chunk), or TimeoutError once
         ``timeout`` seconds have passed since this call; either way the calls that have not
         started are cancelled.
         """
@@ -218,14 +292,14 @@ class ProcessPoolExecutor(Executor):
                 for chunk in _chunks(iterables, chunksize):
                     futures.append(self.submit(runner, fn, chunk))
         except BaseException:
-            # A call that cannot be pickled (or shutdown in between): leave nothing behind.
+            # Shut down in between (or interrupted): leave nothing behind.
             for fut in futures:
                 fut.cancel()
             raise
         if chunksize == 1:
             return _results(futures, deadline)
-        last: list[Any] = [None]
-        return _ChunkResults(_results(futures, deadline, last), last)
+        current: list[Any] = []
+        return _ChunkResults(_chunk_iterators(futures, deadline, current), current)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking work; idempotent. Pending calls still run unless ``cancel_futures``,
@@ -235,3 +309,50 @@ class ProcessPoolExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"<procpool.ProcessPoolExecutor max_workers={self._max_workers} pool={self._pool!r}>"
+
+
+class WorkerHandle:
+    """Compatibility only: what ``ProcessPoolExecutor._processes`` maps a pid to, the part of
+    ``multiprocessing.Process`` that code reading ``_processes`` uses. The worker is a child of
+    procpool's spawner, not of this process, so "alive" means: the pool has not reaped it yet
+    (it learns of an exit from the spawner as soon as the kernel reports it)."""
+
+    __slots__ = ("_pool", "_worker", "pid")
+
+    def __init__(self, pool: WorkerPool, worker: Any) -> None:
+        self._pool = pool
+        self._worker = worker
+        self.pid: int = worker.pid
+
+    def is_alive(self) -> bool:
+        return self._pool._is_live_worker(self._worker)
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit status once reaped (negative: the signal), else None."""
+        return None if self.is_alive() else self._worker.proc.exitcode
+
+    def _signal(self, sig: int) -> None:
+        # Only while the pool has not reaped it: after that the pid may be another process's.
+        # (The spawner reaps it, then the pool hears of it, so a live entry is a live pid or,
+        # for a moment, a zombie of the spawner: never a reused pid.)
+        if self.is_alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """SIGTERM: the item it runs fails with ``WorkerLost``; the pool replaces it."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, likewise."""
+        self._signal(signal.SIGKILL)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the pool has reaped it, or ``timeout`` seconds."""
+        self._pool._wait_worker_reaped(self._worker, timeout)
+
+    def __repr__(self) -> str:
+        return f"<procpool.WorkerHandle pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"

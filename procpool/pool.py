@@ -75,7 +75,7 @@ from .errors import (
     PoolBroken,
     PoolClosed,
     RemoteTraceback,
-    TransferError,
+    ResultNotUnpicklable,
     WorkerLost,
 )
 from .frames import FrameReader, frame, write_all
@@ -269,7 +269,6 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         check_number("linger_dying", linger_dying, minimum=0)
         if max_tasks_per_child is not None:
             check_number("max_tasks_per_child", max_tasks_per_child, minimum=1, integer=True)
-        init_payload = dumps_initializer(initializer, initargs)
         nice, cpus = check_attrs(nice, cpus)
         if concurrency is None:
             concurrency = len(cpus) if cpus is not None else len(os.sched_getaffinity(0))
@@ -282,6 +281,9 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
         if title is not None and (not isinstance(title, str) or not title or any(c.isspace() for c in title)):
             raise ValueError(f"title must be a non-empty string without spaces, got {title!r}")
+        # Last of the checks: it dups the descriptors initargs hold (closed in _abort_init or
+        # _unlist, or just below if a check still fails).
+        init_payload, init_fds = dumps_initializer(initializer, initargs)
         fault_text = faults if faults is not None else os.environ.get(_faults.ENV)
         self._faults = _faults.parse(fault_text)  # I
 
@@ -298,7 +300,14 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self.spin = float(spin)  # I: see SPIN
         self.cpu_intensive_threshold = float(cpu_intensive_threshold)  # I
         self._init_payload = init_payload  # I: pickled (initializer, initargs) for WorkerSpec
-        self._ctx = resolve_context(mp_context)  # I
+        # I: copies of the descriptors initargs hold (a Queue's pipe, a Value's arena), sent with
+        # every spawn request for the workers to inherit; closed when the pool is gone.
+        self._init_fds = init_fds
+        try:
+            self._ctx = resolve_context(mp_context)  # I
+        except BaseException:
+            self._close_init_fds()
+            raise
         # I: may the program's spawner be a plain fork of it (single-threaded programs only)?
         # Only by default: an explicit mp_context is honoured, e.g. by a program whose large,
         # changing heap should not be shared copy-on-write with a long-lived spawner.
@@ -363,8 +372,14 @@ class WorkerPool(ConcurrencyManagement, Teardown):
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""
+        self._close_init_fds()
         _free_pool_id(self.id)
         _live_pools.discard(self)
+
+    def _close_init_fds(self) -> None:
+        fds, self._init_fds = self._init_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def _abort_init(self) -> None:
         for w in list(self._workers.values()):
@@ -375,6 +390,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 pass
         if self._table is not None:
             self._table.destroy()
+        self._close_init_fds()
         _free_pool_id(self.id)
 
     # -- public API -------------------------------------------------------------------------
@@ -509,6 +525,21 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             if since is None or not self._may_grow():
                 return 0.0
         return max(0.0, time.monotonic() - since)
+
+    def _live_workers(self) -> list[_Worker]:
+        """Workers not reaped yet: attached and dying (for the executor's ``_processes``)."""
+        with self._lock:
+            return [*self._workers.values(), *self._dying]
+
+    def _is_live_worker(self, w: _Worker) -> bool:
+        with self._lock:
+            return self._workers.get(w.id) is w or w in self._dying
+
+    def _wait_worker_reaped(self, w: _Worker, timeout: float | None) -> None:
+        """Wait until _reap() took ``w`` off the books, or ``timeout``. _reap notifies
+        _changed; the arbiter reaps as soon as the spawner reports the exit."""
+        with self._lock:
+            self._changed.wait_for(lambda: not (self._workers.get(w.id) is w or w in self._dying), timeout)
 
     @property
     def broken(self) -> bool:
@@ -858,7 +889,10 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         ]
         try:
             results = get_spawner(self._ctx, self._allow_fork).spawn(
-                specs, [(work[0], result[1]) for work, result in pairs], self._completion_w.fileno()
+                specs,
+                [(work[0], result[1]) for work, result in pairs],
+                self._completion_w.fileno(),
+                self._init_fds,
             )
         except Exception as exc:
             results = [exc] * len(ids)
@@ -1074,7 +1108,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             try:
                 ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
             except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
-                ok, value, tb = False, TransferError(f"the result could not be unpickled: {exc!r}"), None
+                ok, value, tb = False, ResultNotUnpicklable(f"the result could not be unpickled here: {exc!r}"), None
                 value.__cause__ = exc
             if not ok and tb is not None and isinstance(value, BaseException):
                 value.__cause__ = RemoteTraceback(tb)

@@ -47,6 +47,9 @@ _STATUS = struct.Struct("<i")
 #: pipe ends and its status pipe), and a batch one more (the completion pipe).
 MAX_BATCH = 80
 FDS_PER_WORKER = 3
+#: ... and a batch may carry this many more, inherited by every worker of the batch (a pool
+#: initializer's arguments': see procpool.calls.MAX_INHERITED_FDS).
+MAX_INHERITED = 12
 
 
 class WorkerProcess:
@@ -212,27 +215,33 @@ class Spawner:
         return answer
 
     def spawn(
-        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int
+        self,
+        specs: list[Any],
+        conn_fds: list[tuple[int, int]],
+        completion_fd: int,
+        inherited: list[int] = (),  # type: ignore[assignment]
     ) -> list[WorkerProcess | BaseException]:
         """Fork one worker per spec; ``conn_fds[i]`` (the read end of its work pipe, the
-        write end of its result pipe) become worker i's channel. Returns a handle, or the
-        exception that refused it, per spec."""
+        write end of its result pipe) become worker i's channel; every worker also gets the
+        ``inherited`` descriptors (its pool's initargs', at most MAX_INHERITED), as
+        ``spec.inherited_fds``. Returns a handle, or the exception that refused it, per spec."""
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
-                specs[start : start + MAX_BATCH], conn_fds[start : start + MAX_BATCH], completion_fd
+                specs[start : start + MAX_BATCH], conn_fds[start : start + MAX_BATCH], completion_fd, list(inherited)
             )
         return out
 
     def _spawn_batch(
-        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int
+        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int, inherited: list[int]
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
-            payload = pickle.dumps(("spawn", specs, list(sys.path)), pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(("spawn", specs, list(sys.path), len(inherited)), pickle.HIGHEST_PROTOCOL)
             fds = [completion_fd]
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
+            fds += inherited
             with self._lock:
                 _send_frame(self._sock, payload, fds)
                 answer = pickle.loads(_recv_frame(self._sock))
@@ -360,10 +369,11 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
         if sock not in ready:
             continue
         try:
-            payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH)
+            payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH + MAX_INHERITED)
         except (EOFError, OSError):
             _program_gone(program)
-        kind, specs, sys_path = pickle.loads(payload)
+        kind, specs, sys_path, *more = pickle.loads(payload)
+        inherited = fds[len(fds) - more[0] :] if more and more[0] else []
         if kind == "manager":
             from .manager import start_server
 
@@ -375,7 +385,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             os.close(fds[0])
             _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
             continue
-        completion_fd, rest = fds[0], fds[1:]
+        completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
         answer = []
         # A Manager connection per worker, handed over to the server (see procpool.manager).
         ours: list[int] = []
@@ -397,7 +407,8 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
                 answer.append(exc)  # its descriptors are closed with the rest below
                 continue
             if pid == 0:
-                keep = {rx, tx, completion_fd, mgr}
+                keep = {rx, tx, completion_fd, mgr, *inherited}
+                spec.inherited_fds = inherited
                 extra = [handover.fileno()] if handover is not None else []
                 for fd in [sock.fileno(), wake_r, wake_w, *extra, *status_w.values(), *fds, *ours]:
                     if fd not in keep:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import faults
-from .errors import ProcpoolError, TransferError
+from .errors import CallNotUnpicklable, ProcpoolError, ResultNotPicklable
 from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .manager import ManagerLock
@@ -97,10 +97,45 @@ class WorkerSpec:
     # Pickle of (initializer, initargs), made once in the parent (with cloudpickle if plain
     # pickle cannot): bytes, so the spawner, which unpickles specs, never imports user code.
     initializer: bytes | None = None
+    # Set in the worker by the spawner: the descriptors the initializer's arguments refer to.
+    inherited_fds: list[int] = field(default_factory=list)
     nice: int = 0  # added to the worker's niceness at start
     cpus: frozenset[int] | None = None  # CPUs the worker binds itself to at start
     title: str | None = None  # the whole title instead of worker_title() (a workqueue's rescuer)
     spin: float = 0.0  # seconds to poll for the next item before sleeping (procpool.pool.SPIN)
+
+
+#: Descriptors this worker inherited for its pool's initializer (see procpool.calls
+#: _Inheritance), by index; set by the spawner as it forks the worker.
+_inherited_fds: list[int] = []
+
+
+class InheritedFd:
+    """In the pickle of an initializer's arguments, one descriptor the worker inherits: what
+    multiprocessing's ``reduction.DupFd`` becomes under procpool's stand-in for a Popen."""
+
+    def __init__(self, ind: int) -> None:
+        self.ind = ind
+
+    def detach(self) -> int:
+        """The inherited descriptor; the caller (a Connection being rebuilt) owns it now."""
+        fd = _inherited_fds[self.ind]
+        _inherited_fds[self.ind] = -1
+        if fd < 0:
+            raise ValueError(f"inherited descriptor {self.ind} was already taken")
+        return fd
+
+
+def _close_untaken_inherited() -> None:
+    """After the initializer: descriptors nothing took are closed, so a pipe end the
+    initializer dropped does not stay open in every worker."""
+    for i, fd in enumerate(_inherited_fds):
+        if fd >= 0:
+            _inherited_fds[i] = -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def _set_title(title: str) -> None:
@@ -181,14 +216,15 @@ def _load_function(payload: memoryview) -> tuple[Any, int]:
 
 def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
-    unpickle the call or to pickle the result ends as a TransferError saying which, not as a
-    bare pickling error that would look like the function's own."""
+    unpickle the call or to pickle the result ends as a TransferError subclass saying which
+    (CallNotUnpicklable, ResultNotPicklable), not as a bare pickling error that would look like
+    the function's own."""
     try:
         fn, start = _load_function(payload)
         call = pickle.loads(payload[start:])
         args, kwargs = call[:2]
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
-        return _error_message(TransferError(f"the call could not be unpickled in the worker: {exc!r}"), exc)
+        return _error_message(CallNotUnpicklable(f"the call could not be unpickled in the worker: {exc!r}"), exc)
     tag = call[2] if len(call) > 2 and titles is not None else None
     if tag is not None:
         titles.set(f"{titles.base}+{tag}")
@@ -203,7 +239,8 @@ def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
         return pickle.dumps((True, value, None), PICKLE_PROTOCOL)
     except BaseException as exc:  # noqa: BLE001
         name = getattr(fn, "__qualname__", None) or repr(fn)
-        return _error_message(TransferError(f"the result of {name} could not be pickled: {exc!r}"), exc)
+        err = ResultNotPicklable(f"the result of {name} could not be pickled in the worker: {exc!r}")
+        return _error_message(err, exc)
 
 
 def _apply_attrs(spec: WorkerSpec) -> bytes | None:
@@ -226,7 +263,7 @@ def _run_initializer(payload: bytes | None) -> bytes | None:
         return None
     try:
         fn, args = pickle.loads(payload)
-        fn(*args)
+        pickle.loads(fn)(*pickle.loads(args))
     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the worker must report it
         return INIT_FAILED + _NO_CPU + _error_message(exc)
     return None
@@ -257,7 +294,9 @@ def worker_main(spec: WorkerSpec) -> None:
     conn = spec.conn
     recv, send = conn.recv_bytes, conn.send_bytes
     # Slot still 'starting' while these run; attributes first, so the initializer runs with them.
+    _inherited_fds[:] = spec.inherited_fds
     init_failed = _apply_attrs(spec) or _run_initializer(spec.initializer)
+    _close_untaken_inherited()
     if init_failed is not None:
         try:
             send(init_failed)
@@ -323,9 +362,34 @@ def worker_main(spec: WorkerSpec) -> None:
                 faults.hit(fspec, "worker.idle", wid)
 
 
+#: How long a worker on its way out waits for multiprocessing Queues it used to hand over
+#: what they buffered (seconds): a reader that stopped reading must not stall a teardown.
+QUEUE_FLUSH_TIMEOUT = 5.0
+
+
+def _flush_queues() -> None:
+    """Before a worker detaches: let the multiprocessing Queues it was given (a logging
+    QueueHandler's, say) write what their feeder threads still buffer, as a process exiting
+    the normal way does, since our ``os._exit`` skips that. Bounded by QUEUE_FLUSH_TIMEOUT,
+    unlike multiprocessing's own join, which waits for a reader forever."""
+    import threading
+    from multiprocessing import util
+
+    try:
+        util._run_finalizers(0)  # type: ignore[attr-defined] - Queue's close: the feeder's sentinel
+    except Exception:
+        pass
+    deadline = time.monotonic() + QUEUE_FLUSH_TIMEOUT
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread":
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 def exit_path(spec: WorkerSpec, table: IdTable) -> None:
     """The seed's exit path: rename, detach (maybe completing the teardown), exit."""
     wid, fspec = spec.wid, spec.faults
+    if spec.initializer is not None:
+        _flush_queues()
     _set_title(dying_title(spec.title_prefix))
     table.set_state(wid, DYING)
     faults.hit(fspec, "detach.before_lock", wid)

@@ -182,3 +182,51 @@ class Counter:
 
     def get(self) -> int:
         return self.value
+
+
+class Payload:
+    """A result that can be weakly referenced (the leak tests watch when it is freed)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def make_object(i: int) -> Payload:
+    return Payload(i)
+
+
+def configure_logging_to(queue, lock, counter) -> None:
+    """The logging cookbook's initializer: records go to a queue the program reads; the lock
+    and shared counter ride along as the cookbook's other inherited objects do."""
+    import logging.handlers
+
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(logging.INFO)
+    global _SHARED
+    _SHARED = (lock, counter)
+
+
+_SHARED = None
+
+
+def log_and_count(i: int) -> int:
+    import logging
+
+    lock, counter = _SHARED
+    with lock:
+        counter.value += 1
+    logging.getLogger().info("item %d from %d", i, os.getpid())
+    return os.getpid()
+
+
+_QUEUE = None
+
+
+def remember_queue(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def put_on_remembered(value) -> None:
+    _QUEUE.put(value)

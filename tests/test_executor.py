@@ -4,12 +4,16 @@ deviations, and its extras (item timeout, cancel_running), all with real worker 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import multiprocessing
 import os
+import pickle
+import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -351,28 +355,133 @@ def test_a_crashing_worker_fails_only_its_item(files, crash, how):
 
 def test_pickling_failures_on_either_side_fail_only_their_item():
     with procpool.ProcessPoolExecutor(1) as ex:
-        # The call cannot be pickled here: refused at once, nothing queued (deviation).
-        with pytest.raises(TypeError, match=r"argument 0 \(lock\)"):
-            ex.submit(tasks.identity, threading.Lock())
-        with pytest.raises(TypeError, match="cannot be pickled"):
-            ex.map(tasks.identity, [1, 2, threading.Lock()])
-        # ... nor by the worker.
+        # The call cannot be pickled here: the future fails, as in the standard library, with
+        # a pickling error (also a TypeError) naming the part; nothing was queued.
+        err = ex.submit(tasks.identity, threading.Lock()).exception(timeout=T)
+        assert isinstance(err, procpool.CallNotPicklable) and isinstance(err, pickle.PicklingError)
+        assert isinstance(err, TypeError) and "argument 0 (lock)" in str(err)
+        assert (err.side, err.what) == ("parent", "call")
+        it = ex.map(tasks.identity, [1, 2, threading.Lock()])
+        assert next(it) == 1 and next(it) == 2
+        with pytest.raises(procpool.CallNotPicklable, match="cannot be pickled"):
+            next(it)
+        # ... nor by the worker: the standard library breaks its pool (BrokenProcessPool).
         err = ex.submit(tasks.identity, tasks.FailsToUnpickle()).exception(timeout=T)
+        assert isinstance(err, procpool.CallNotUnpicklable) and isinstance(err, BrokenProcessPool)
         assert isinstance(err, procpool.TransferError) and "could not be unpickled in the worker" in str(err)
+        assert (err.side, err.what) == ("worker", "call")
         assert "FailsToUnpickle refuses" in str(err.__cause__)
-        # The result cannot be pickled by the worker ...
+        # The result cannot be pickled by the worker (the standard library: a pickling error) ...
         err = ex.submit(tasks.return_unpicklable).exception(timeout=T)
-        assert isinstance(err, procpool.TransferError) and "could not be pickled" in str(err)
-        # ... or unpickled here.
+        assert isinstance(err, procpool.ResultNotPicklable) and isinstance(err, (pickle.PicklingError, TypeError))
+        assert "could not be pickled in the worker" in str(err) and (err.side, err.what) == ("worker", "result")
+        # ... or unpickled here (the standard library: BrokenProcessPool).
         err = ex.submit(tasks.return_fails_to_unpickle).exception(timeout=T)
-        assert isinstance(err, procpool.TransferError) and "result could not be unpickled" in str(err)
+        assert isinstance(err, procpool.ResultNotUnpicklable) and isinstance(err, BrokenProcessPool)
+        assert "result could not be unpickled here" in str(err) and (err.side, err.what) == ("parent", "result")
         assert isinstance(err.__cause__, ValueError)
         # Loading the call kills the worker outright.
         err = ex.submit(tasks.identity, tasks.ExitsOnUnpickle()).exception(timeout=T)
         assert isinstance(err, procpool.WorkerLost) and "exited with status 7" in str(err)
+        # Deliberate difference: none of that broke the executor.
         assert list(ex.map(tasks.square, range(4))) == [0, 1, 4, 9]
         st = ex.pool.stats()
         assert st.nr_pending == 0 and st.lost == 1
+
+
+def test_a_batch_with_an_unpicklable_call_is_not_cut_short():
+    # Code written for concurrent.futures: submit them all, then look at each outcome.
+    calls = [1, threading.Lock(), 3]
+    with procpool.ProcessPoolExecutor(2) as ex:
+        futs = {ex.submit(tasks.square if i != 1 else tasks.identity, x): i for i, x in enumerate(calls)}
+        outcome = {}
+        for fut in cf.as_completed(futs, timeout=T):
+            try:
+                outcome[futs[fut]] = fut.result()
+            except pickle.PicklingError as exc:
+                outcome[futs[fut]] = exc
+        assert outcome[0] == 1 and outcome[2] == 9
+        assert isinstance(outcome[1], procpool.CallNotPicklable)
+
+
+def test_workerpool_submit_still_fails_fast_on_an_unpicklable_call():
+    # WorkerPool is procpool's own API: the error comes from submit itself, nothing is queued.
+    with procpool.WorkerPool(0, 1) as pool:
+        with pytest.raises(procpool.CallNotPicklable, match=r"argument 0 \(lock\)"):
+            pool.submit(tasks.identity, threading.Lock())
+        assert pool.stats().nr_pending == 0 and pool.stats().created == 0
+
+
+def test_remote_traceback_is_the_standard_librarys_class():
+    with procpool.ProcessPoolExecutor(1) as ex:
+        err = ex.submit(tasks.fail, "nope").exception(timeout=T)
+    assert isinstance(err.__cause__, cf.process._RemoteTraceback)
+    assert issubclass(type(err.__cause__), cf.process._RemoteTraceback)
+    assert 'in fail\n    raise ValueError(msg)' in err.__cause__.tb
+
+
+def test_max_workers_zero_says_what_the_standard_library_says():
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="^max_workers must be greater than 0$"):
+            procpool.ProcessPoolExecutor(max_workers=bad)
+
+
+def test_submit_from_an_atexit_handler_is_refused_as_after_interpreter_shutdown(tmp_path):
+    out = tmp_path / "out"
+    script = f"""
+import atexit, procpool, tasks
+ex = procpool.ProcessPoolExecutor(1)
+assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+def late():
+    for how in ("submit", "map"):
+        try:
+            getattr(ex, how)(tasks.square, *([2] if how == "submit" else [[2]]))
+            result = "accepted"
+        except RuntimeError as exc:
+            result = str(exc)
+        with open({str(out)!r}, "a") as f:
+            f.write(how + ": " + result + "\\n")
+atexit.register(late)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, timeout=60, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().splitlines() == [
+        "submit: cannot schedule new futures after interpreter shutdown",
+        "map: cannot schedule new futures after interpreter shutdown",
+    ]
+
+
+def test_processes_lists_worker_pids_and_terminate_fails_only_that_item(files):
+    mark, release = files("mark"), files("release")
+    with procpool.ProcessPoolExecutor(2) as ex:
+        assert ex._max_workers == 2 and ex._mp_context.get_start_method() == "forkserver"
+        assert dict(ex._processes) == {}  # workers start on demand
+        running = ex.submit(tasks.write_pid_and_wait, mark, release)
+        wait_until(lambda: os.path.exists(mark) and Path(mark).read_text(), timeout=T, what="item running")
+        pid = int(Path(mark).read_text())
+        procs = ex._processes
+        assert pid in procs and procs[pid].pid == pid and procs[pid].is_alive() and alive(pid)
+        with pytest.raises(TypeError):
+            procs[1] = None  # read-only
+        # The recipe: terminate the workers on a timeout.
+        for handle in ex._processes.values():
+            handle.terminate()
+        for handle in procs.values():
+            handle.join(T)
+            assert not handle.is_alive() and handle.exitcode == -signal.SIGTERM
+        assert not alive(pid)
+        err = running.exception(timeout=T)
+        assert isinstance(err, procpool.WorkerLost) and "SIGTERM" in str(err)
+        assert pid not in ex._processes
+        assert ex.submit(tasks.square, 5).result(timeout=T) == 25  # replaced, still usable
+        assert pid not in ex._processes and ex._processes
+        handle = next(iter(ex._processes.values()))
+        handle.kill()
+        handle.join(T)
+        assert not handle.is_alive() and handle.exitcode == -signal.SIGKILL and not alive(handle.pid)
+        handle.kill()  # reaped: a no-op, never a signal to a pid that may be reused
+        Path(release).touch()
 
 
 # -- beyond the standard library: item timeout, cancel_running ----------------------------------
@@ -434,3 +543,115 @@ def test_lambdas_and_closures_with_cloudpickle():
         assert ex.submit(lambda x: x + offset, 1).result(timeout=T) == 11
         assert list(ex.map(lambda x: x * offset, range(5), chunksize=2)) == [0, 10, 20, 30, 40]
         assert ex.submit(lambda: os.environ.get("PROCPOOL_TEST_INIT")).result(timeout=T) == "yes"
+
+
+# -- nothing of a call or its result is kept once the caller lets go ---------------------------
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_frees_each_result_as_soon_as_the_caller_drops_it(chunksize):
+    with procpool.ProcessPoolExecutor(2) as ex:
+        still_alive = []
+        for obj in ex.map(tasks.make_object, range(10), chunksize=chunksize):
+            assert isinstance(obj, tasks.Payload)
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            still_alive.append(ref() is not None)
+        assert still_alive == [False] * 10
+
+
+def test_a_closed_chunked_map_frees_the_rest_of_its_chunk():
+    with procpool.ProcessPoolExecutor(1) as ex:
+        it = ex.map(tasks.make_object, range(6), chunksize=3)
+        first = next(it)
+        refs = [weakref.ref(first)]
+        it.close()
+        assert list(it) == []
+        del first
+        gc.collect()
+        assert refs[0]() is None
+        # The two results of the chunk not read are gone too: nothing but the chunk held them.
+        assert not [o for o in gc.get_objects() if type(o) is tasks.Payload]
+
+
+def test_submit_keeps_neither_the_arguments_nor_a_dropped_futures_result(files):
+    mark, release = files("mark"), files("release")
+    with procpool.ProcessPoolExecutor(1) as ex:
+        blocker = ex.submit(tasks.write_pid_and_wait, mark, release)
+        arg = tasks.Counter()
+        ref_arg = weakref.ref(arg)
+        pending = ex.submit(tasks.identity, arg)  # queued behind the blocker: not yet sent
+        del arg
+        gc.collect()
+        assert ref_arg() is None  # pickled at submit; the pending item holds only bytes
+        Path(release).touch()
+        result = pending.result(timeout=T)
+        ref_result = weakref.ref(result)
+        del result, pending
+        gc.collect()
+        assert ref_result() is None  # the future was the only holder, and it is gone
+        assert blocker.result(timeout=T) > 0
+        # Through as_completed, the usual loop: each result freed once its future is dropped.
+        futs = [ex.submit(tasks.make_object, i) for i in range(5)]
+        refs = [weakref.ref(f.result(timeout=T)) for f in cf.as_completed(futs, timeout=T)]
+        del futs
+        gc.collect()
+        assert [r() for r in refs] == [None] * 5
+
+
+# -- initargs that may only be shared through inheritance -------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("executor_ctx", [None, "forkserver", "spawn"])
+@pytest.mark.parametrize("objects_ctx", ["forkserver", "spawn"])
+def test_logging_cookbook_queue_lock_and_value_reach_the_workers(executor_ctx, objects_ctx):
+    ctx = multiprocessing.get_context(objects_ctx)
+    queue, lock, counter = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0)
+    with procpool.ProcessPoolExecutor(1, mp_context=executor_ctx) as ex:
+        ex.submit(tasks.square, 1).result(timeout=T)  # the program's spawner and Manager are up
+    fds_before = _open_fds()
+    with procpool.ProcessPoolExecutor(
+        2, mp_context=executor_ctx, initializer=tasks.configure_logging_to, initargs=(queue, lock, counter)
+    ) as ex:
+        pids = list(ex.map(tasks.log_and_count, range(6)))
+    assert counter.value == 6  # every worker incremented the one shared Value, under the lock
+    records = sorted(queue.get(timeout=T).getMessage() for _ in range(6))
+    assert [r.split(" from ")[0] for r in records] == [f"item {i}" for i in range(6)]
+    assert {int(r.split(" from ")[1]) for r in records} == set(pids)
+    assert _open_fds() == fds_before  # the pool's copies of the queue's pipe ends are closed
+
+
+def test_workerpool_initializer_gets_inherited_objects_too():
+    ctx = multiprocessing.get_context("forkserver")
+    queue, lock, counter = ctx.Queue(), ctx.Lock(), ctx.Value("i", 0)
+    with procpool.WorkerPool(0, 2, initializer=tasks.configure_logging_to, initargs=(queue, lock, counter)) as pool:
+        futs = [pool.submit(tasks.log_and_count, i) for i in range(4)]
+        assert all(f.result(timeout=T) > 0 for f in futs)
+        # A worker started after the first ones (the spawner got the descriptors again).
+        pool.destroy_idle(pool.stats().nr_idle)
+        assert pool.submit(tasks.log_and_count, 4).result(timeout=T) > 0
+    assert counter.value == 5
+    assert sorted(queue.get(timeout=T).getMessage().split(" from ")[0] for _ in range(5)) == [
+        f"item {i}" for i in range(5)
+    ]
+
+
+def test_a_manager_queue_works_as_initarg():
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue()
+        with procpool.ProcessPoolExecutor(1, initializer=tasks.remember_queue, initargs=(queue,)) as ex:
+            assert ex.submit(tasks.put_on_remembered, "hello").result(timeout=T) is None
+        assert queue.get(timeout=T) == "hello"
+
+
+def test_fork_context_objects_are_refused_at_creation_with_what_to_use_instead():
+    queue = multiprocessing.get_context("fork").Queue()
+    fds_before = _open_fds()
+    with pytest.raises(TypeError, match=r"initargs\[0\] \(Queue\) was made by a 'fork' context.*forkserver.*Manager"):
+        procpool.ProcessPoolExecutor(1, initializer=tasks.identity, initargs=(queue,))
+    assert _open_fds() == fds_before
