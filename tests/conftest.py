@@ -4,6 +4,8 @@ process's pools, zombies among our children, and id tables in /dev/shm."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -71,6 +73,55 @@ def live_titles(pool) -> dict[int, str]:
         if t and alive(w.pid):
             out[w.pid] = t
     return out
+
+
+#: Set in the environment of a program a test runs (run_program): every process it starts
+#: inherits it, so what it leaves behind can be found from outside, even orphans.
+TOKEN_VAR = "PROCPOOL_TEST_TOKEN"
+
+
+def processes_with_token(token: str) -> list[psutil.Process]:
+    """Live processes (zombies excluded) whose environment carries ``token``."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(TOKEN_VAR) == token and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def run_program(code: str, *args: str, timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Run ``code`` as a program of its own (tests/ on its path), with a token in its
+    environment. Returns the ended process, its output as ``.out`` and ``.err``, and the token.
+    A program still running after ``timeout`` is killed and fails the test (a hang)."""
+    token = os.urandom(8).hex()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]), **{TOKEN_VAR: token})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        proc.out, proc.err = proc.communicate(timeout=timeout)  # type: ignore[attr-defined]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        for p in processes_with_token(token):
+            p.kill()
+        raise AssertionError(f"the program still ran after {timeout} s (a hang); its stderr:\n{err}") from None
+    return proc, token
+
+
+def assert_program_left_nothing(proc: subprocess.Popen, token: str, within: float = 10.0) -> None:
+    """No process of that program is left, nor any /dev/shm entry of its pid."""
+    wait_until(lambda: not processes_with_token(token), timeout=within, what="every process of the program gone")
+    wait_until(lambda: not my_segments(proc.pid), timeout=within, what="its /dev/shm entries gone")
+
+
+def assert_books_add_up(st) -> None:
+    """A closed pool's stats: nothing left, and every worker created is accounted for."""
+    assert (st.nr_workers, st.nr_idle, st.nr_dying, st.nr_pending) == (0, 0, 0, 0), st
+    assert st.created == st.destroyed + st.lost, st
 
 
 def my_segments(pid: int | None = None) -> list[str]:

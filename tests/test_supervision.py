@@ -1,0 +1,236 @@
+"""Nothing hangs: the arbiter contains its handlers' failures, the Manager and the spawner are
+replaced when they die, creation failures never kill anything, and close() always ends.
+
+Each test bounds every wait and ends with the books of the closed pool adding up
+(created == destroyed + lost) and, through the autouse fixture, nothing left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import tasks
+from conftest import assert_books_add_up, assert_program_left_nothing, run_program, wait_until
+
+import procpool
+
+#: How long a close() may take in these tests before it counts as a hang.
+CLOSE_BOUND = 20.0
+
+
+def close_within(pool, bound: float = CLOSE_BOUND, **kwargs) -> None:
+    """pool.close(**kwargs) on a thread of its own: fail the test if it is still running
+    after ``bound`` seconds (a hang) rather than hanging the suite; re-raise what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pool.close(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    assert not t.is_alive(), f"close({kwargs}) still running after {bound} s"
+    if raised:
+        raise raised[0]
+
+
+def ended_with_named_error(fut, *allowed: type[BaseException]) -> BaseException:
+    exc = fut.exception(timeout=CLOSE_BOUND)
+    assert isinstance(exc, allowed), repr(exc)
+    return exc
+
+
+def busy_pid(pool) -> int:
+    return wait_until(lambda: next((w.pid for w in pool.workers() if w.state == "busy"), None), what="a busy worker")
+
+
+# -- trigger 1: a map whose items crash their workers ---------------------------------------------
+
+
+def test_map_over_crashing_items_then_shutdown_ends():
+    ex = procpool.ProcessPoolExecutor(2)
+    it = ex.map(tasks.exit_hard, [7] * 4)
+    with pytest.raises(procpool.WorkerLost, match="exited with status 7"):
+        list(it)
+    # The generator cancelled what had not started; those items stay in the worklist until a
+    # worker takes them off. A closing pool must not make that worker an idle one to wait for.
+    close_within(ex.pool)
+    assert_books_add_up(ex.pool.stats())
+
+
+# -- trigger 2: the spawner SIGKILLed while short items stream -------------------------------------
+
+SPAWNER_KILL = """
+import json, os, signal, sys, time, procpool, tasks
+from procpool import spawner
+rounds, ended, named = 3, 0, 0
+for r in range(rounds):
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4)
+    futs = [pool.submit(tasks.sleep_then, 0.001, i) for i in range(300)]
+    while sum(f.done() for f in futs) < 50:
+        time.sleep(0.001)
+    os.kill(spawner._spawner.pid, signal.SIGKILL)  # every worker's status pipe closes at once
+    for i, f in enumerate(futs):
+        exc = f.exception(timeout=30)
+        if exc is None:
+            assert f.result() == i
+        else:
+            assert isinstance(exc, procpool.WorkerLost), repr(exc)
+            named += 1
+        ended += 1
+    pool.close()
+    st = pool.stats()
+    assert st.created == st.destroyed + st.lost and st.nr_workers == st.nr_dying == 0, st
+print(json.dumps({"ended": ended, "named": named, "items": 300 * rounds}))
+"""
+
+
+def test_spawner_killed_while_short_items_stream():
+    # Workers' exits and their last results arrive in the same select() batch, in either order.
+    proc, token = run_program(SPAWNER_KILL)
+    assert proc.returncode == 0, proc.err
+    counts = json.loads(proc.out)
+    assert counts["ended"] == counts["items"]
+    assert_program_left_nothing(proc, token)
+
+
+# -- trigger 3: the Manager SIGKILLed, then the pool must grow and loses a worker --------------------
+
+MANAGER_KILL = """
+import json, os, signal, time, psutil, procpool, tasks
+from conftest import wait_until
+pool = procpool.WorkerPool(min_workers=1, max_workers=4, idle_timeout=60)
+assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+old = procpool.manager.server_pid()
+first = [w.pid for w in pool.workers()]
+os.kill(old, signal.SIGKILL)
+wait_until(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE)
+# Growing needs the Manager: ids are allocated under its locks.
+futs = [pool.submit(tasks.sleep_then, 0.3, i) for i in range(4)]
+assert [f.result(timeout=20) for f in futs] == [0, 1, 2, 3]
+new = procpool.manager.server_pid()
+assert new != old and psutil.Process(new).is_running()
+# A worker lost, and replaced, after the Manager changed.
+victim = pool.submit(tasks.forever)
+pid = wait_until(lambda: next((w.pid for w in pool.workers() if w.state == "busy"), None))
+os.kill(pid, signal.SIGKILL)
+lost = victim.exception(timeout=10)
+assert isinstance(lost, procpool.WorkerLost), repr(lost)
+assert pool.submit(tasks.square, 4).result(timeout=10) == 16
+t0 = time.monotonic()
+pool.close()
+st = pool.stats()
+print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
+                  "replaced": pool._locks.replaced, "completions": pool.completions,
+                  "close_s": time.monotonic() - t0, "first": first}))
+"""
+
+
+def test_manager_killed_then_the_pool_grows_and_loses_a_worker():
+    proc, token = run_program(MANAGER_KILL)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r["replaced"] == 1  # one new Manager, new locks for new workers
+    assert r["created"] == r["destroyed"] + r["lost"] and r["dying"] == 0
+    assert r["lost"] == 1
+    assert r["completions"] <= 1
+    assert_program_left_nothing(proc, token)
+
+
+# -- trigger 4: creation keeps failing; a teardown step fails ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how, expected",
+    [
+        ({"cancel_futures": True}, "cancelled"),
+        ({"timeout": 0.5}, procpool.PoolClosed),
+        ({}, procpool.PoolBroken),  # no worker will ever run it: fail it rather than wait forever
+    ],
+    ids=["cancel_futures", "timeout", "plain"],
+)
+def test_close_ends_while_creation_keeps_failing(how, expected):
+    pool = procpool.WorkerPool(min_workers=0, max_workers=2, faults="create.after_alloc=raise")
+    fut = pool.submit(tasks.square, 2)
+    wait_until(lambda: pool.creation_stalled_for() > 0, what="creation failing")
+    assert pool._arbiter_thread.is_alive()  # a creation failure is never more than that
+    close_within(pool, **how)
+    if expected == "cancelled":
+        assert fut.cancelled()
+    else:
+        err = ended_with_named_error(fut, expected)
+        assert isinstance(err.__cause__ or err, Exception)
+    assert_books_add_up(pool.stats())
+
+
+def test_a_failing_teardown_step_still_tears_everything_down():
+    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults="teardown.before_wait=raise,detach.before_lock=delay:0.5")
+    pids = [w.pid for w in pool.workers()]
+    assert pool.submit(tasks.square, 2).result(timeout=10) == 4
+    with pytest.raises(procpool.PoolBroken, match="teardown failed") as info:
+        close_within(pool)
+    assert isinstance(info.value.__cause__, procpool.FaultInjected)
+    wait_until(lambda: not any(map(_alive, pids)), what="the workers gone")
+    assert_books_add_up(pool.stats())
+    close_within(pool)  # idempotent: a second close returns
+
+
+# -- the arbiter's own failures ----------------------------------------------------------------------
+
+
+def test_a_failure_of_the_arbiter_loop_fails_every_item_and_close_ends():
+    pool = procpool.WorkerPool(min_workers=1, max_workers=2, faults="arbiter.loop=raise")
+    running = pool.submit(tasks.forever)  # straight to the idle worker
+    waiting = pool.submit(tasks.forever)  # no idle worker: wakes the arbiter to grow, which fails
+    for fut in (running, waiting):
+        err = ended_with_named_error(fut, procpool.PoolBroken)
+        assert isinstance(err, procpool.ProcpoolError)
+    with pytest.raises(procpool.PoolBroken, match="arbiter thread failed") as info:
+        pool.submit(tasks.square, 1)
+    assert isinstance(info.value.__cause__, procpool.FaultInjected)
+    assert pool.broken
+    close_within(pool)
+    assert_books_add_up(pool.stats())
+
+
+def test_a_failing_reap_costs_only_that_worker():
+    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults="reap=raise")
+    try:
+        fut = pool.submit(tasks.forever)
+        os.kill(busy_pid(pool), signal.SIGKILL)
+        err = ended_with_named_error(fut, procpool.WorkerLost)
+        assert "arbiter failed in _reap" in str(err)
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9  # the pool goes on
+        assert not pool.broken
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
+
+
+def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
+    # The watchdog path: should the arbiter thread end without its clean-up, teardown's waits
+    # notice and do it themselves. A raise in the loop makes the arbiter end (with clean-up);
+    # here we check that waiting on a pool whose arbiter is gone never hangs.
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1, faults="arbiter.loop=raise")
+    fut = pool.submit(tasks.forever)
+    pool._wake()
+    wait_until(lambda: not pool._arbiter_thread.is_alive(), what="the arbiter gone")
+    assert isinstance(fut.exception(timeout=10), procpool.PoolBroken)
+    t0 = time.monotonic()
+    close_within(pool)
+    assert time.monotonic() - t0 < CLOSE_BOUND
+    assert_books_add_up(pool.stats())
+
+
+def _alive(pid: int) -> bool:
+    from conftest import alive
+
+    return alive(pid)
