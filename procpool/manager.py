@@ -525,7 +525,9 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
     it dies (see ``replace_dead_manager``).
     """
     with _manager_lock:
-        if _manager is None or _manager_pid != os.getpid():
+        # A dead server is replaced here for new pools; pools that hold its locks find out
+        # on their next request (PoolLocks).
+        if _manager is None or _manager_pid != os.getpid() or not owner_alive(_server):
             _start_manager(ctx, allow_fork)
         assert _manager is not None
         return _manager

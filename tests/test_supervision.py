@@ -172,7 +172,9 @@ def test_close_ends_while_creation_keeps_failing(how, expected):
 
 
 def test_a_failing_teardown_step_still_tears_everything_down():
-    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults="teardown.before_wait=raise,detach.before_lock=delay:0.5")
+    # The delay keeps ids allocated until the completion is installed, so the fault is reached.
+    faults = "teardown.before_wait=raise,detach.before_lock=delay:0.5"
+    pool = procpool.WorkerPool(min_workers=2, max_workers=2, faults=faults)
     pids = [w.pid for w in pool.workers()]
     assert pool.submit(tasks.square, 2).result(timeout=10) == 4
     with pytest.raises(procpool.PoolBroken, match="teardown failed") as info:
