@@ -8,7 +8,9 @@ Actions:
 * ``delay:SECONDS`` — sleep there (widen a race window deterministically);
 * ``raise`` — raise ``procpool.FaultInjected``;
 * ``kill`` — SIGKILL the process at that exact point;
-* ``exit`` — ``os._exit(3)`` at that point.
+* ``exit`` — ``os._exit(3)`` at that point;
+* ``stop`` — SIGSTOP the process at that point: a test sees it stopped from outside (psutil
+  status ``stopped``), does what must happen exactly then, and resumes it with SIGCONT.
 
 Points (worker side unless marked parent):
 
@@ -22,6 +24,7 @@ Points (worker side unless marked parent):
 ``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
 ``create.start``            parent: just before one worker process is started
 ``teardown.before_wait``    parent: completion installed, before waiting on it
+``spawner.answer``          spawner: a batch of workers forked, before it answers the program
 ==========================  ==============================================================
 
 With no spec the check is a dictionary lookup on an empty dict.
@@ -48,9 +51,10 @@ POINTS = frozenset(
         "create.after_alloc",
         "create.start",
         "teardown.before_wait",
+        "spawner.answer",
     }
 )
-ACTIONS = frozenset({"delay", "raise", "kill", "exit"})
+ACTIONS = frozenset({"delay", "raise", "kill", "exit", "stop"})
 
 Spec = dict[str, list[tuple[int | None, str, float]]]
 
@@ -99,3 +103,5 @@ def hit(spec: Spec, point: str, wid: int | None = None) -> None:
             time.sleep(10)  # SIGKILL is asynchronous only in theory
         elif name == "exit":
             os._exit(3)
+        elif name == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
