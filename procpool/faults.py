@@ -8,7 +8,9 @@ Actions:
 * ``delay:SECONDS`` — sleep there (widen a race window deterministically);
 * ``raise`` — raise ``procpool.FaultInjected``;
 * ``kill`` — SIGKILL the process at that exact point;
-* ``exit`` — ``os._exit(3)`` at that point.
+* ``exit`` — ``os._exit(3)`` at that point;
+* ``stop`` — SIGSTOP the process at that point: a test sees it stopped from outside (psutil
+  status ``stopped``), does what must happen exactly then, and resumes it with SIGCONT.
 
 Points (worker side unless marked parent):
 
@@ -27,6 +29,7 @@ Points (worker side unless marked parent):
                             ``raise`` there is a failure of the loop's machinery)
 ``manager.acquire``         Manager server: a lock request arrived (``kill``/``exit`` end the
                             server; a replacement Manager is never injected again)
+``spawner.answer``          spawner: a batch of workers forked, before it answers the program
 ==========================  ==============================================================
 
 With no spec the check is a dictionary lookup on an empty dict.
@@ -56,9 +59,10 @@ POINTS = frozenset(
         "reap",
         "arbiter.loop",
         "manager.acquire",
+        "spawner.answer",
     }
 )
-ACTIONS = frozenset({"delay", "raise", "kill", "exit"})
+ACTIONS = frozenset({"delay", "raise", "kill", "exit", "stop"})
 
 Spec = dict[str, list[tuple[int | None, str, float]]]
 
@@ -107,3 +111,5 @@ def hit(spec: Spec, point: str, wid: int | None = None) -> None:
             time.sleep(10)  # SIGKILL is asynchronous only in theory
         elif name == "exit":
             os._exit(3)
+        elif name == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)

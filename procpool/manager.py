@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -440,19 +441,29 @@ _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     """Runs in the Manager server process (a fork of the spawner) before it serves."""
     global _handover_fd
-    from .spawner import reset_signals
+    from .spawner import HELPER_IGNORES, reset_signals
 
     _handover_fd = handover_fd
     threading.excepthook = threading.__excepthook__  # the program's hook (pytest's, say) is not ours
 
     reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not ours
+    # Like the spawner, we live exactly as long as the program: a signal to its process group
+    # must not take the program's locks away from it if it survives, and we leave by
+    # ourselves when it is gone (watch() below) or when the spawner SIGKILLs us.
+    for sig in HELPER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import setproctitle
 
         setproctitle.setproctitle("procpool: manager")
     except Exception:  # pragma: no cover - the title is cosmetic
         pass
-    for fd in close_fds:  # the spawner's own descriptors: not ours to keep open
+    # The spawner's own descriptors (its socket to the program, its wake-up pipe, the status
+    # pipes of the workers it forked already): not ours to keep open. Everything else we
+    # inherited is our own (multiprocessing's pipes to the spawner, the handover channel,
+    # alive_fd), stdio, or /dev/null standing in for a descriptor of the program the spawner
+    # let go of (see procpool.spawner): nothing of the program's is held here.
+    for fd in close_fds:
         try:
             os.close(fd)
         except OSError:
@@ -500,14 +511,12 @@ def hand_over(channel: socket.socket, fds: list[int]) -> None:
 
 
 def stop_servers() -> None:
-    """In the spawner, on its way out: end the Manager servers it forked and reap them."""
+    """In the spawner, on its way out: end the Manager servers it forked and reap them.
+    SIGKILL: a server ignores SIGTERM (see _server_init) and has nothing to save."""
     for m in _servers:
         proc = m._process  # type: ignore[attr-defined]
-        proc.terminate()
+        proc.kill()
         proc.join(2)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join(2)
 
 
 _manager: _Manager | None = None

@@ -21,9 +21,51 @@ it as it forks the worker: one end of a new socket pair stays in the worker, the
 to the server over a private channel (see procpool.manager), so no worker ever connects or
 authenticates on its way out.
 
-If the program dies, the spawner sees its request socket close and exits; the workers see
-their own sockets close and exit. If the spawner dies, every status pipe closes: the program
-treats the workers as lost (and kills any that survive), then starts a new spawner.
+**Program death takes everything with it.** The spawner outlives the program on purpose: it is
+the one left to clean up. It learns of the program's death from its request socket (EOF, or
+EPIPE/ECONNRESET on an answer: the program holds the only other end), and then, in this order
+(``_program_gone``): SIGKILLs every worker it forked and has not reaped — busy ones included:
+their main thread is in user code and would never look at a pipe again before the item ends,
+and their results have nobody to go to — unlinks the program's id tables from /dev/shm,
+SIGKILLs the Manager server, reaps them all and exits. Any other error in the spawner's loop
+leaves through the same door; only if the program is demonstrably alive (its end of the socket
+has not hung up) does the spawner leave its tables and Manager alone: the program then sees
+its workers' status pipes close and starts a new spawner, which will clean up in its turn.
+Workers also set PR_SET_PDEATHSIG(SIGKILL) with the spawner as the parent they watch, so a
+spawner killed together with the program (OOM killer, a supervisor's SIGKILL to both) still
+takes its workers with it; the program already treats the workers of a dead spawner as lost.
+(Not PDEATHSIG on the program: the spawner, the workers' parent, must outlive the program.)
+
+**Signals to the process group** (``timeout``, a closed terminal, a supervisor stopping a job)
+reach the spawner and the Manager too. Both *ignore* SIGINT, SIGTERM, SIGHUP and SIGQUIT: their
+life is the program's; they leave when the program is gone, whatever killed it, and a
+program that survives the signal (it has a handler) keeps its helpers. SIGPIPE is ignored as
+well (a program that reset it to default must not kill the spawner on an answer it cannot
+send). Workers keep the default dispositions, as a stock pool's workers do: a group SIGTERM
+ends them with the program. SIGKILL still ends a helper at once; that is the tool to stop one
+by hand.
+
+**Helpers hold only what they need.** A spawner forked from the program starts with a copy of
+every descriptor the program had: the read end of its pipes, its listening sockets, its pipes to
+the fork server and the resource tracker. Held here, they would keep a reader from ever seeing
+EOF, a port bound, and a helper's stop at exit waiting forever. So right after its fork the
+spawner keeps 0, 1, 2 (where tracebacks and the workers' prints go, as with a stock pool) and
+its socket, and points every other inherited descriptor at /dev/null (``_let_go_of``). Why
+/dev/null rather than ``close``: the program's objects copied into the spawner (a logging
+handler, a socket object) still hold those *numbers*; were they closed, the next descriptor
+the spawner creates or receives (a worker's result pipe, say) could reuse one, and a copied
+handler writing from user code in a worker would then write into procpool's protocol. A
+number kept on /dev/null can never be reused; what is written there is lost, what is read is
+EOF. A spawner started through multiprocessing (the program runs threads) did not inherit the
+program's descriptors, only the two multiprocessing hands every child: the fork server's
+"alive" pipe and the resource tracker's; it lets go of those the same way. Either way the
+spawner then forgets multiprocessing's handles on the program's fork server and resource
+tracker, so a worker that needs one starts its own instead of writing into /dev/null. The
+Manager server, forked by the spawner, closes the spawner's own descriptors in its turn (see
+procpool.manager).
+
+If the spawner dies, every status pipe closes: the program treats the workers as lost (and
+kills any that survive), then starts a new spawner.
 """
 
 from __future__ import annotations
@@ -38,8 +80,11 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import connection
 from typing import Any
+
+from . import faults
 
 _LEN = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
@@ -50,6 +95,20 @@ FDS_PER_WORKER = 3
 #: ... and a batch may carry this many more, inherited by every worker of the batch (a pool
 #: initializer's arguments': see procpool.calls.MAX_INHERITED_FDS).
 MAX_INHERITED = 12
+#: The spawner's first word to a program that started it through multiprocessing.
+READY = b"ready"
+#: Signals the spawner and the Manager ignore: sent to the whole process group (Ctrl-C,
+#: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
+#: before it has cleaned up after the program (module docstring).
+HELPER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+NOT_BOOTSTRAPPED = (
+    "procpool's spawner exited before it was ready. This program runs threads, so the spawner "
+    "is started through multiprocessing, which imports the main module again in the new "
+    "process; if that import makes a pool (or starts a process) itself, it does so before the "
+    "process is ready, and fails (the new process prints its traceback). "
+    "Put the main module's code that makes pools under `if __name__ == \"__main__\":` "
+    "(and call multiprocessing.freeze_support() there first in a frozen executable)."
+)
 
 
 class WorkerProcess:
@@ -159,6 +218,12 @@ class Spawner:
     """
 
     def __init__(self, ctx: Any, allow_fork: bool = True) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # We are the main module being imported again by multiprocessing in a new process
+            # (the fork server, or a spawner it started): a pool made here would start
+            # processes from a process that is not ready, and its parent would only see a
+            # connection reset. Say what is wrong where it happens.
+            raise RuntimeError(NOT_BOOTSTRAPPED)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if allow_fork and fork_is_safe():
             self._proc: Any = self._fork(ours, theirs)
@@ -173,9 +238,25 @@ class Spawner:
                 self._proc.start()
             finally:
                 theirs_conn.close()
+            self._wait_ready(ours)
         self._sock = ours
         self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
         self.pid: int = self._proc.pid
+
+    def _wait_ready(self, ours: socket.socket) -> None:
+        """Wait for the first word of a spawner started through multiprocessing. Such a start
+        imports the program's main module again in the new process; a main module without
+        ``if __name__ == "__main__":`` makes a pool there, which fails, and the spawner dies
+        before it says anything. That is reported here, in the program, as what it is.
+        (Bounded: the spawner's death closes its end, and this read ends with EOF.)"""
+        try:
+            ready = _recv_frame(ours)
+        except (EOFError, OSError):
+            ready = b""
+        if ready != READY:
+            ours.close()
+            self._proc.join(5)
+            raise RuntimeError(NOT_BOOTSTRAPPED)
 
     @staticmethod
     def _fork(ours: socket.socket, theirs: socket.socket) -> _ForkedSpawner:
@@ -188,11 +269,11 @@ class Spawner:
                 # the program's business (and untouched pages stay shared).
                 gc.freeze()
                 reset_signals()
-                # The program's descriptors stay open, as in any fork (closing them would let
-                # a later open() reuse a number that the program's copied objects, a logging
-                # handler say, still write to). This is why only the first spawner, forked
-                # before any pool has pipes of its own, may be a fork (see get_spawner).
                 ours.close()
+                # Every descriptor of the program but stdio goes to /dev/null (module
+                # docstring: "Helpers hold only what they need").
+                _let_go_of(_open_fds() - {0, 1, 2, theirs.fileno()})
+                _forget_program_helpers()
                 _spawner_loop(theirs, os.getppid())
             finally:
                 os._exit(1)
@@ -308,18 +389,98 @@ def _spawner_main(conn: connection.Connection, program: int) -> None:
     """Entry point when started through multiprocessing (a threaded program)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
     conn.close()
+    # What multiprocessing handed us of the program's: the fork server's "alive" pipe and the
+    # resource tracker's. Held here they would keep the program's stop of either waiting.
+    # (The other descriptors were opened in the fork server or in this process: not the
+    # program's to miss.)
+    from multiprocessing import forkserver, resource_tracker
+
+    theirs = {
+        getattr(forkserver._forkserver, "_forkserver_alive_fd", None),
+        getattr(resource_tracker._resource_tracker, "_fd", None),
+    }
+    _let_go_of({fd for fd in theirs if isinstance(fd, int) and fd > 2} - {sock.fileno()})
+    _forget_program_helpers()
+    _send_frame(sock, READY)
     _spawner_loop(sock, program)
 
 
+def _open_fds() -> set[int]:
+    """This process's open descriptors (its /proc/self/fd, less the one listing it)."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)  # the listing's own descriptor is closed by now
+        except OSError:
+            continue
+        out.add(fd)
+    return out
+
+
+def _let_go_of(fds: set[int]) -> None:
+    """Point each of ``fds`` at /dev/null: whatever it held (a pipe, a socket, a file) is
+    released here, and the number stays taken, so nothing opened later can reuse it under a
+    copied object that still writes to it (module docstring)."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            if fd != null:
+                os.dup2(null, fd, inheritable=False)
+    finally:
+        if null not in fds:
+            os.close(null)
+
+
+def _forget_program_helpers() -> None:
+    """Forget multiprocessing's handles on the program's fork server and resource tracker
+    (their pipes are /dev/null here now, and neither is our child): a worker whose code needs
+    one starts its own, as a process that never had one would."""
+    from multiprocessing import forkserver, resource_tracker
+
+    fs = forkserver._forkserver
+    for attr in ("_forkserver_alive_fd", "_forkserver_pid", "_forkserver_address", "_inherited_fds"):
+        if hasattr(fs, attr):
+            setattr(fs, attr, None)
+    rt = resource_tracker._resource_tracker
+    for attr in ("_fd", "_pid"):
+        if hasattr(rt, attr):
+            setattr(rt, attr, None)
+
+
 def _spawner_loop(sock: socket.socket, program: int) -> None:
-    """Single-threaded loop: fork workers on request, reap them, report their exit status."""
+    """Single-threaded loop: fork workers on request, reap them, report their exit status.
+    Never returns: whatever ends the loop (the program gone, an error) ends in
+    ``_program_gone`` (module docstring: "Program death takes everything with it")."""
     try:
         import setproctitle
 
         setproctitle.setproctitle("procpool: spawner")
     except Exception:  # pragma: no cover - cosmetic
         pass
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the program's to handle
+    # The program's death is what ends us, not a signal to its process group: we must live
+    # to clean up after it (module docstring). SIGPIPE: an answer the program can no longer
+    # read is an EPIPE, handled like its socket's EOF.
+    for sig in HELPER_IGNORES + (signal.SIGPIPE,):
+        signal.signal(sig, signal.SIG_IGN)
+    status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe (unreaped workers)
+    try:
+        _serve(sock, status_w)
+    except BaseException:
+        if not _program_hung_up(sock):
+            import traceback
+
+            traceback.print_exc()  # a bug of ours, with the program alive: say so
+            _kill_workers(status_w)
+            os._exit(1)
+    _program_gone(program, status_w)
+
+
+def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
+    """The spawner's loop proper; returns when the program's socket closes, raises on any
+    error (an EPIPE on an answer, say)."""
     # Import here, once, what a worker needs on its way out when it has to connect to the
     # Manager itself (a replacement spawner hands no connections over): the handshake imports
     # hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment,
@@ -333,11 +494,11 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     from .manager import hand_over
 
     psutil.boot_time()
+    pdeathsig = _pdeathsig_setter()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
-    status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe
     # Our end of the channel that hands workers' connections to the Manager we forked; None
     # when we did not fork it (a replacement spawner): workers then connect themselves.
     handover: socket.socket | None = None
@@ -370,8 +531,8 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             continue
         try:
             payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH + MAX_INHERITED)
-        except (EOFError, OSError):
-            _program_gone(program)
+        except EOFError:
+            return  # the program closed its socket: it exited, or was killed
         kind, specs, sys_path, *more = pickle.loads(payload)
         inherited = fds[len(fds) - more[0] :] if more and more[0] else []
         if kind == "manager":
@@ -379,7 +540,10 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
 
             answer: Any
             try:
-                answer, handover = start_server(fds[0], [sock.fileno(), wake_r, wake_w])
+                # The Manager closes every descriptor of ours it inherits (they are the
+                # spawner's, not its own).
+                spawner_fds = [sock.fileno(), wake_r, wake_w, *status_w.values()]
+                answer, handover = start_server(fds[0], spawner_fds)
             except Exception as exc:
                 answer = exc
             os.close(fds[0])
@@ -398,6 +562,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
                 os.close(fd)
             ours = []
         given: list[int] = []  # the server's ends of the workers that were forked
+        me = os.getpid()
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
             mgr = ours[2 * i] if ours else -1
@@ -407,6 +572,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
                 answer.append(exc)  # its descriptors are closed with the rest below
                 continue
             if pid == 0:
+                pdeathsig(me)
                 keep = {rx, tx, completion_fd, mgr, *inherited}
                 spec.inherited_fds = inherited
                 extra = [handover.fileno()] if handover is not None else []
@@ -435,19 +601,61 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
         for fd in fds:
             if fd not in live:
                 os.close(fd)
+        if specs:
+            faults.hit(specs[0].faults, "spawner.answer")
         _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
         reap()
 
 
-def _program_gone(program: int) -> None:
-    """The program closed its socket: it exited, or was killed. Clean up after it and leave:
-    unlink any id table of its that teardown did not (a killed program's), stop the Manager
-    server this process forked, and reap it (our child: nobody else would)."""
-    from .idtable import SHM_DIR, segment_prefix
-    from .manager import stop_servers
-
-    prefix = f"{segment_prefix()}{program}-"
+def _pdeathsig_setter() -> Callable[[int], None]:
+    """A function a freshly forked worker calls with its parent's pid: "SIGKILL me when the
+    spawner dies" (prctl PR_SET_PDEATHSIG), then exit if that already happened between the
+    fork and the prctl. Looked up once here, not in each worker. A no-op where prctl is not
+    to be had (the program still kills the workers of a dead spawner)."""
     try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+        return lambda parent: None
+    pr_set_pdeathsig = 1
+
+    def set_pdeathsig(parent: int) -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_pdeathsig
+
+
+def _program_hung_up(sock: socket.socket) -> bool:
+    """Has the program closed its end of our socket (it holds the only one)? A closed peer
+    shows as POLLHUP on a Unix stream socket, even with unread data before it."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in poller.poll(0))
+
+
+def _kill_workers(status_w: dict[int, int]) -> None:
+    """SIGKILL every worker not reaped yet: they belong to a dead program (or to one whose
+    spawner is leaving; it treats them as lost either way)."""
+    for pid in status_w:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _program_gone(program: int, status_w: dict[int, int]) -> None:
+    """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
+    unlink any id table of its that teardown did not (a killed program's), stop the Manager
+    server this process forked, reap them all (our children: nobody else would) and leave.
+    Every wait here is bounded: os._exit comes whatever happens."""
+    try:
+        _kill_workers(status_w)
+        from .idtable import SHM_DIR, segment_prefix
+
+        prefix = f"{segment_prefix()}{program}-"
         for name in os.listdir(SHM_DIR):
             if name.startswith(prefix):
                 try:
@@ -455,8 +663,29 @@ def _program_gone(program: int) -> None:
                 except FileNotFoundError:
                     pass
     finally:
-        stop_servers()
-        os._exit(0)
+        try:
+            from .manager import stop_servers
+
+            stop_servers()
+            _reap_killed(status_w, timeout=2.0)
+        finally:
+            os._exit(0)
+
+
+def _reap_killed(status_w: dict[int, int], timeout: float) -> None:
+    """Reap the workers just SIGKILLed (a process in uninterruptible sleep dies when it
+    wakes: give up after ``timeout``; the spawner's exit hands them to init)."""
+    deadline = time.monotonic() + timeout
+    left = set(status_w)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    left.discard(pid)
+            except ChildProcessError:
+                left.discard(pid)
+        if left:
+            time.sleep(0.005)
 
 
 def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str], mgr: int) -> None:
@@ -464,6 +693,11 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
     code = 1
     try:
         reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not the worker's
+        # The spawner ignores these; a worker takes the defaults, as a stock pool's worker
+        # does (close() escalates with SIGTERM). SIGINT stays ignored: Ctrl-C is the program's
+        # to handle, and SIGPIPE is Python's usual SIG_IGN.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
         sys.path[:] = sys_path
         from .worker import Channel, worker_main
 
