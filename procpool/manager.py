@@ -549,10 +549,17 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
 
     from .spawner import get_spawner
 
-    spawner = get_spawner(ctx, allow_fork)  # first: a forked spawner must not hold alive_w
     alive_r, alive_w = os.pipe()
     try:
-        address, pid = spawner.start_manager(alive_r)
+        for attempt in range(2):
+            try:
+                # The spawner may have died since it was last asked: then the request
+                # fails, marks it lost, and a new one is started for the second attempt.
+                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r)
+                break
+            except (EOFError, OSError):
+                if attempt:
+                    raise
     except BaseException:
         os.close(alive_w)
         raise

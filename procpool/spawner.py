@@ -241,6 +241,7 @@ class Spawner:
             self._wait_ready(ours)
         self._sock = ours
         self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
+        self._lost = False  # a request failed on the socket: the spawner is gone (see _request)
         self.pid: int = self._proc.pid
 
     def _wait_ready(self, ours: socket.socket) -> None:
@@ -281,16 +282,25 @@ class Spawner:
         return _ForkedSpawner(pid)
 
     def is_alive(self) -> bool:
-        return self._proc.is_alive()
+        return not self._lost and self._proc.is_alive()
+
+    def _request(self, payload: bytes, fds: list[int]) -> Any:
+        """One request and its answer. A socket that fails (the spawner died, perhaps so
+        recently that it is not even a zombie yet) marks this spawner lost, so that the next
+        get_spawner() starts a new one instead of handing this one out again."""
+        with self._lock:
+            try:
+                _send_frame(self._sock, payload, fds)
+                return pickle.loads(_recv_frame(self._sock))
+            except (EOFError, OSError):
+                self._lost = True
+                raise
 
     def start_manager(self, alive_fd: int) -> tuple[Any, int]:
         """Have the spawner fork the program's Manager server; returns its address and pid.
         ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
         when it reads EOF there, i.e. when the program is gone, whatever became of us."""
-        payload = pickle.dumps(("manager", None, None), pickle.HIGHEST_PROTOCOL)
-        with self._lock:
-            _send_frame(self._sock, payload, [alive_fd])
-            answer = pickle.loads(_recv_frame(self._sock))
+        answer = self._request(pickle.dumps(("manager", None, None), pickle.HIGHEST_PROTOCOL), [alive_fd])
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -323,9 +333,7 @@ class Spawner:
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
             fds += inherited
-            with self._lock:
-                _send_frame(self._sock, payload, fds)
-                answer = pickle.loads(_recv_frame(self._sock))
+            answer = self._request(payload, fds)
         except BaseException:
             for r, w in pipes:
                 os.close(r)
