@@ -11,7 +11,7 @@ import threading
 import psutil
 import pytest
 import tasks
-from conftest import alive, comm_of, live_titles, my_segments, title_of, wait_until
+from conftest import alive, comm_of, live_titles, my_segments, named_workers, title_of, wait_until
 
 import procpool
 from procpool.idtable import IdTable
@@ -102,6 +102,9 @@ def test_churn_keeps_ids_lowest_free_and_titles_distinct(tmp_path):
                 wait_until(lambda: pool.stats().nr_busy == need, timeout=30, what=f"{need} busy")  # noqa: B023
                 attached = sorted(w.id for w in pool.workers() if w.state != "dying")
                 assert attached == expected, (kept, attached)  # lowest free ids
+                # A worker names itself after its fork, asynchronously to the pool (which may
+                # have handed it its item already): wait for the names, then compare them.
+                wait_until(lambda: named_workers(pool) >= need, what="the workers named")  # noqa: B023
                 titles = live_titles(pool)
                 named = [t for t in titles.values() if t != "kworker/dying"]
                 assert len(named) == len(set(named)), titles

@@ -9,7 +9,7 @@ import threading
 import time
 
 import tasks
-from conftest import alive, live_titles, title_of, wait_until
+from conftest import alive, live_titles, named_workers, title_of, wait_until
 
 import procpool
 from procpool import idtable
@@ -109,6 +109,9 @@ def test_id_reuse_while_dying_under_churn_never_shows_two_equal_titles(tmp_path)
                 release = tmp_path / f"release-{round_}"
                 futs = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(3)]
                 wait_until(lambda: pool.stats().nr_busy == 3, timeout=30, what="three busy workers")
+                # A worker names itself after its fork, asynchronously to the pool (which may
+                # have handed it its item already): wait for the names, then compare them.
+                wait_until(lambda: named_workers(pool) >= 3, what="the workers named")
                 titles = [t for t in live_titles(pool).values() if t != "kworker/dying"]
                 assert len(titles) == len(set(titles)), titles
                 assert {s.id for s in table.slots() if s.state_name != "free"} == set(range(3))
