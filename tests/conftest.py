@@ -124,6 +124,13 @@ def assert_books_add_up(st) -> None:
     assert st.created == st.destroyed + st.lost, st
 
 
+def named_workers(pool) -> int:
+    """How many of the pool's live workers carry a worker title (``kworker/u3:1``, ``+wq``...):
+    a new worker names itself after its fork, asynchronously to the pool, and shows its
+    spawner's title until then; a dying one is ``kworker/dying``."""
+    return sum(1 for t in live_titles(pool).values() if t.startswith(f"{pool.title_prefix}/u"))
+
+
 def my_segments(pid: int | None = None) -> list[str]:
     prefix = f"{segment_prefix()}{pid or os.getpid()}-"
     return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]

@@ -54,6 +54,23 @@ def wait_for_file(path: str, value=None, timeout: float = 30.0):
     return value
 
 
+def wait_for_fifo(path: str, value=None, timeout: float = 60.0):
+    """Block until the FIFO at ``path`` holds data, asleep in the kernel: unlike
+    wait_for_file, it burns no CPU however long it waits or however loaded the machine, so
+    the pool always samples it as blocked. It only looks (select), never reads, so one byte
+    written releases every waiter, early or late, while the writer keeps the FIFO open."""
+    import select
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a read end opens without a writer
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        raise TimeoutError(path)
+    return value
+
+
 def touch_and_wait(mark: str, release: str):
     """Say 'I am running' (create ``mark``), then wait for ``release``."""
     Path(mark).touch()

@@ -176,13 +176,31 @@ def env_with(**extra: str) -> dict[str, str]:
 # -- procpool run ----------------------------------------------------------------------------------
 
 
-def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run]) -> None:
-    # Two bursts of 24 items on 2..4 workers with a 1 s pause and a 0.2 s idle timeout: the
+def progress_shows(run: Run, *counts: int) -> bool:
+    """Did the run's progress lines so far show these worker counts, in this order?"""
+    seen = iter(int(n) for n in PROGRESS_WORKERS.findall(run.out))
+    return all(any(n == c for n in seen) for c in counts)
+
+
+def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run], tmp_path: Path, user_module: str) -> None:
+    # Two bursts of 24 items on 2..4 workers with a 3 s pause and a 0.2 s idle timeout: the
     # pool must grow to 4, shrink back to 2 (the kernel's "keep 2 idle"), and grow again.
+    # The items wait for a file per burst, so each burst certainly keeps 4 workers busy until
+    # the test has seen them in the run's own progress lines; the pause leaves the cull 2.8 s.
+    release = tmp_path / "release"
     run = start(
-        "run", "--tasks", "48", "--task-ms", "30", "--bursts", "2", "--max-workers", "4",
-        "--idle-timeout", "0.2", "--pause", "1.0", "--interval", "0.05",
+        "run", "--func", f"{user_module}:held", "--tasks", "48", "--bursts", "2", "--max-workers", "4",
+        "--idle-timeout", "0.2", "--pause", "3.0", "--interval", "0.05",
+        env=env_with(PYTHONPATH=str(tmp_path / "mods"), PROCPOOL_TEST_RELEASE=str(release), PROCPOOL_TEST_BURST="24"),
     )  # fmt: skip
+    try:
+        wait_for(lambda: progress_shows(run, 4), "the first burst on 4 workers")
+        Path(f"{release}-0").touch()
+        wait_for(lambda: progress_shows(run, 4, 2), "the shrink to 2 in the pause")
+        wait_for(lambda: progress_shows(run, 4, 2, 4), "the regrowth to 4 in the second burst")
+    finally:
+        for burst in range(2):
+            Path(f"{release}-{burst}").touch()
     assert run.wait() == 0, run.err
     out = run.out
     assert summary_items(out) == (48, 48, 0, 0)
@@ -190,39 +208,42 @@ def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run]) -> None
     assert m, out
     created, destroyed, lost = map(int, m.groups())
     # 2 at start + 2 grown in burst 1 + 2 grown again in burst 2 after the cull took 2.
-    assert created >= 6 and destroyed == created and lost == 0, out
+    assert created == 6 and destroyed == created and lost == 0, out
     assert "every item ended" in out
-    seen = [int(n) for n in PROGRESS_WORKERS.findall(out)]
-    assert seen, f"no progress lines:\n{out}"
-    assert 4 in seen, f"never grew to 4 workers: {seen}"
-    after_peak = seen[seen.index(4) :]
-    assert 2 in after_peak, f"no shrink after the first peak: {seen}"
-    assert 4 in after_peak[after_peak.index(2) :], f"no regrowth after the cull: {seen}"
 
 
-def test_run_on_a_workqueue_shows_it_in_titles_and_ps(start: Callable[..., Run]) -> None:
+def test_run_on_a_workqueue_shows_it_in_titles_and_ps(
+    start: Callable[..., Run], tmp_path: Path, user_module: str
+) -> None:
+    # The items wait for a file, so the run certainly has 3 of them in flight, titled, for as
+    # long as the test looks (however slowly `procpool ps` starts on a loaded machine).
+    release = tmp_path / "release"
     run = start(
-        "run", "--workqueue", "cliwq", "--max-active", "3", "--tasks", "30", "--task-ms", "200",
+        "run", "--func", f"{user_module}:held", "--workqueue", "cliwq", "--max-active", "3", "--tasks", "30",
         "--bursts", "1", "--quiet",
+        env=env_with(PYTHONPATH=str(tmp_path / "mods"), PROCPOOL_TEST_RELEASE=str(release), PROCPOOL_TEST_BURST="30"),
     )  # fmt: skip
 
     def entry() -> dict[str, Any] | None:
         for pool in ps_json():
             if pool["owner_pid"] == run.pid:
                 for e in pool["workqueues"]:
-                    if e["name"] == "cliwq" and e["started"] > 0:
+                    if e["name"] == "cliwq" and e["in_flight"] == 3:
                         return {"pool": pool, "wq": e}
         return None
 
-    seen = wait_until(entry, timeout=WAIT, what="ps listing the workqueue of the run")
-    assert seen["wq"]["in_flight"] <= 3 and seen["wq"]["max_active"] == 3
-    # Its workers name the workqueue in their titles while they run its items.
-    wait_until(
-        lambda: any((w["title"] or "").endswith("+cliwq") for p in ps_json() if p["owner_pid"] == run.pid
-                    for w in p["workers"]),
-        timeout=WAIT,
-        what="a worker titled ...+cliwq",
-    )  # fmt: skip
+    try:
+        seen = wait_until(entry, timeout=WAIT, what="ps listing the workqueue of the run, 3 in flight")
+        assert seen["wq"]["max_active"] == 3 and seen["wq"]["pending"] == 27
+        # Its workers name the workqueue in their titles while they run its items.
+        wait_until(
+            lambda: sum((w["title"] or "").endswith("+cliwq") for p in ps_json() if p["owner_pid"] == run.pid
+                        for w in p["workers"]) == 3,
+            timeout=WAIT,
+            what="3 workers titled ...+cliwq",
+        )  # fmt: skip
+    finally:
+        Path(f"{release}-0").touch()
     assert run.wait() == 0, run.err
     out = run.out
     assert summary_items(out) == (30, 30, 0, 0)
@@ -284,6 +305,9 @@ def test_signal_tears_down_cleanly(start: Callable[..., Run], sig: signal.Signal
     assert all(w["title"] == f"{prefix}/u{pool['pool']}:{w['id']}" for w in pool["workers"])
     family = psutil.Process(run.pid).children(recursive=True)  # fork server, manager, tracker, workers
     assert {w["pid"] for w in pool["workers"]} <= {p.pid for p in family}
+    # Some item done before the signal, so the summary has all three kinds to add up.
+    wait_for(lambda: sum(w["items_done"] for w in (pool_of(run.pid) or {"workers": []})["workers"]) > 0,
+             "an item done")  # fmt: skip
 
     run.proc.send_signal(sig)
     assert run.wait() == code, run.err
@@ -301,12 +325,24 @@ def test_signal_tears_down_cleanly(start: Callable[..., Run], sig: signal.Signal
 
 USER_MODULE = """
 import os
+import time
 
 
 def record(i):
     # One file per item, holding the pid that ran it.
     with open(os.path.join(os.environ["PROCPOOL_TEST_OUT"], str(i)), "w") as f:
         f.write(str(os.getpid()))
+    return i
+
+
+def held(i):
+    # Wait until the test releases this item's burst: PROCPOOL_TEST_RELEASE-<burst>.
+    path = os.environ["PROCPOOL_TEST_RELEASE"] + "-" + str(i // int(os.environ["PROCPOOL_TEST_BURST"]))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
     return i
 
 

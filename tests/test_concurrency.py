@@ -50,14 +50,17 @@ def test_cpu_burning_items_are_marked_cpu_intensive():
 
 def test_no_sampling_when_no_work_waits(tmp_path):
     with procpool.WorkerPool(2, 4, concurrency=1) as pool:
-        # One item at a time always finds an idle worker: nothing ever waits, so nothing is sampled.
+        # One item at a time always finds an idle worker (once the two have started: before,
+        # an item waits for them): nothing ever waits, so nothing is sampled.
+        wait_until(lambda: pool.stats().nr_idle == 2, timeout=30, what="two idle workers")
+        samples = pool.stats().cm_samples
         for i in range(20):
             assert pool.submit(tasks.square, i).result(timeout=30) == i * i
-        assert pool.stats().cm_samples == 0
+        assert pool.stats().cm_samples == samples
         # Work that waits is sampled ...
         release = tmp_path / "release"
         futs = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(4)]
-        wait_until(lambda: pool.stats().cm_samples > 0, what="sampling while work waits")
+        wait_until(lambda: pool.stats().cm_samples > samples, what="sampling while work waits")
         release.touch()
         assert [f.result(timeout=30) for f in futs] == list(range(4))
         # ... and sampling stops once nothing waits.

@@ -158,7 +158,13 @@ def test_teardown_while_the_manager_is_creating_a_worker():
     # wait for the creator (M arb), then still see every worker detach.
     pool = procpool.WorkerPool(min_workers=0, max_workers=2, faults="create.after_alloc=delay:0.5")
     fut = pool.submit(tasks.square, 8)
-    time.sleep(0.1)  # let the arbiter enter the stalled creation (the fault holds it 0.5 s)
+    table = IdTable.attach(pool.table_name, writable=False)
+    try:
+        # The arbiter is in the stalled creation once it allocated the id (the fault then holds
+        # it 0.5 s; seen late on a loaded machine, the worker is at worst still starting).
+        wait_until(lambda: table.nr_allocated() == 1, timeout=30, what="the id allocated")
+    finally:
+        table.close()
     pool.close()
     assert fut.result(timeout=0) == 64
     assert my_segments() == []

@@ -11,7 +11,7 @@ import threading
 import psutil
 import pytest
 import tasks
-from conftest import alive, comm_of, live_titles, my_segments, title_of, wait_until
+from conftest import alive, comm_of, live_titles, my_segments, named_workers, title_of, wait_until
 
 import procpool
 from procpool.idtable import IdTable
@@ -84,25 +84,42 @@ def test_dying_worker_id_is_reused_without_duplicate_titles():
         assert len(set(titles.values())) == len(titles)
 
 
-def test_churn_keeps_ids_lowest_free_and_titles_distinct():
+def test_churn_keeps_ids_lowest_free_and_titles_distinct(tmp_path):
+    # Each round holds `need` workers busy at once (items that wait for a file), so the pool
+    # has exactly that many: those left from the last round, plus new ones, which must take
+    # the lowest ids the destroyed ones left free, while the destroyed still linger.
     with procpool.WorkerPool(min_workers=0, max_workers=4, linger_dying=0.2) as pool:
         table = IdTable.attach(pool.table_name, writable=False)
-        for round_ in range(5):
-            # Dying workers detach (free their ids) while their processes still linger.
-            wait_until(lambda: table.nr_allocated() == pool.stats().nr_workers, what="detached")
-            futs = [pool.submit(tasks.sleep_then, 0.05, i) for i in range(4)]
-            assert [f.result(timeout=10) for f in futs] == list(range(4))
-            attached = sorted(w.id for w in pool.workers() if w.state != "dying")
-            assert attached == list(range(len(attached)))  # lowest free ids
-            titles = live_titles(pool)
-            named = [t for t in titles.values() if t != "kworker/dying"]
-            assert len(named) == len(set(named)), titles
-            pool.destroy_idle(1 + round_ % 3)
-        table.close()
+        try:
+            for round_, need in enumerate((4, 3, 4, 2, 4, 1, 3)):
+                # Dying workers detach (free their ids) while their processes still linger.
+                wait_until(lambda: table.nr_allocated() == pool.stats().nr_workers, what="detached")
+                kept = {w.id for w in pool.workers() if w.state != "dying"}
+                free = sorted(set(range(4)) - kept)
+                expected = sorted(kept | set(free[: max(0, need - len(kept))]))
+                release = tmp_path / f"release-{round_}"
+                futs = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(need)]
+                wait_until(lambda: pool.stats().nr_busy == need, timeout=30, what=f"{need} busy")  # noqa: B023
+                attached = sorted(w.id for w in pool.workers() if w.state != "dying")
+                assert attached == expected, (kept, attached)  # lowest free ids
+                # A worker names itself after its fork, asynchronously to the pool (which may
+                # have handed it its item already): wait for the names, then compare them.
+                wait_until(lambda: named_workers(pool) >= need, what="the workers named")  # noqa: B023
+                titles = live_titles(pool)
+                named = [t for t in titles.values() if t != "kworker/dying"]
+                assert len(named) == len(set(named)), titles
+                release.touch()
+                assert [f.result(timeout=30) for f in futs] == list(range(need))
+                pool.destroy_idle(1 + round_ % 3)
+        finally:
+            table.close()
 
 
 def test_close_waits_for_every_detach_and_leaves_nothing():
-    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults="detach.before_lock=delay:0.3")
+    # Worker 0 takes 2 s in its exit path: the teardown has long installed its completion by
+    # then (however slowly this machine runs it), so that completion is waited for.
+    faults = "detach.before_lock=delay:0.3,detach.before_lock@0=delay:2"
+    pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=faults)
     pids = [w.pid for w in pool.workers()]
     name = pool.table_name
     pool.close()
@@ -128,12 +145,14 @@ assert (spawner.ppid() == os.getpid()) != threaded
 wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
 counts = [mgr.num_fds()]
 futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
-wait_until(lambda: pool.stats().nr_busy == 4, what="four busy workers")
-wait_until(lambda: mgr.num_fds() != counts[0], timeout=5, what="a change")
+wait_until(lambda: pool.stats().nr_busy == 4, timeout=30, what="four busy workers")
+# The Manager gets each new worker's socket from the spawner asynchronously: wait for all
+# three (the test then checks there is no fourth), and after the kill for the close.
+wait_until(lambda: mgr.num_fds() >= counts[0] + 3, timeout=30, what="three more sockets")
 counts.append(mgr.num_fds())
 os.kill(pool.workers()[-1].pid, signal.SIGKILL)
-wait_until(lambda: sum(f.done() for f in futs) == 1, what="the victim's item failed")
-wait_until(lambda: mgr.num_fds() != counts[1], timeout=5, what="a change")
+wait_until(lambda: sum(f.done() for f in futs) == 1, timeout=30, what="the victim's item failed")
+wait_until(lambda: mgr.num_fds() < counts[1], timeout=30, what="a socket closed")
 counts.append(mgr.num_fds())
 open(release, "w").close()
 assert sum(f.exception(timeout=10) is None for f in futs) == 3
@@ -193,12 +212,26 @@ def test_busy_workers_finish_their_items_during_close():
     assert [f.result(timeout=0) for f in futs] == [0, 1, 2, 3]
 
 
-def test_cancel_futures_cancels_pending_items():
+def test_cancel_futures_cancels_pending_items(tmp_path):
+    # The first item is certainly running (it said so) when close() cancels the rest, and it
+    # is held until they are cancelled: close() must let it finish, and run none of the rest.
+    mark, release = tmp_path / "mark", tmp_path / "release"
     pool = procpool.WorkerPool(min_workers=1, max_workers=1)
-    running = pool.submit(tasks.sleep_then, 0.3, "ran")
+    running = pool.submit(tasks.touch_and_wait, str(mark), str(release))
     pending = [pool.submit(tasks.square, i) for i in range(5)]
-    pool.close(cancel_futures=True)
-    assert running.result(timeout=0) == "ran"
+    closer = threading.Thread(target=pool.close, kwargs={"cancel_futures": True})
+    try:
+        wait_until(mark.exists, timeout=30, what="the first item running")
+        closer.start()
+        wait_until(lambda: all(f.cancelled() for f in pending), timeout=30, what="pending items cancelled")
+        assert not running.done()
+    finally:
+        release.touch()
+        pool.close()  # waits for the closer's teardown (or tears down, if it never started)
+        if closer.ident is not None:
+            closer.join(30)
+    assert not closer.is_alive()
+    assert running.result(timeout=0) > 0  # the worker's pid: it ran to the end
     assert all(f.cancelled() for f in pending)
 
 
@@ -211,18 +244,20 @@ def test_close_is_idempotent_and_submit_after_close_fails():
         pool.submit(tasks.square, 2)
 
 
-def test_idle_workers_shrink_to_two_plus_one_per_four_busy():
-    release = threading.Event()
+def test_idle_workers_shrink_to_two_plus_one_per_four_busy(tmp_path):
+    release = tmp_path / "release"
     with procpool.WorkerPool(min_workers=0, max_workers=8, idle_timeout=0.3) as pool:
-        futs = [pool.submit(tasks.sleep_then, 0.3, i) for i in range(8)]
-        wait_until(lambda: pool.stats().nr_workers == 8, what="growth to 8")
-        assert [f.result(timeout=10) for f in futs] == list(range(8))
+        # Items that wait for a file: 8 workers certainly exist at once (no worker can finish
+        # one and take another first).
+        futs = [pool.submit(tasks.wait_for_file, str(release), i) for i in range(8)]
+        wait_until(lambda: pool.stats().nr_busy == 8, timeout=30, what="growth to 8")
+        release.touch()
+        assert [f.result(timeout=30) for f in futs] == list(range(8))
         # All idle now: the idle timeout culls the longest-idle down to 2 (KEEP_IDLE).
         wait_until(lambda: pool.stats().nr_workers == 2, what="shrink to 2")
         wait_until(lambda: len(live_titles(pool)) == 2, what="culled processes gone")
         st = pool.stats()
-        assert (st.nr_idle, st.destroyed) == (2, 6)
-    release.set()
+        assert (st.created, st.nr_idle, st.destroyed) == (8, 2, 6)
 
 
 def test_min_workers_are_never_culled():

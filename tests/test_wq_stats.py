@@ -79,15 +79,24 @@ def test_in_flight_is_published_while_items_run(tmp_path):
 
 def test_cpu_intensive_marks_go_to_the_workqueue_whose_item_burnt(tmp_path):
     # Concurrency target 1 on a pool of its own attributes (nice 2): the burning items keep
-    # work waiting, so the pool samples its busy workers and marks them.
+    # work waiting, so the pool samples its busy workers and marks them. The cold items wait
+    # asleep in the kernel (a FIFO, not a polling loop: on a loaded machine a poller sits
+    # runnable long enough to collect 10 ms of CPU between two samples, and is rightly marked).
+    release = tmp_path / "release"
+    os.mkfifo(release)
     with procpool.Workqueue("st-hot", nice=2) as hot, procpool.Workqueue("st-cold", nice=2) as cold:
         hot.pool.concurrency = 1
-        release = tmp_path / "release"
-        sleepers = [cold.queue(tasks.wait_for_file, str(release), i) for i in range(2)]
-        burners = [hot.queue(tasks.burn_cpu, 0.2) for _ in range(4)]
-        assert all(w.result(timeout=60) >= 0.2 for w in burners)
-        release.touch()
-        assert [w.result(timeout=60) for w in sleepers] == [0, 1]
+        try:
+            sleepers = [cold.queue(tasks.wait_for_fifo, str(release), i) for i in range(2)]
+            burners = [hot.queue(tasks.burn_cpu, 0.2) for _ in range(4)]
+            assert all(w.result(timeout=60) >= 0.2 for w in burners)
+        finally:
+            writer = os.open(release, os.O_RDWR)  # a write end that never blocks, kept open
+            os.write(writer, b"x")
+        try:
+            assert [w.result(timeout=60) for w in sleepers] == [0, 1]
+        finally:
+            os.close(writer)
         h, c = hot.stats(), cold.stats()
         assert h.cpu_intensive > 0
         assert c.cpu_intensive == 0
