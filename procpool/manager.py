@@ -369,8 +369,8 @@ class _Server(Server):
             if not admitted:
                 conn.close()  # another uid (or already gone): no thread, not a byte
                 continue
-            while not self._slots.acquire(timeout=HANDSHAKE_GRACE / 5):
-                self._evict_oldest()
+            while not self._slots.acquire(timeout=self._evict_oldest()):
+                pass
             with self._pending_lock:
                 self._pending[conn] = time.monotonic()
             try:
@@ -381,15 +381,19 @@ class _Server(Server):
                 conn.close()
                 self._slots.release()
 
-    def _evict_oldest(self) -> None:
+    def _evict_oldest(self) -> float:
+        """All slots taken: close the oldest pending connection if it had its grace period.
+        Returns how long to wait for a slot before looking again."""
         with self._pending_lock:
             if not self._pending:
-                return
+                return 0.01  # the slots' threads are just leaving
             conn, since = next(iter(self._pending.items()))
-            if time.monotonic() - since < HANDSHAKE_GRACE:
-                return
+            left = since + HANDSHAKE_GRACE - time.monotonic()
+            if left > 0:
+                return left
             del self._pending[conn]
             _shut(conn)  # under the lock: its thread closes it only after leaving _pending
+            return HANDSHAKE_TIMEOUT  # its thread wakes with EOF and frees its slot
 
     def _authenticate_then_serve(self, conn: connection.Connection) -> None:
         """The stock ``handle_request``, with the handshake and first request under the
