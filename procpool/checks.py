@@ -16,6 +16,18 @@ def check_number(name: str, value: Any, *, minimum: float, integer: bool = False
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
 
 
+def check_name(name: str, value: Any) -> None:
+    """A title, title prefix or workqueue name: a non-empty string of printable characters
+    without spaces. Titles go into argv (a NUL would cut it: every worker would die at start)
+    and all three are shown by ps, htop and ``procpool ps`` (a newline or an escape sequence
+    would forge lines or drive the terminal)."""
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise ValueError(f"{name} must be a non-empty string without spaces, got {value!r}")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{name} must not contain control characters, got {bad!r} in {value!r}")
+
+
 def check_attrs(nice: Any, cpus: Any) -> tuple[int, frozenset[int] | None]:
     """Validate pool attributes (the kernel's workqueue_attrs); returns them normalized.
 

@@ -24,7 +24,11 @@ pool visibly grows (a burst finds no idle worker) and shrinks (the idle cull) in
 
 ``procpool ps`` reads every id table of this user in /dev/shm (the same tables the pools
 write, see ``procpool.idtable``), asks psutil whether each owner still lives and what each
-worker's title is, and prints an aligned table or, with ``--json``, a list of pools.
+worker's title is, and prints an aligned table or, with ``--json``, ``{"pools": [...],
+"skipped": [...]}``. /dev/shm is writable by every local user, so it trusts nothing there:
+``procpool.idtable.read_snapshot`` checks every file (ours, regular, the size its header
+says, every field in range) and what fails is skipped with a one-line note on stderr; names
+and titles are printed with control characters escaped (``printable``).
 
 Exit codes: 0 success; 1 some item failed (or the pool could not start); 2 bad usage (bad
 options, a ``--func`` that cannot be imported, a pool option WorkerPool refuses); 128 + N
@@ -42,7 +46,6 @@ import pickle
 import select
 import shutil
 import signal
-import struct
 import sys
 import threading
 import time
@@ -53,7 +56,7 @@ from typing import Any, TextIO
 
 import psutil
 
-from .idtable import FLAG_DIE, FREE, IdTable, is_wq_segment, list_segments, read_workqueues
+from .idtable import FLAG_DIE, SHM_DIR, BadSegment, TableInfo, read_snapshot, read_table
 from .pool import WorkerPool
 from .workqueue import Workqueue
 
@@ -559,14 +562,34 @@ def write_summary(
 # -- procpool ps -------------------------------------------------------------------------------
 
 
+def printable(text: str) -> str:
+    """``text`` safe to write to a terminal: every control or format character (newline,
+    escape, bidi override...) shown as a Python-style escape. Names in tables and titles come
+    from files and processes anyone of this user may have written."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable():
+            out.append(c)
+        elif ord(c) < 0x100:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
 def process_title(pid: int) -> str | None:
     """A process's title as ps shows it: its command line, joined and stripped (setproctitle
-    pads the argument area), or None if there is no such live process."""
+    pads the argument area), or None if there is no such live process of this user (a pid in
+    a table may have been recycled by anyone's process)."""
     if pid <= 0:
         return None
     try:
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if proc.status() == psutil.STATUS_ZOMBIE or proc.uids().real != os.getuid():
             return None
         return " ".join(proc.cmdline()).strip()
     except psutil.Error:
@@ -585,27 +608,12 @@ def owner_alive(pid: int, table_created: float) -> bool:
         return True  # it exists; we may just not see its details
 
 
-def read_pool(name: str) -> dict[str, Any] | None:
-    """Snapshot one id table, or None if it vanished or is not (yet) a readable table.
-
-    Tables come and go while we list them: a pool closing unlinks its segment; a pool being
-    created has a segment whose header is not written yet (zero magic). Neither is an error.
-    """
-    try:
-        table = IdTable.attach(name, writable=False)
-    except (OSError, ValueError, struct.error):
-        return None
-    try:
-        pool_id, owner_pid, capacity, created = table.pool_id, table.owner_pid, table.capacity, table.created
-        slots = [s for s in table.slots() if s.state != FREE]
-    except (ValueError, struct.error, IndexError):
-        return None  # truncated: the header promises more slots than the segment holds
-    finally:
-        table.close()
-    alive = owner_alive(owner_pid, created)
+def describe_pool(table: TableInfo) -> dict[str, Any]:
+    """One validated id table (``procpool.idtable.read_table``) as ``procpool ps`` shows it."""
+    alive = owner_alive(table.owner_pid, table.created)
     now = time.time()
     workers = []
-    for s in slots:
+    for s in table.slots:
         title = process_title(s.pid)
         workers.append(
             {
@@ -621,30 +629,40 @@ def read_pool(name: str) -> dict[str, Any] | None:
             }
         )
     return {
-        "pool": pool_id,
-        "table": name,
-        "owner_pid": owner_pid,
+        "pool": table.pool_id,
+        "table": table.name,
+        "owner_pid": table.owner_pid,
         "owner_alive": alive,
         "stale": not alive,
-        "owner_cmdline": process_title(owner_pid) if alive else None,
-        "capacity": capacity,
-        "created": created,
+        "owner_cmdline": process_title(table.owner_pid) if alive else None,
+        "capacity": table.capacity,
+        "created": table.created,
         "workers": workers,
     }
 
 
-def collect_pools(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Every readable pool of this user, ordered by owner pid then pool id, each with the
+def read_pool(name: str) -> dict[str, Any] | None:
+    """Snapshot one id table, or None if it vanished or is not a valid table of this user."""
+    try:
+        return describe_pool(read_table(name))
+    except (OSError, BadSegment):
+        return None
+
+
+def collect(names: Iterable[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every valid pool of this user, ordered by owner pid then pool id, each with the
     workqueues using it (from its program's workqueue segment: name, attributes, pools and
-    statistics, see procpool.workqueue)."""
-    names = list_segments() if names is None else names
-    pools = [p for p in (read_pool(n) for n in names if not is_wq_segment(n)) if p is not None]
-    by_owner: dict[int, list[dict[str, Any]]] = {}
+    statistics, see procpool.workqueue); and what was skipped: [{"name", "reason"}]."""
+    snap = read_snapshot(None if names is None else list(names))
+    pools = [describe_pool(t) for t in snap.tables]
     for p in pools:
-        if p["owner_pid"] not in by_owner:
-            by_owner[p["owner_pid"]] = read_workqueues(p["owner_pid"])
-        p["workqueues"] = [e for e in by_owner[p["owner_pid"]] if p["pool"] in e["pools"]]
-    return sorted(pools, key=lambda p: (p["owner_pid"], p["pool"]))
+        p["workqueues"] = [e for e in snap.workqueues.get(p["owner_pid"], []) if p["pool"] in e["pools"]]
+    return pools, [{"name": n, "reason": r} for n, r in snap.skipped]
+
+
+def collect_pools(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """The pools of ``collect``, without what was skipped."""
+    return collect(names)[0]
 
 
 def _aligned(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[str]) -> str:
@@ -671,7 +689,7 @@ def format_workqueues(pools: list[dict[str, Any]]) -> str:
             seen.add((p["owner_pid"], id(e)))
             rows.append(
                 (
-                    e["name"],
+                    printable(e["name"]),
                     str(p["owner_pid"]),
                     ",".join(f"u{i}" for i in e["pools"]),
                     str(e.get("started", 0)),
@@ -709,7 +727,7 @@ def format_table(pools: list[dict[str, Any]]) -> str:
             rows.append(head + ("-", "-", "-", "-", "-", "(no workers)"))
         for w in p["workers"]:
             state = w["state"] + ("+die" if "die" in w["flags"] else "")
-            title = w["title"] if w["title"] is not None else "(gone)"
+            title = printable(w["title"]) if w["title"] is not None else "(gone)"
             if len(title) > TITLE_WIDTH:
                 # A worker still starting shows the fork server's long command line until it
                 # sets its title; the full text is in --json.
@@ -721,9 +739,15 @@ def format_table(pools: list[dict[str, Any]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    pools = collect_pools()
+    """List the pools. Whatever is in /dev/shm, this ends and exits 0: a name under our prefix
+    that is not a valid segment of ours (another user's, a FIFO, forged, truncated) is skipped
+    with one line on ``err`` and, with --json, listed in ``skipped``."""
+    pools, skipped = collect()
+    for s in skipped:
+        err.write(f"procpool ps: skipped {SHM_DIR}/{printable(s['name'])}: {printable(s['reason'])}\n")
+    err.flush()
     if args.json:
-        json.dump(pools, out, indent=2)
+        json.dump({"pools": pools, "skipped": skipped}, out, indent=2)
         out.write("\n")
     elif pools:
         out.write(format_table(pools) + "\n")
@@ -893,7 +917,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the pools of this user's procpool programs and their workers, read from the "
         "shared-memory id tables; a table whose owner is gone is marked stale.",
     )
-    ps.add_argument("--json", action="store_true", help="print a JSON list of pools, each with its workers")
+    ps.add_argument(
+        "--json",
+        action="store_true",
+        help='print a JSON object: "pools" (each with its workers and workqueues) and "skipped" '
+        "(names in /dev/shm that are not valid tables of this user, with why)",
+    )
     ps.set_defaults(handler=cmd_ps)
     return parser
 

@@ -37,6 +37,21 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
   threads still wait the stock way; parked waiters go first. Anything else asked on a
   handed-over connection (a timed acquire, say) gets a server thread of its own.
   (Teardown of 64 idle workers: 67-88 → 55-68 ms in an A/B against thread per connection.)
+* **A stranger must not cost the server a thread.** The stock server starts a thread for
+  every connection it accepts, before the authkey handshake, and that thread waits for the
+  client with no time limit: any local process could make it grow without bound. Ours
+  (``_Server.accepter``) first asks the kernel who connected (``SO_PEERCRED``) and closes at
+  once, before any thread or byte, a connection from another uid. Then a connection gets
+  ``HANDSHAKE_TIMEOUT`` seconds per read to authenticate and send its first request, and at
+  most ``HANDSHAKE_MAX`` connections do so at a time: past that, the oldest one pending for
+  more than ``HANDSHAKE_GRACE`` is closed, and accepting waits for a slot meanwhile.
+
+  The socket stays in the abstract namespace (Linux), rather than a socket file in a 0700
+  directory. Both admit only this uid (a directory's permissions through the file system,
+  ``SO_PEERCRED`` through the kernel's record of the connecting process), but the abstract
+  name leaves nothing behind when the program, its spawner and the server are SIGKILLed
+  together, and creates nothing in the way of the program's first pool. Root can connect
+  either way; a process of the same uid could read the authkey from the program anyway.
 """
 
 from __future__ import annotations
@@ -45,8 +60,10 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -287,8 +304,136 @@ HANDOVER_MAX = 128
 _handover_fd = -1  # in the Manager server: its end of the spawner's handover channel
 
 
+#: Connections that may be authenticating at once (each has a thread while it does).
+HANDSHAKE_MAX = 16
+#: Seconds each read of an unauthenticated connection may wait (the handshake is three
+#: messages of under 100 bytes and then the first request: the program's own clients send
+#: them at once).
+HANDSHAKE_TIMEOUT = 2.0
+#: A connection pending this long may be closed to make room for a new one.
+HANDSHAKE_GRACE = 0.25
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _socket_timeouts(conn: connection.Connection, seconds: float) -> bool:
+    """Set ``conn``'s receive and send timeouts (0: none). Returns False if its peer is not of
+    this uid (then nothing is set). The timeouts make a blocking read fail with EAGAIN, which
+    ``Connection`` raises as an OSError: a silent client cannot hold its thread."""
+    s = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        _pid, uid, _gid = _PEERCRED.unpack(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        if uid != os.geteuid():
+            return False
+        tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        return True
+    finally:
+        s.close()  # the dup only: conn stays open
+
+
+def _shut(conn: connection.Connection) -> None:
+    """Wake whatever thread reads ``conn`` with EOF (it closes it)."""
+    s = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
 class _Server(Server):
-    """The stock server, plus the connections the spawner hands over (module docstring)."""
+    """The stock server, plus the connections the spawner hands over, and bounded
+    unauthenticated connections (module docstring)."""
+
+    def accepter(self) -> None:
+        """Replaces the stock accepter (a thread per connection, no time limit): only this
+        uid, at most HANDSHAKE_MAX authenticating at once, each read timed out."""
+        # _pending_lock guards _pending: connection -> when accepted, oldest first, for
+        # those still authenticating. _slots counts their threads (released when one ends
+        # its handshake, whichever way).
+        self._pending_lock = threading.Lock()
+        self._pending: dict[connection.Connection, float] = {}
+        self._slots = threading.BoundedSemaphore(HANDSHAKE_MAX)
+        while True:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                continue
+            try:
+                admitted = _socket_timeouts(conn, HANDSHAKE_TIMEOUT)
+            except OSError:
+                admitted = False
+            if not admitted:
+                conn.close()  # another uid (or already gone): no thread, not a byte
+                continue
+            while not self._slots.acquire(timeout=self._evict_oldest()):
+                pass
+            with self._pending_lock:
+                self._pending[conn] = time.monotonic()
+            try:
+                threading.Thread(target=self._authenticate_then_serve, args=(conn,), daemon=True).start()
+            except BaseException:
+                with self._pending_lock:
+                    self._pending.pop(conn, None)
+                conn.close()
+                self._slots.release()
+
+    def _evict_oldest(self) -> float:
+        """All slots taken: close the oldest pending connection if it had its grace period.
+        Returns how long to wait for a slot before looking again."""
+        with self._pending_lock:
+            if not self._pending:
+                return 0.01  # the slots' threads are just leaving
+            conn, since = next(iter(self._pending.items()))
+            left = since + HANDSHAKE_GRACE - time.monotonic()
+            if left > 0:
+                return left
+            del self._pending[conn]
+            _shut(conn)  # under the lock: its thread closes it only after leaving _pending
+            return HANDSHAKE_TIMEOUT  # its thread wakes with EOF and frees its slot
+
+    def _authenticate_then_serve(self, conn: connection.Connection) -> None:
+        """The stock ``handle_request``, with the handshake and first request under the
+        timeouts set at accept; authenticated, the connection waits without a limit (a
+        proxy's connection idles between requests)."""
+        first = None
+        try:
+            connection.deliver_challenge(conn, self.authkey)
+            connection.answer_challenge(conn, self.authkey)
+            first = conn.recv()
+            _socket_timeouts(conn, 0)
+        except Exception:  # a failed handshake, a timeout, EOF, garbage: just close it
+            first = None
+        finally:
+            with self._pending_lock:
+                self._pending.pop(conn, None)
+            if first is None:
+                conn.close()
+            self._slots.release()
+        if first is not None:
+            self._dispatch(conn, first)
+
+    def _dispatch(self, conn: connection.Connection, request: Any) -> None:
+        """Answer an authenticated connection's first request, as the stock server does."""
+        try:
+            try:
+                _ignore, funcname, args, kwds = request
+                if funcname not in self.public:
+                    raise ValueError(f"{funcname!r} is not a request the Manager answers")
+                msg = ("#RETURN", getattr(self, funcname)(conn, *args, **kwds))
+            except SystemExit:
+                return  # serve_client (behind accept_connection) leaves so at EOF
+            except Exception:
+                msg = ("#TRACEBACK", traceback.format_exc())
+            try:
+                conn.send(msg)
+            except Exception:
+                pass  # the client left
+        finally:
+            conn.close()
 
     def serve_forever(self) -> None:
         if _handover_fd >= 0:
@@ -489,8 +634,9 @@ def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], 
     ours.setblocking(False)  # a server that stopped reading must not stall the spawner
 
     # An abstract-namespace socket (Linux): no temporary directory to create (and no
-    # tempfile import) in the way of the program's first pool. Any local process could
-    # connect to it, as to a socket file; what admits a client is the authkey handshake.
+    # tempfile import) in the way of the program's first pool, nothing left if everything is
+    # SIGKILLed. Any local process can connect to it; the server closes every connection
+    # of another uid at once (SO_PEERCRED), and the authkey handshake admits the rest.
     address = f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
     m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
     try:

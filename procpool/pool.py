@@ -66,7 +66,7 @@ from typing import Any
 
 from . import faults as _faults
 from .calls import dumps_call, dumps_initializer
-from .checks import check_attrs, check_number
+from .checks import check_attrs, check_name, check_number
 from .concurrency import CPU_INTENSIVE_THRESHOLD, ConcurrencyManagement
 from .errors import (
     InitializerFailed,
@@ -80,7 +80,7 @@ from .errors import (
 )
 from .frames import FrameReader, frame, write_all
 from .future import new_future
-from .idtable import FLAG_DIE, IdTable
+from .idtable import FLAG_DIE, MAX_WORKERS, IdTable, capacity_for
 from .manager import LOST, PoolLocks
 from .spawner import get_spawner, resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
@@ -215,8 +215,11 @@ class WorkerPool(ConcurrencyManagement, Teardown):
     worker never waits for it: the worker detaches itself on its way out, and only ``close``
     waits, once, for the last one to leave.
 
+    ``max_workers`` is at most ``MAX_WORKERS`` (4096; see procpool.idtable for why).
+
     ``title_prefix`` replaces ``kworker`` in the process titles; ``title`` replaces a live
-    worker's whole title (a workqueue's rescuer: ``kworker/R-name``). ``linger_dying`` (debug) keeps
+    worker's whole title (a workqueue's rescuer: ``kworker/R-name``); both must be printable,
+    without spaces (ValueError). ``linger_dying`` (debug) keeps
     a dying worker alive that many seconds after it detached, so ``kworker/dying`` and id
     reuse can be watched in ps/htop. ``faults`` arms fault points (tests only; see
     ``procpool.faults``). ``mp_context`` is a start method name or context ('forkserver' by
@@ -258,8 +261,13 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         spin: float = SPIN,
     ) -> None:
         if max_workers is None:
-            max_workers = max(os.cpu_count() or 1, (min_workers or 0))
+            max_workers = max(min(os.cpu_count() or 1, MAX_WORKERS), (min_workers or 0))
         check_number("max_workers", max_workers, minimum=1, integer=True)
+        if max_workers > MAX_WORKERS:
+            raise ValueError(
+                f"max_workers must be at most {MAX_WORKERS} (procpool.pool.MAX_WORKERS: each worker is a process), "
+                f"got {max_workers}"
+            )
         if min_workers is None:
             min_workers = min(KEEP_IDLE, max_workers)
         check_number("min_workers", min_workers, minimum=0, integer=True)
@@ -277,10 +285,9 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         check_number("spin", spin, minimum=0)
         if spin > 0.01:
             raise ValueError(f"spin must be at most 0.01 s (it burns CPU while it lasts), got {spin!r}")
-        if not isinstance(title_prefix, str) or not title_prefix or any(c.isspace() for c in title_prefix):
-            raise ValueError(f"title_prefix must be a non-empty string without spaces, got {title_prefix!r}")
-        if title is not None and (not isinstance(title, str) or not title or any(c.isspace() for c in title)):
-            raise ValueError(f"title must be a non-empty string without spaces, got {title!r}")
+        check_name("title_prefix", title_prefix)
+        if title is not None:
+            check_name("title", title)
         # Last of the checks: it dups the descriptors initargs hold (closed in _abort_init or
         # _unlist, or just below if a check still fails).
         init_payload, init_fds = dumps_initializer(initializer, initargs)
@@ -350,7 +357,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             # Dying workers keep their ids until they detach, so a pool under churn can hold
             # more ids than workers for a moment; when the table is full, creation waits for
             # the next detach.
-            self._table = IdTable.create(self.id, capacity=2 * max_workers + 2)
+            self._table = IdTable.create(self.id, capacity=capacity_for(max_workers))
             # M arb: one creator at a time, and none once teardown passed its point of no return;
             # M attach: id allocation and freeing, and the detach completion's state
             self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self._faults)

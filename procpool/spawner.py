@@ -666,8 +666,12 @@ def _program_gone(program: int, status_w: dict[int, int]) -> None:
         prefix = f"{segment_prefix()}{program}-"
         for name in os.listdir(SHM_DIR):
             if name.startswith(prefix):
+                path = os.path.join(SHM_DIR, name)
                 try:
-                    os.unlink(os.path.join(SHM_DIR, name))
+                    # Only our own: anyone may plant a name under our prefix (as root we
+                    # could remove it, but it is not ours to remove).
+                    if os.lstat(path).st_uid == os.geteuid():
+                        os.unlink(path)
                 except FileNotFoundError:
                     pass
     finally:

@@ -58,7 +58,7 @@ from concurrent.futures import _base as _futures_base
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import check_attrs, check_number
+from .checks import check_attrs, check_name, check_number
 from .idtable import write_workqueues
 from .pool import WorkerPool
 from .stats import Account
@@ -269,8 +269,7 @@ class Workqueue:
         max_workers: int | None = None,
         rescuer: bool = False,
     ) -> None:
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise ValueError(f"name must be a non-empty string without spaces, got {name!r}")
+        check_name("name", name)
         if ordered:
             if max_active not in (None, 1):
                 raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")

@@ -118,9 +118,10 @@ def cli_output(*args: str, env: dict[str, str] | None = None, timeout: float = W
 
 
 def ps_json() -> list[dict[str, Any]]:
+    """The pools ``procpool ps --json`` lists (its "skipped" list is other tests' business)."""
     res = cli_output("ps", "--json")
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    return json.loads(res.stdout)["pools"]
 
 
 def pool_of(owner_pid: int) -> dict[str, Any] | None:
@@ -507,14 +508,20 @@ def _write_stale_table(path: Path, pool_id: int, owner: int, worker_pid: int) ->
 def test_ps_marks_stale_tables_and_skips_unreadable_ones() -> None:
     dead = _dead_pid()
     stale = SHM / f"procpool-{UID}-{dead}-99"
-    empty = SHM / f"procpool-{UID}-{dead}-97"  # created, not yet sized: mmap refuses it
-    garbage = SHM / f"procpool-{UID}-{dead}-98"  # sized, header not written yet
+    empty = SHM / f"procpool-{UID}-{dead}-97"  # no header at all
+    garbage = SHM / f"procpool-{UID}-{dead}-98"  # sized, but no magic
     try:
         _write_stale_table(stale, 99, dead, dead)
         empty.write_bytes(b"")
         garbage.write_bytes(b"\0" * 200)
-        pools = [p for p in ps_json() if p["owner_pid"] == dead]
+        res = cli_output("ps", "--json")
+        assert res.returncode == 0, res.stderr
+        listed = json.loads(res.stdout)
+        pools = [p for p in listed["pools"] if p["owner_pid"] == dead]
         assert len(pools) == 1, pools
+        skipped = {s["name"]: s["reason"] for s in listed["skipped"]}
+        assert "too short" in skipped[empty.name] and "magic" in skipped[garbage.name], skipped
+        assert f"skipped {SHM / empty.name}:" in res.stderr
         (pool,) = pools
         assert pool["pool"] == 99 and pool["stale"] is True and pool["owner_alive"] is False
         assert pool["owner_cmdline"] is None
@@ -545,9 +552,9 @@ def test_ps_skips_a_segment_that_vanished(monkeypatch: pytest.MonkeyPatch, capsy
     # A pool closing between the directory listing and the attach: the name is listed, the
     # file is gone. ps must carry on (in-process: the race cannot be timed from outside).
     gone = f"procpool-{UID}-{_dead_pid()}-0"
-    monkeypatch.setattr(cli, "list_segments", lambda: [gone])
+    monkeypatch.setattr(idtable, "list_segments", lambda: [gone])
     assert cli.main(["ps", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == []
+    assert json.loads(capsys.readouterr().out) == {"pools": [], "skipped": []}
     assert cli.main(["ps"]) == 0
     assert capsys.readouterr().out == "no procpool pools running\n"
 

@@ -18,9 +18,10 @@ PS = [sys.executable, "-m", "procpool.cli", "ps"]
 
 
 def _ps_json() -> list[dict]:
-    """``procpool ps --json`` run as a separate process: what an observer outside sees."""
+    """The pools ``procpool ps --json`` lists, run as a separate process: what an observer
+    outside sees."""
     out = subprocess.run([*PS, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
-    return json.loads(out)
+    return json.loads(out)["pools"]
 
 
 def _published(name: str) -> dict | None:
