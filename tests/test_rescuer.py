@@ -80,8 +80,8 @@ def test_rescuer_follows_apply_attrs():
         wq.apply_attrs(nice=3)
 
         def rescuers() -> list[psutil.Process]:
-            procs = psutil.process_iter(["cmdline"])
-            return [p for p in procs if (p.info["cmdline"] or [""])[0] == "kworker/R-resc-attrs"]
+            # This program's only: a second suite running at once has a resc-attrs of its own.
+            return [p for p in psutil.Process().children(recursive=True) if title_of(p.pid) == "kworker/R-resc-attrs"]
 
         # The new rescuer takes over; the old one exits through its pool's teardown.
         wait_until(lambda: not alive(old_pid), what="the old rescuer gone")
