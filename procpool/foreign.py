@@ -12,6 +12,11 @@ executor's (*inner*): ``take_unstarted`` must be able to take an item back so th
 future is never completed (the workqueue then cancels the ``Work`` itself), which the executor's
 own future cannot promise once its ``cancel()`` has run its callbacks.
 
+What "not started" means is the executor's: ``take_unstarted`` succeeds when its future's
+``cancel()`` does. A thread or process pool says no once the call runs; Dask's
+``client.get_executor()`` never marks its futures running, so there ``cancel_work`` of an item
+handed over cancels the Dask task (which may have run already) and the ``Work`` ends cancelled.
+
 Guards: ``_lock`` (an RLock: ``inner.cancel()`` runs the relay callback on the same thread)
 guards ``_inner`` and ``_taken``.
 """
