@@ -31,7 +31,7 @@ def test_marker(procpool_pool):
 
 
 #: Leftovers of a finished pool go within milliseconds; a short grace keeps these runs short.
-GRACE = "[pytest]\nprocpool_leak_grace = 2\n"
+GRACE = "[pytest]\nprocpool_leak_grace = 1\n"
 
 
 def _leak_lines(result: pytest.RunResult) -> list[tuple[str, str, str]]:
@@ -71,19 +71,29 @@ def test_ini_option_and_off_by_default(pytester: pytest.Pytester) -> None:
     assert f"file /dev/shm/{table}" in out
 
 
-def test_close_bound(pytester: pytest.Pytester) -> None:
+def test_close_bound_and_zombies(pytester: pytest.Pytester) -> None:
     """A pool whose item outlives procpool_close_timeout fails its test, naming the bound; the
-    item's worker is killed, so the run ends instead of waiting for it."""
-    pytester.makeini("[pytest]\nprocpool_leaks = true\nprocpool_close_timeout = 0.5\n")
+    item's worker is killed, so the run ends instead of waiting for it. A child nobody reaped
+    is named as a zombie."""
+    pytester.makeini(GRACE + "procpool_leaks = true\nprocpool_close_timeout = 0.5\n")
     pytester.makepyfile(
         test_slow="""
-import time
+import os, time
 
 def test_slow(procpool_pool):
     procpool_pool.submit(time.sleep, 120)
     time.sleep(0.2)
+
+def test_zombie():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    print("ZOMBIE", pid)
 """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=60)
-    result.assert_outcomes(passed=1, errors=1)
-    assert "took procpool_close_timeout (0.5 s) or longer" in result.stdout.str()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", timeout=60)
+    result.assert_outcomes(passed=2, errors=2)
+    out = result.stdout.str()
+    assert "took procpool_close_timeout (0.5 s) or longer" in out
+    (zombie,) = re.findall(r"ZOMBIE (\d+)", out)
+    assert f"zombie pid {zombie} " in out
