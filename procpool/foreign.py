@@ -33,7 +33,8 @@ class ForeignExecutor:
     """The workqueue's pool stand-in for a foreign executor. Never closes the executor: it
     belongs to the caller."""
 
-    #: No pool id: ``procpool ps`` lists the workqueue with no pool.
+    #: Not a procpool pool: the workqueue publishes no pool, and ``procpool ps`` (which lists
+    #: workqueues under their pools) does not show it.
     id = -1
     #: No arbiter thread: completions run wherever the executor runs its callbacks.
     _arbiter_thread = None
