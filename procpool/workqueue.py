@@ -560,7 +560,9 @@ class Workqueue:
             for p in (self._rescuer_pool, self._next_rescuer_pool):
                 if p is not None:
                     p.close(wait=True)
-        if not self._foreign:  # a foreign executor is the caller's to shut down
+        if self._foreign:
+            _publish()  # gone from procpool ps (put_pool does this for a pool of ours)
+        else:  # a foreign executor is the caller's to shut down
             put_pool(key, pool)
 
     def _destroy_at_exit(self) -> None:

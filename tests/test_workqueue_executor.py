@@ -120,3 +120,15 @@ def test_failures_and_refusals(pool):
         Workqueue("foreign-t", executor=object())
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.queue(print)
+
+
+def test_destroy_unpublishes_at_once(pool):
+    """The workqueue segment procpool ps reads lists a live foreign workqueue and is gone as
+    soon as the last workqueue is destroyed (no waiting for the publisher thread)."""
+    from conftest import my_segments
+
+    wq = Workqueue("foreign-p", executor=pool)
+    assert any(n.endswith("-wq") for n in my_segments())
+    wq.queue(pow, 2, 2).result(30)
+    wq.destroy()
+    assert not any(n.endswith("-wq") for n in my_segments())
