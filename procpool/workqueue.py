@@ -285,9 +285,9 @@ class Workqueue:
     started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it
     counts itself (started, in flight, completed, pending, delayed). What needs procpool's own
     pools is refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
-    ``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the CPU-time columns
-    (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist there. ``destroy``
-    never shuts the executor down: it is the caller's.
+    ``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
+    CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist
+    there. ``destroy`` never shuts the executor down: it is the caller's.
     """
 
     def __init__(

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import psutil
+import pytest
 
 from procpool.idtable import SHM_DIR, segment_prefix
 
@@ -127,3 +128,13 @@ def assert_books_add_up(st) -> None:
 def my_segments(pid: int | None = None) -> list[str]:
     prefix = f"{segment_prefix()}{pid or os.getpid()}-"
     return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's leftover check is procpool's pytest plugin: refuse to run without it (an
+    install without the entry point, ``-p no:procpool``) rather than pass unchecked."""
+    if not config.pluginmanager.has_plugin("procpool") or not config.getini("procpool_leaks"):
+        raise pytest.UsageError(
+            "procpool's pytest plugin with procpool_leaks = true must be active for this suite "
+            "(pip install -e '.[test]' registers it)"
+        )
