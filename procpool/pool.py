@@ -206,6 +206,15 @@ def _close_live_pools() -> None:
     stop_spawner()
 
 
+# A process that multiprocessing started (a Dask worker, a Pool's worker, any Process) ends by
+# joining its own multiprocessing children *before* atexit runs (Process._bootstrap calls
+# util._exit_function directly); a spawner started through multiprocessing is such a child,
+# and it leaves only once the program is gone: that join would wait forever. Finalizers of
+# priority >= 0 run before that join, so the same clean-up runs there first (idempotent). Above
+# the manager proxies' own finalizers (priority 10), which would forget the pools' locks first.
+multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
+
+
 class WorkerPool(ConcurrencyManagement, Teardown):
     """A pool of worker processes with asynchronous worker destruction.
 

@@ -37,6 +37,10 @@ Completions run on the pool's arbiter thread: a done-callback of a Work may queu
 drain, destroy, flush_work, cancel_work(sync=True)): the arbiter it would block delivers the
 results, so those raise RuntimeError there instead of hanging.
 
+``Workqueue(name, executor=EXECUTOR)`` hands its items to any concurrent.futures Executor
+instead of a shared pool (procpool.foreign): the queue, max_active, delayed work, flush,
+drain, cancel and destroy above stay the workqueue's; what needs procpool's pools is refused.
+
 Guards:  L = Workqueue._lock      I = set in __init__, read-only after
          R = _registry_lock (the pool registry and the live workqueues, module level)
          P = _publish_lock (one snapshot-and-write of the workqueue segment at a time)
@@ -53,12 +57,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import _base as _futures_base
 from dataclasses import dataclass
 from typing import Any
 
 from .checks import check_attrs, check_name, check_number
+from .foreign import ForeignExecutor
 from .idtable import write_workqueues
 from .pool import WorkerPool
 from .stats import Account
@@ -246,6 +251,22 @@ def _check_timeout(timeout: float | None) -> None:
 _chained = threading.local()  # .wq: the workqueue whose item's completion this thread runs
 
 
+def _refuse_for_foreign(name: str, nice: int, cpus: set[int] | None, max_workers: int | None, rescuer: bool) -> None:
+    """What only procpool's own pools can do, refused for a workqueue on a foreign executor."""
+    asked = [
+        f"{what}={value!r}"
+        for what, value, default in (("nice", nice, 0), ("cpus", cpus, None), ("max_workers", max_workers, None))
+        if value != default
+    ]
+    if rescuer:
+        asked.append("rescuer=True")
+    if asked:
+        raise ValueError(
+            f"workqueue {name!r}: {', '.join(asked)} need procpool's own worker pools (pool attributes, "
+            "pool size, a rescuer process); a foreign executor sizes and places its workers itself"
+        )
+
+
 class Workqueue:
     """A named front end on a shared worker pool, with its own ``max_active`` limit.
 
@@ -256,6 +277,17 @@ class Workqueue:
     ``rescuer=True`` (the kernel's WQ_MEM_RECLAIM) guarantees forward progress: a rescuer
     process titled ``kworker/R-<name>``, started now (while the OS still gives processes),
     runs this workqueue's waiting items one at a time when the pool cannot create workers.
+
+    ``executor``: run the items on any ``concurrent.futures.Executor`` instead of procpool's
+    pools (for a Dask cluster, ``client.get_executor()``; see procpool.foreign). Everything that
+    is the workqueue's own still holds: ``max_active``, ``ordered``, delayed work and
+    ``mod_delayed``, ``flush``, ``flush_work``, ``cancel_work`` (an item the executor has not
+    started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it
+    counts itself (started, in flight, completed, pending, delayed). What needs procpool's own
+    pools is refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
+    ``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
+    CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist
+    there. ``destroy`` never shuts the executor down: it is the caller's.
     """
 
     def __init__(
@@ -268,6 +300,7 @@ class Workqueue:
         cpus: set[int] | None = None,
         max_workers: int | None = None,
         rescuer: bool = False,
+        executor: Executor | None = None,
     ) -> None:
         check_name("name", name)
         if ordered:
@@ -282,7 +315,12 @@ class Workqueue:
         self.ordered = ordered  # I
         self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
         self._max_workers = max_workers  # I
-        self.pool = get_pool(self._key, max_workers)  # L: where new items go (apply_attrs changes it)
+        self._foreign = executor is not None  # I: items run on a foreign executor (procpool.foreign)
+        if self._foreign:
+            _refuse_for_foreign(name, nice, cpus, max_workers, rescuer)
+            self.pool = ForeignExecutor(executor)  # type: ignore[assignment, arg-type]
+        else:
+            self.pool = get_pool(self._key, max_workers)  # L: where new items go (apply_attrs changes it)
         self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
         self._owner_pid = os.getpid()  # I
 
@@ -521,7 +559,10 @@ class Workqueue:
             for p in (self._rescuer_pool, self._next_rescuer_pool):
                 if p is not None:
                     p.close(wait=True)
-        put_pool(key, pool)
+        if self._foreign:
+            _publish()  # gone from procpool ps (put_pool does this for a pool of ours)
+        else:  # a foreign executor is the caller's to shut down
+            put_pool(key, pool)
 
     def _destroy_at_exit(self) -> None:
         """Interpreter exit: cancel the delayed items (their timers would hold the exit up),
@@ -540,6 +581,8 @@ class Workqueue:
         reference is dropped once the last of them finished (the last reference closes it,
         on a teardown thread of its own). A rescuer is replaced by a process with the new
         attributes, started here (so a failure to start it raises, and nothing changes)."""
+        if self._foreign:
+            raise ValueError(f"workqueue {self.name!r} runs on a foreign executor: it has no pool attributes to apply")
         key = check_attrs(nice, cpus)
         with self._lock:
             if self._destroyed:
@@ -608,7 +651,7 @@ class Workqueue:
         stats = dataclasses.asdict(self.stats())
         with self._lock:
             nice, cpus = self._key
-            pools = sorted({self.pool.id, *(p.id for _, p in self._retired.values())})
+            pools = [] if self._foreign else sorted({self.pool.id, *(p.id for _, p in self._retired.values())})
         return {
             "name": self.name,
             "pools": pools,
@@ -628,7 +671,8 @@ class Workqueue:
 
     def __repr__(self) -> str:
         s = self.stats()
-        return f"<Workqueue {self.name} u{self.pool.id} max_active={self.max_active} in_flight={s.in_flight}>"
+        where = f"on {self.pool.executor!r}" if self._foreign else f"u{self.pool.id}"
+        return f"<Workqueue {self.name} {where} max_active={self.max_active} in_flight={s.in_flight}>"
 
     # -- internals (L held unless said) --------------------------------------------------------
 

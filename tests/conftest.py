@@ -1,5 +1,6 @@
-"""Shared test helpers. Every test is checked for leftovers: worker processes of this test
-process's pools, zombies among our children, and id tables in /dev/shm."""
+"""Shared test helpers. Every test is checked for leftovers (worker processes of this test
+process's pools, zombies among its descendants, id tables in /dev/shm) by procpool's own pytest
+plugin: ``procpool_leaks = true`` in pyproject.toml (see procpool.pytest_plugin)."""
 
 from __future__ import annotations
 
@@ -136,23 +137,11 @@ def my_segments(pid: int | None = None) -> list[str]:
     return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
 
 
-@pytest.fixture(autouse=True)
-def no_leftovers():
-    yield
-    wait_until(lambda: not worker_processes(), timeout=10, what="no worker process left")
-    zombies = [c.pid for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE]
-    if zombies:
-        # A zombie for a short moment is normal (exit before reap); one that stays is a leak.
-        wait_until(
-            lambda: not [c for c in psutil.Process().children(recursive=True) if _status(c) == psutil.STATUS_ZOMBIE],
-            timeout=5,
-            what=f"zombies {zombies} to be reaped",
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite's leftover check is procpool's pytest plugin: refuse to run without it (an
+    install without the entry point, ``-p no:procpool``) rather than pass unchecked."""
+    if not config.pluginmanager.has_plugin("procpool") or not config.getini("procpool_leaks"):
+        raise pytest.UsageError(
+            "procpool's pytest plugin with procpool_leaks = true must be active for this suite "
+            "(pip install -e '.[test]' registers it)"
         )
-    assert my_segments() == [], "id table left in /dev/shm"
-
-
-def _status(p: psutil.Process) -> str | None:
-    try:
-        return p.status()
-    except psutil.Error:
-        return None
