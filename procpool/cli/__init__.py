@@ -85,7 +85,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
 
     def __call__(self, parser: argparse.ArgumentParser, *a: Any, **kw: Any) -> None:
-        parser.exit(message=f"procpool {_version()}\n")
+        sys.stdout.write(f"procpool {_version()}\n")
+        parser.exit()
 
 
 # -- argument types: each error names what was wrong; argparse adds the flag ------------------
@@ -314,9 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         # Unknown options are reported by the command they were given to, with its usage.
         args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
-    import importlib
-
-    module = importlib.import_module(f"procpool.cli.{args.command_module}")
+    # __import__, not importlib.import_module: the C import path, which -X importtime reports.
+    name = f"procpool.cli.{args.command_module}"
+    __import__(name)
+    module = sys.modules[name]
     try:
         return getattr(module, args.handler)(args, sys.stdout, sys.stderr)
     except BrokenPipeError:

@@ -439,6 +439,8 @@ def run_loop(
             return f"--duration {duration:g}s passed", True
         feeder.feed(now)
         if feeder.all_submitted() and feeder.tally.is_drained():
+            if progress.tty and not progress.quiet:  # the bar's last word: every item, 100%
+                progress.show(now, status_line(pool, feeder.tally, feeder, now - start), feeder.tally.ended())
             return "every item ended", False
         if progress.is_due(now):
             progress.show(now, status_line(pool, feeder.tally, feeder, now - start), feeder.tally.ended())
