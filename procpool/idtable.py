@@ -5,8 +5,15 @@ that ``procpool ps`` in any process of the same user can find and read it (mode 
 header describes the pool and carries the detach completion's state; one fixed-size slot per
 worker id mirrors that worker's life for observers::
 
-    header  magic, version, pool id, owner pid, capacity, completion waiting/completed, t0
+    header  magic, version, pool id, owner pid, capacity, completion waiting/completed, t0;
+            then (version 2) the pool's helpers and counters for observers: spawner pid,
+            Manager pid, workers created/destroyed/lost/killed, items started/done/pending,
+            CPU-intensive marks, concurrency-management wakeups, CPU seconds (``PoolCounters``)
     slot i  state, flags, pid, gen, items done, state since
+
+A freed slot keeps the pid of its last worker (only its state and time change) until the id is
+allocated again: ``procpool ps`` uses it to name the pool of a worker that detached and is still
+dying (see docs/design.md, "Watching workers die").
 
 Guards (see DESIGN.md):
     M = the pool's Manager attach lock (any process)      I = written once at creation
@@ -49,7 +56,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAGIC = b"PROCPOOL"
-VERSION = 1
+#: 2: the header grew the helper pids and the pool's counters (``PoolCounters``).
+VERSION = 2
 SHM_DIR = "/dev/shm"
 
 #: The most workers one pool may have (``WorkerPool`` refuses a larger ``max_workers``).
@@ -73,7 +81,11 @@ FLAG_DIE = 1
 
 #                         magic ver pool owner cap waiting completed t0
 _HEADER = struct.Struct("<8s I I q I I I d")
-HEADER_SIZE = 64
+#: After _HEADER (44 bytes), at _OFF_COUNTERS: written only by the parent (L), read by observers.
+#                         spawner manager created destroyed lost killed started done pending cpuitsv cmw cputime
+_COUNTERS = struct.Struct("<q q Q Q Q Q Q Q Q Q Q d")
+_OFF_COUNTERS = 48
+HEADER_SIZE = 160
 #                       state flags pid gen done since
 _SLOT = struct.Struct("<I I q Q Q d")
 _U32 = struct.Struct("<I")
@@ -93,6 +105,31 @@ def capacity_for(max_workers: int) -> int:
 
 
 MAX_CAPACITY = capacity_for(MAX_WORKERS)
+
+
+@dataclass(frozen=True)
+class PoolCounters:
+    """What the parent publishes in its table's header for observers (``procpool monitor``):
+    the pids of the program's spawner and Manager server (0: none yet) and the pool's running
+    totals. Written by the arbiter once per loop turn, not per event: a few hundred
+    nanoseconds a turn, and an observer sampling every 0.2 s sees at most one turn's lag."""
+
+    spawner_pid: int = 0
+    manager_pid: int = 0
+    created: int = 0
+    destroyed: int = 0
+    lost: int = 0
+    killed: int = 0
+    started: int = 0  # items sent to a worker
+    done: int = 0  # items answered (a result or the function's exception)
+    pending: int = 0  # items waiting for a worker
+    cpu_intensive: int = 0
+    cm_wakeups: int = 0
+    cpu_time: float = 0.0
+
+
+assert _COUNTERS.size == len(PoolCounters.__dataclass_fields__) * 8
+assert _OFF_COUNTERS + _COUNTERS.size <= HEADER_SIZE
 
 
 class BadSegment(Exception):
@@ -270,6 +307,28 @@ class IdTable:
         (done,) = struct.unpack_from("<Q", self._buf, off)
         struct.pack_into("<Q", self._buf, off, done + n)
 
+    def publish(self, c: PoolCounters) -> None:  # L
+        """Write the pool's counters for observers (parent only)."""
+        _COUNTERS.pack_into(
+            self._buf,
+            _OFF_COUNTERS,
+            c.spawner_pid,
+            c.manager_pid,
+            c.created,
+            c.destroyed,
+            c.lost,
+            c.killed,
+            c.started,
+            c.done,
+            c.pending,
+            c.cpu_intensive,
+            c.cm_wakeups,
+            c.cpu_time,
+        )
+
+    def counters(self) -> PoolCounters:
+        return PoolCounters(*_COUNTERS.unpack_from(self._buf, _OFF_COUNTERS))
+
     def slot(self, wid: int) -> Slot:
         return Slot(wid, *_SLOT.unpack_from(self._buf, HEADER_SIZE + wid * SLOT_SIZE))
 
@@ -434,6 +493,10 @@ class TableInfo:
     capacity: int
     created: float
     slots: list[Slot]  # the allocated ones (state not FREE), by id
+    counters: PoolCounters = field(default_factory=PoolCounters)
+    #: Freed slots that still name their last worker's pid, {pid: id}: a worker that detached
+    #: (its id is free) may still be alive, dying; this is how ``procpool ps`` knows its pool.
+    freed: dict[int, int] = field(default_factory=dict)
 
 
 def _finite_time(value: float) -> bool:
@@ -461,10 +524,20 @@ def read_table(name: str) -> TableInfo:
         raise BadSegment(f"owner pid {owner_pid} is not a pid")
     if not _finite_time(created):
         raise BadSegment(f"creation time {created!r} is not a time")
+    counters = PoolCounters(*_COUNTERS.unpack_from(data, _OFF_COUNTERS))
+    for key, value in vars(counters).items():
+        if key.endswith("_pid"):
+            if not 0 <= value < PID_LIMIT:
+                raise BadSegment(f"{key.replace('_', ' ')} {value} is not a pid")
+        elif not _finite_time(value):  # a count (unsigned already) or CPU seconds
+            raise BadSegment(f"counter {key} is {value!r}, not a count")
     slots = []
+    freed: dict[int, int] = {}
     for wid in range(capacity):
         s = Slot(wid, *_SLOT.unpack_from(data, HEADER_SIZE + wid * SLOT_SIZE))
         if s.state == FREE:
+            if 0 < s.pid < PID_LIMIT:
+                freed[s.pid] = wid
             continue
         if s.state not in STATE_NAMES:
             raise BadSegment(f"slot {wid}: unknown state {s.state}")
@@ -475,7 +548,7 @@ def read_table(name: str) -> TableInfo:
         if not _finite_time(s.since):
             raise BadSegment(f"slot {wid}: time {s.since!r} is not a time")
         slots.append(s)
-    return TableInfo(name, pool_id, owner_pid, capacity, created, slots)
+    return TableInfo(name, pool_id, owner_pid, capacity, created, slots, counters, freed)
 
 
 @dataclass

@@ -80,9 +80,9 @@ from .errors import (
 )
 from .frames import FrameReader, frame, write_all
 from .future import new_future
-from .idtable import FLAG_DIE, MAX_WORKERS, IdTable, capacity_for
-from .manager import LOST, PoolLocks
-from .spawner import get_spawner, resolve_context, stop_spawner
+from .idtable import FLAG_DIE, MAX_WORKERS, IdTable, PoolCounters, capacity_for
+from .manager import LOST, PoolLocks, server_pid
+from .spawner import get_spawner, resolve_context, spawner_pid, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
 from .worker import (
@@ -357,6 +357,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         self._nr_cm_out = 0  # L: busy workers excluded from nr_running (blocked or CPU-intensive)
         self._cm_wakeups = self._cpu_intensive = self._cm_samples = 0  # L
         self._cpu_time = 0.0  # L
+        self._started = 0  # L: items that went RUNNING (sent to a worker), each counted once
         self._next_sample_at = 0.0  # A
 
         self.id = _alloc_pool_id()  # I
@@ -456,6 +457,7 @@ class WorkerPool(ConcurrencyManagement, Teardown):
                 w: _Worker | None = self._idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
                 item.started = True
+                self._started += 1
                 self._start_item(w, item)
                 # The arbiter sleeps until its earliest deadline: tell it about this one.
                 wake = timeout is not None
@@ -687,8 +689,11 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         while self._worklist:
             item = self._worklist.popleft()
             # An item taken back from a lost worker's prefetch queue is RUNNING already.
-            if item.started or item.future.set_running_or_notify_cancel():
+            if item.started:
+                return item
+            if item.future.set_running_or_notify_cancel():
                 item.started = True
+                self._started += 1
                 return item
         return None
 
@@ -987,6 +992,8 @@ class WorkerPool(ConcurrencyManagement, Teardown):
     _arbiter_dead = False  # L: the arbiter loop ended by a failure; _arbiter_died cleaned up after it
 
     def _arbiter_pass(self) -> None:
+        # Before it may block: what the last turn changed is in the table while it sleeps.
+        self._contain(self._publish)
         for key, _ in self._sel.select(self._next_timeout()):
             kind, w = key.data
             if kind == "wake":
@@ -997,6 +1004,31 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             _faults.hit(self._faults, "arbiter.loop")
         for step in (self._maybe_sample, self._grow, self._cull_idle, self._kill_overdue):
             self._contain(step)
+
+    def _publish(self) -> None:
+        """Counters and helper pids into the id table's header, for ``procpool monitor`` and
+        ``procpool ps`` (other processes). Once per arbiter turn: cheap (one struct write),
+        and an observer is never more than one turn behind."""
+        helpers = spawner_pid() or 0, server_pid() or 0  # their own locks, taken before L
+        with self._lock:
+            c = PoolCounters(
+                spawner_pid=helpers[0],
+                manager_pid=helpers[1],
+                created=self._created,
+                destroyed=self._destroyed,
+                lost=self._lost,
+                killed=self._killed,
+                started=self._started,
+                done=self._items_done,
+                pending=len(self._worklist),
+                cpu_intensive=self._cpu_intensive,
+                cm_wakeups=self._cm_wakeups,
+                cpu_time=self._cpu_time,
+            )
+            # Under L: teardown sets _stop_arbiter under L before it unmaps the table, so no
+            # write can start after (or be under way during) the unmapping.
+            if self._table is not None and not self._stop_arbiter:
+                self._table.publish(c)
 
     def _contain(self, handler: Callable[..., None], w: _Worker | None = None) -> None:
         try:

@@ -704,6 +704,10 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
+        from .worker import Channel, _set_title, worker_main, worker_title
+
+        # Named first, microseconds after the fork: until now ps shows the spawner's title.
+        _set_title(spec.title or worker_title(spec.title_prefix, spec.pool_id, spec.wid))
         reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not the worker's
         # The spawner ignores these; a worker takes the defaults, as a stock pool's worker
         # does (close() escalates with SIGTERM). SIGINT stays ignored: Ctrl-C is the program's
@@ -711,7 +715,6 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
         sys.path[:] = sys_path
-        from .worker import Channel, worker_main
 
         spec.conn = Channel(rx, tx)
         spec.completion = connection.Connection(completion_fd, readable=False)
@@ -789,6 +792,16 @@ def get_spawner(ctx: Any, allow_fork: bool = True) -> Spawner:
             first = _spawner is None or _spawner_pid != os.getpid()
             _spawner, _spawner_pid = Spawner(ctx, allow_fork and first), os.getpid()
         return _spawner
+
+
+def spawner_pid() -> int | None:
+    """The pid of this program's spawner, if it has a live one (for observers: a pool
+    publishes it in its id table, so ``procpool ps`` can list the spawner and its children,
+    every worker from its fork until it is reaped)."""
+    with _spawner_lock:
+        if _spawner is None or _spawner_pid != os.getpid() or _spawner._lost:
+            return None
+        return _spawner.pid
 
 
 def stop_spawner() -> None:

@@ -203,9 +203,9 @@ def _destroy_at_exit() -> None:
 class WorkqueueStats:
     """One workqueue's numbers, the kernel's wq_monitor columns and a few of our own."""
 
-    started: int  # items handed to the pool, ever (wq_monitor: total)
+    started: int  # items handed to the pool, ever, less those cancelled there unstarted (wq_monitor: total)
     in_flight: int  # handed to the pool, not finished (infl)
-    completed: int  # finished: result, exception, procpool error, or cancelled in the pool's worklist
+    completed: int  # of `started`, finished: result, exception, or procpool error
     max_in_flight: int  # the most ever in flight at once (never above max_active)
     pending: int  # queued, waiting for room under max_active
     delayed: int  # waiting for their timer
@@ -487,7 +487,7 @@ class Workqueue:
                 del self._active[work.seq]
             elif was == "inflight":
                 del self._active[work.seq]
-                release = self._leave_inflight(work)
+                release = self._leave_inflight(work, ran=False)
                 sends = self._pump()
             else:
                 self._delayed.discard(work)
@@ -785,20 +785,28 @@ class Workqueue:
                 work.set_exception(exc)
         finally:
             _chained.wq = prev
+        # Cancelled in the pool's worklist (the pool closed with cancel_futures): never ran.
+        ran = work.pool_future is None or not work.pool_future.cancelled()
         with self._lock:
             work.where = "done"
             del self._active[work.seq]
-            release = self._leave_inflight(work)
+            release = self._leave_inflight(work, ran)
             sends = self._pump()
             self._changed.notify_all()
         self._after_leaving(release, [])
         return sends
 
-    def _leave_inflight(self, work: Work) -> tuple[tuple, WorkerPool] | None:
+    def _leave_inflight(self, work: Work, ran: bool = True) -> tuple[tuple, WorkerPool] | None:
         """``work`` is no longer in flight (finished, or cancelled out of the pool's worklist).
-        Returns a pool apply_attrs replaced, if this was its last item of ours. L held."""
+        Returns a pool apply_attrs replaced, if this was its last item of ours. L held.
+
+        ``ran`` False: it was cancelled before any worker took it, so it is taken back out of
+        ``started`` (counted when it was handed over) and never counted completed."""
         self._inflight.discard(work)
-        self._completed += 1
+        if ran:
+            self._completed += 1
+        else:
+            self._started -= 1
         _mark_dirty()
         pool_id = id(work.pool)
         self._inflight_on[pool_id] -= 1

@@ -1,5 +1,5 @@
 # Sourced by scripts/demo and scripts/test: create or refresh .venv and install the project.
-# Usage: . scripts/_venv.sh EXTRAS   (EXTRAS: "" or "[test]")
+# Usage: . scripts/_venv.sh EXTRAS   (EXTRAS: "", "[cli]" or "[test]")
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -974,6 +974,12 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
             group = t["group"]
             print(f"-- {group}")
         print(f"{t['target']:<66} {t['measured']:>30}  {t['verdict']}")
+    # The command line's start (issue 13): scripts/startup.py, beside this script.
+    import startup
+
+    print()
+    report["startup"] = startup.measure(3 if q else 10)
+    startup.print_report(report["startup"])
     return report
 
 

@@ -1,4 +1,4 @@
-"""The ``procpool`` command: ``run`` a pool under a live monitor, ``ps`` the pools that are running.
+"""``procpool run``: a pool on a workload, with live progress, until every item ended.
 
 ``procpool run`` — one thread, one loop, one job per function (the parent side of gunicorn's
 arbiter, in miniature)::
@@ -22,14 +22,6 @@ started, then closes the pool the same bounded way, then destroys the workqueue.
 The built-in workload comes in bursts separated by pauses longer than the idle timeout, so the
 pool visibly grows (a burst finds no idle worker) and shrinks (the idle cull) in ps/htop.
 
-``procpool ps`` reads every id table of this user in /dev/shm (the same tables the pools
-write, see ``procpool.idtable``), asks psutil whether each owner still lives and what each
-worker's title is, and prints an aligned table or, with ``--json``, ``{"pools": [...],
-"skipped": [...]}``. /dev/shm is writable by every local user, so it trusts nothing there:
-``procpool.idtable.read_snapshot`` checks every file (ours, regular, the size its header
-says, every field in range) and what fails is skipped with a one-line note on stderr; names
-and titles are printed with control characters escaped (``printable``).
-
 Exit codes: 0 success; 1 some item failed (or the pool could not start); 2 bad usage (bad
 options, a ``--func`` that cannot be imported, a pool option WorkerPool refuses); 128 + N
 when stopped by signal N (130 for Ctrl-C).
@@ -40,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import pickle
 import select
@@ -49,39 +40,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import psutil
+from ..pool import WorkerPool
+from ..workqueue import Workqueue
+from . import EXIT_FAILED, EXIT_OK, UsageError, usage_error
 
-from .idtable import FLAG_DIE, SHM_DIR, BadSegment, TableInfo, read_snapshot, read_table
-from .pool import WorkerPool
-from .workqueue import Workqueue
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-#: ``procpool run``'s own defaults: a demo, so workers are cheap and the idle cull is quick.
-DEFAULT_MAX_WORKERS = 4
-DEFAULT_IDLE_TIMEOUT = 1.0
-DEFAULT_TEARDOWN_TIMEOUT = 3.0
 #: Items submitted per turn of the main loop, so signals and the deadline are seen between.
 FEED_CHUNK = 256
 #: Progress refresh: in place on a terminal, a line per second in a log.
 TTY_INTERVAL = 0.1
 LOG_INTERVAL = 1.0
-#: psutil derives a process's start time from the boot time, which /proc gives in whole
-#: seconds; allow that much before calling an owner that started after its table "recycled".
-CLOCK_SLACK = 1.0
-#: ``procpool ps`` cuts longer titles in its text table (not in --json).
-TITLE_WIDTH = 60
-
-
-class UsageError(Exception):
-    """Bad usage found after argparse (an unimportable --func): one line on stderr, exit 2."""
+#: How many results of --func the summary shows (the lowest item numbers).
+FIRST_RESULTS = 5
 
 
 # -- the work ----------------------------------------------------------------------------------
@@ -126,13 +100,23 @@ def resolve_func(spec: str) -> Callable[..., Any]:
         except AttributeError:
             raise UsageError(f"--func {spec!r}: module {modname!r} has no attribute {qualname!r}") from None
     if not callable(obj):
-        raise UsageError(f"--func {spec!r}: {qualname!r} is a {type(obj).__name__}, not a function")
+        kind = type(obj).__name__
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise UsageError(f"--func {spec!r}: {qualname!r} is {article} {kind}, not a function")
     try:
         # Workers get the function by reference; find out now rather than at the first submit.
         pickle.dumps(obj)
     except Exception as exc:
         raise UsageError(f"--func {spec!r}: cannot be sent to worker processes: {exc}") from None
     return obj
+
+
+def _short_repr(value: Any, width: int = 80) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a result's own __repr__ failing must not fail the run
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # -- counting outcomes (callbacks on the pool's threads, read by the main loop) -----------------
@@ -147,7 +131,12 @@ class Tally:
     done: int = 0  # T: ended with a result
     failed: int = 0  # T: ended with an exception (its function's, or a procpool error)
     cancelled: int = 0  # T: cancelled before it ran
-    first_failure: str | None = None  # T
+    #: T: the failure with the lowest item number: (index, "Type: message"). Items end in any
+    #: order; the lowest number is the one a user can reproduce first (`--tasks` up to it).
+    first_failure: tuple[int, str] | None = None
+    #: T: up to FIRST_RESULTS results with the lowest item numbers: {index: repr}.
+    results: dict[int, str] = field(default_factory=dict)
+    keep_results: bool = False  # I: --func (the built-in items return their own number)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def track(self, index: int, fut: Future) -> None:
@@ -163,10 +152,14 @@ class Tally:
                 self.cancelled += 1
             elif exc is not None:
                 self.failed += 1
-                if self.first_failure is None:
-                    self.first_failure = f"item {index}: {type(exc).__name__}: {exc}"
+                if self.first_failure is None or index < self.first_failure[0]:
+                    self.first_failure = (index, f"{type(exc).__name__}: {exc}")
             else:
                 self.done += 1
+                if self.keep_results and (len(self.results) < FIRST_RESULTS or index < max(self.results)):
+                    self.results[index] = _short_repr(fut.result())
+                    if len(self.results) > FIRST_RESULTS:
+                        del self.results[max(self.results)]
             drained = self._ended() == self.submitted
         if drained:
             # Only a drained queue changes what the loop does next (start the pause, or stop);
@@ -342,15 +335,36 @@ class Feeder:
 
 
 class Progress:
-    """The live status: one line rewritten in place on a terminal, a line per tick otherwise."""
+    """The live status: on a terminal a progress bar (rich, ``procpool[cli]``) with the status
+    line beside it, redrawn in place; without rich one line rewritten in place; a line per
+    tick otherwise (a log, a pipe)."""
 
-    def __init__(self, out: TextIO, *, tty: bool, interval: float, quiet: bool) -> None:
+    def __init__(self, out: TextIO, *, tty: bool, interval: float, quiet: bool, total: int = 0) -> None:
         self.out = out
         self.tty = tty
         self.interval = interval
         self.quiet = quiet
         self.next_at = 0.0
         self._shown = False  # a line is on the terminal without its newline
+        self._bar: Any = None  # rich.progress.Progress, on a terminal when rich is installed
+        if tty and not quiet:
+            from . import rich_or_none
+
+            rich = rich_or_none()
+            if rich is not None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                console = rich.console.Console(file=out, highlight=False)
+                self._bar = Progress(
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.description}", markup=False),
+                    console=console,
+                    auto_refresh=False,
+                )
+                self._task = self._bar.add_task("", total=max(1, total))
+                self._bar.start()
 
     def next_due(self) -> float | None:
         return None if self.quiet else self.next_at
@@ -358,9 +372,14 @@ class Progress:
     def is_due(self, now: float) -> bool:
         return not self.quiet and now >= self.next_at
 
-    def show(self, now: float, line: str) -> None:
+    def show(self, now: float, line: str, ended: int = 0) -> None:
         self.next_at = now + self.interval
-        if self.tty:
+        if self._bar is not None:
+            # The bar shows the item count and the time; the line's own "[  1.2s]" prefix and
+            # item counts are left out beside it.
+            self._bar.update(self._task, completed=ended, description=line.split("] ", 1)[-1])
+            self._bar.refresh()
+        elif self.tty:
             # A line wider than the terminal wraps, and "\r" would then only go back to the
             # start of its last row: cut it to the width. Back to column 0, write, and clear
             # what a longer previous line left to the right.
@@ -373,6 +392,9 @@ class Progress:
 
     def finish(self) -> None:
         """End the in-place line, so what follows starts on a line of its own."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
         if self._shown:
             self.out.write("\n")
             self.out.flush()
@@ -417,9 +439,11 @@ def run_loop(
             return f"--duration {duration:g}s passed", True
         feeder.feed(now)
         if feeder.all_submitted() and feeder.tally.is_drained():
+            if progress.tty and not progress.quiet:  # the bar's last word: every item, 100%
+                progress.show(now, status_line(pool, feeder.tally, feeder, now - start), feeder.tally.ended())
             return "every item ended", False
         if progress.is_due(now):
-            progress.show(now, status_line(pool, feeder.tally, feeder, now - start))
+            progress.show(now, status_line(pool, feeder.tally, feeder, now - start), feeder.tally.ended())
         if feeder.is_feeding():
             continue
         wakes = [t for t in (progress.next_due(), feeder.next_due(), deadline) if t is not None]
@@ -427,12 +451,15 @@ def run_loop(
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from . import DEFAULT_IDLE_TIMEOUT
+
     prog = "procpool run"
+    if args.min_workers is not None and args.min_workers > args.max_workers:
+        return usage_error(args, err, f"--min-workers {args.min_workers} is more than --max-workers {args.max_workers}")
     try:
         fn = resolve_func(args.func) if args.func else None
     except UsageError as exc:
-        err.write(f"{prog}: error: {exc}\n")
-        return EXIT_USAGE
+        return usage_error(args, err, str(exc))
     idle_timeout = args.idle_timeout
     pause = args.pause if args.pause is not None else 1.5 * max(0.0, idle_timeout) + 0.1
     interval = args.interval if args.interval is not None else (TTY_INTERVAL if out.isatty() else LOG_INTERVAL)
@@ -462,14 +489,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if value != default
         ]
         if pool_only:
-            err.write(
-                f"{prog}: error: {', '.join(pool_only)} cannot be used with --workqueue (a workqueue's pool is "
-                "shared: kworker titles, no minimum, the default idle timeout; only --max-workers applies)\n"
+            return usage_error(
+                args,
+                err,
+                f"{', '.join(pool_only)} cannot be used with --workqueue (a workqueue's pool is "
+                "shared: kworker titles, no minimum, the default idle timeout; only --max-workers applies)",
             )
-            return EXIT_USAGE
     elif args.max_active is not None:
-        err.write(f"{prog}: error: --max-active needs --workqueue\n")
-        return EXIT_USAGE
+        return usage_error(args, err, "--max-active needs --workqueue")
 
     waker = Waker()
     started = time.monotonic()
@@ -489,22 +516,23 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         mp_context=args.start_method,
                     )
             except (ValueError, TypeError) as exc:
-                err.write(f"{prog}: error: {exc}\n")
-                return EXIT_USAGE
+                return usage_error(args, err, _as_flags(str(exc)))
             except OSError as exc:
                 err.write(f"{prog}: error: cannot start the pool: {exc}\n")
                 return EXIT_FAILED
-            tally = Tally(waker.wake)
+            tally = Tally(waker.wake, keep_results=fn is not None)
             feeder = Feeder(tally, submit_one, split_bursts(args.tasks, args.bursts), pause)
-            progress = Progress(out, tty=out.isatty(), interval=interval, quiet=args.quiet)
             if not args.quiet:
                 via = "" if wq is None else f" via workqueue {wq.name} (max_active {wq.max_active})"
                 out.write(
                     f"procpool run: pool u{pool.id} (pid {os.getpid()}, table {pool.table_name}): {args.tasks} items"
                     f" in {len(feeder.sizes)} bursts{via}, workers {pool.min_workers}..{pool.max_workers}, idle"
                     f" timeout {pool.idle_timeout:g}s, pause {pause:g}s\n"
+                    f"procpool run: watch it from another terminal: procpool monitor, or procpool ps --owner"
+                    f" {os.getpid()}\n"
                 )
                 out.flush()
+            progress = Progress(out, tty=out.isatty(), interval=interval, quiet=args.quiet, total=feeder.total)
             try:
                 reason, early = run_loop(pool, feeder, progress, waker, signals, args.duration)
             finally:
@@ -528,7 +556,12 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         waker.close()
     result = RunResult(reason, signum, time.monotonic() - started, teardown_ms)
-    write_summary(out, pool, tally, feeder, result, wq)
+    if args.json:
+        json.dump(summary(pool, tally, feeder, result, wq), out, indent=2)
+        out.write("\n")
+        out.flush()
+    else:
+        write_summary(out, pool, tally, feeder, result, wq)
     if signum is not None:
         return 128 + signum
     return EXIT_FAILED if tally.failed else EXIT_OK
@@ -553,396 +586,65 @@ def write_summary(
             f"  workqueue {wq.name}: {w.started} started, {w.completed} completed, at most {w.max_in_flight} in"
             f" flight, CPU {w.cpu_time:.2f}s, {w.cpu_intensive} CPU-intensive, {w.cm_wakeups} cm wakeups"
         )
+    if tally.results:
+        lines.append("  results   " + ", ".join(f"item {i}: {r}" for i, r in sorted(tally.results.items())))
     if tally.first_failure is not None:
-        lines.append(f"  first failure: {tally.first_failure}")
+        lines.append(f"  first failure (lowest item): item {tally.first_failure[0]}: {tally.first_failure[1]}")
     out.write("\n".join(lines) + "\n")
     out.flush()
 
 
-# -- procpool ps -------------------------------------------------------------------------------
-
-
-def printable(text: str) -> str:
-    """``text`` safe to write to a terminal: every control or format character (newline,
-    escape, bidi override...) shown as a Python-style escape. Names in tables and titles come
-    from files and processes anyone of this user may have written."""
-    if text.isprintable():
-        return text
-    out = []
-    for c in text:
-        if c.isprintable():
-            out.append(c)
-        elif ord(c) < 0x100:
-            out.append(f"\\x{ord(c):02x}")
-        elif ord(c) < 0x10000:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(f"\\U{ord(c):08x}")
-    return "".join(out)
-
-
-def process_title(pid: int) -> str | None:
-    """A process's title as ps shows it: its command line, joined and stripped (setproctitle
-    pads the argument area), or None if there is no such live process of this user (a pid in
-    a table may have been recycled by anyone's process)."""
-    if pid <= 0:
-        return None
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE or proc.uids().real != os.getuid():
-            return None
-        return " ".join(proc.cmdline()).strip()
-    except psutil.Error:
-        return None
-
-
-def owner_alive(pid: int, table_created: float) -> bool:
-    """Does the process that created this table still run? A process with the same pid that
-    started after the table was created is a recycled pid, not the owner."""
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= table_created + CLOCK_SLACK
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True  # it exists; we may just not see its details
-
-
-def describe_pool(table: TableInfo) -> dict[str, Any]:
-    """One validated id table (``procpool.idtable.read_table``) as ``procpool ps`` shows it."""
-    alive = owner_alive(table.owner_pid, table.created)
-    now = time.time()
-    workers = []
-    for s in table.slots:
-        title = process_title(s.pid)
-        workers.append(
-            {
-                "id": s.id,
-                "pid": s.pid or None,
-                "state": s.state_name,
-                "flags": ["die"] if s.flags & FLAG_DIE else [],
-                "gen": s.gen,
-                "items_done": s.items_done,
-                "in_state_s": round(max(0.0, now - s.since), 3),
-                "title": title,
-                "alive": title is not None,
-            }
-        )
-    return {
-        "pool": table.pool_id,
-        "table": table.name,
-        "owner_pid": table.owner_pid,
-        "owner_alive": alive,
-        "stale": not alive,
-        "owner_cmdline": process_title(table.owner_pid) if alive else None,
-        "capacity": table.capacity,
-        "created": table.created,
-        "workers": workers,
+def summary(pool: WorkerPool, tally: Tally, feeder: Feeder, result: RunResult, wq: Workqueue | None) -> dict[str, Any]:
+    """The summary as one JSON object (``procpool run --json``)."""
+    s = pool.stats()
+    never = feeder.total - tally.submitted
+    doc: dict[str, Any] = {
+        "pool": pool.id,
+        "owner_pid": os.getpid(),
+        "reason": result.reason,
+        "signal": None if result.signum is None else signal.Signals(result.signum).name,
+        "elapsed_s": round(result.elapsed, 3),
+        "teardown_ms": round(result.teardown_ms, 1),
+        "items": {
+            "total": feeder.total,
+            "done": tally.done,
+            "failed": tally.failed,
+            "cancelled": tally.cancelled + never,
+            "never_queued": never,
+        },
+        "workers": {"created": s.created, "destroyed": s.destroyed, "lost": s.lost},
+        "results": [{"item": i, "repr": r} for i, r in sorted(tally.results.items())],
+        "first_failure": None
+        if tally.first_failure is None
+        else {"item": tally.first_failure[0], "error": tally.first_failure[1]},
     }
+    if wq is not None:
+        w = wq.stats()
+        doc["workqueue"] = {
+            "name": wq.name,
+            "started": w.started,
+            "completed": w.completed,
+            "max_in_flight": w.max_in_flight,
+            "cpu_time": w.cpu_time,
+            "cpu_intensive": w.cpu_intensive,
+            "cm_wakeups": w.cm_wakeups,
+        }
+    return doc
 
 
-def read_pool(name: str) -> dict[str, Any] | None:
-    """Snapshot one id table, or None if it vanished or is not a valid table of this user."""
-    try:
-        return describe_pool(read_table(name))
-    except (OSError, BadSegment):
-        return None
+#: WorkerPool's parameter names as the flags a user typed (its messages name the parameters).
+_FLAGS = {
+    "min_workers": "--min-workers",
+    "max_workers": "--max-workers",
+    "idle_timeout": "--idle-timeout",
+    "linger_dying": "--linger-dying",
+    "title_prefix": "--title-prefix",
+    "mp_context": "--start-method",
+    "max_active": "--max-active",
+}
 
 
-def collect(names: Iterable[str] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Every valid pool of this user, ordered by owner pid then pool id, each with the
-    workqueues using it (from its program's workqueue segment: name, attributes, pools and
-    statistics, see procpool.workqueue); and what was skipped: [{"name", "reason"}]."""
-    snap = read_snapshot(None if names is None else list(names))
-    pools = [describe_pool(t) for t in snap.tables]
-    for p in pools:
-        p["workqueues"] = [e for e in snap.workqueues.get(p["owner_pid"], []) if p["pool"] in e["pools"]]
-    return pools, [{"name": n, "reason": r} for n, r in snap.skipped]
+def _as_flags(message: str) -> str:
+    import re
 
-
-def collect_pools(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """The pools of ``collect``, without what was skipped."""
-    return collect(names)[0]
-
-
-def _aligned(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[str]) -> str:
-    """Columns padded to their widest cell; the last one is left ragged."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for r in [header, *rows]:
-        cells = [c.rjust(wd) if h in right else c.ljust(wd) for c, wd, h in zip(r, widths, header, strict=False)]
-        lines.append("  ".join(cells + [r[-1]]).rstrip())
-    return "\n".join(lines)
-
-
-def format_workqueues(pools: list[dict[str, Any]]) -> str:
-    """One row per workqueue, in the kernel's wq_monitor columns: items started (TOTAL), in
-    flight (INFL), CPU seconds (CPUTIME), CPU-intensive marks (CPUITSV), concurrency-
-    management wakeups (CMW), mayday calls and items rescued. '' if there is none."""
-    header = ("WORKQUEUE", "OWNER", "POOLS", "TOTAL", "INFL", "CPUTIME", "CPUITSV", "CMW", "MAYDAY", "RESCUED")
-    rows: list[tuple[str, ...]] = []
-    seen: set[tuple[int, int]] = set()
-    for p in pools:
-        for e in p.get("workqueues", []):
-            if (p["owner_pid"], id(e)) in seen:
-                continue  # listed under each of its pools: one row is enough
-            seen.add((p["owner_pid"], id(e)))
-            rows.append(
-                (
-                    printable(e["name"]),
-                    str(p["owner_pid"]),
-                    ",".join(f"u{i}" for i in e["pools"]),
-                    str(e.get("started", 0)),
-                    str(e.get("in_flight", 0)),
-                    f"{e.get('cpu_time', 0.0):.2f}",
-                    str(e.get("cpu_intensive", 0)),
-                    str(e.get("cm_wakeups", 0)),
-                    str(e.get("mayday", 0)) if e.get("rescuer") else "-",
-                    str(e.get("rescued", 0)) if e.get("rescuer") else "-",
-                )
-            )
-    if not rows:
-        return ""
-    return _aligned(header, rows, set(header) - {"WORKQUEUE", "POOLS"})
-
-
-def _age(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 600:
-        return f"{seconds:.0f}s"
-    if seconds < 36000:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
-
-
-def format_table(pools: list[dict[str, Any]]) -> str:
-    """An aligned text table, one row per worker (one row for a pool with no worker)."""
-    header = ("POOL", "OWNER", "STATUS", "ID", "PID", "STATE", "DONE", "AGE", "TITLE")
-    right = {"OWNER", "ID", "PID", "DONE", "AGE"}
-    rows: list[tuple[str, ...]] = []
-    for p in pools:
-        head = (f"u{p['pool']}", str(p["owner_pid"]), "stale" if p["stale"] else "live")
-        if not p["workers"]:
-            rows.append(head + ("-", "-", "-", "-", "-", "(no workers)"))
-        for w in p["workers"]:
-            state = w["state"] + ("+die" if "die" in w["flags"] else "")
-            title = printable(w["title"]) if w["title"] is not None else "(gone)"
-            if len(title) > TITLE_WIDTH:
-                # A worker still starting shows the fork server's long command line until it
-                # sets its title; the full text is in --json.
-                title = title[: TITLE_WIDTH - 3] + "..."
-            rows.append(
-                head + (str(w["id"]), str(w["pid"] or "-"), state, str(w["items_done"]), _age(w["in_state_s"]), title)
-            )
-    return _aligned(header, rows, right)
-
-
-def cmd_ps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """List the pools. Whatever is in /dev/shm, this ends and exits 0: a name under our prefix
-    that is not a valid segment of ours (another user's, a FIFO, forged, truncated) is skipped
-    with one line on ``err`` and, with --json, listed in ``skipped``."""
-    pools, skipped = collect()
-    for s in skipped:
-        err.write(f"procpool ps: skipped {SHM_DIR}/{printable(s['name'])}: {printable(s['reason'])}\n")
-    err.flush()
-    if args.json:
-        json.dump({"pools": pools, "skipped": skipped}, out, indent=2)
-        out.write("\n")
-    elif pools:
-        out.write(format_table(pools) + "\n")
-        wqs = format_workqueues(pools)
-        if wqs:
-            out.write("\n" + wqs + "\n")
-        if any(p["stale"] for p in pools):
-            out.write("stale: the owner is gone but its table was left in /dev/shm (its workers may be gone too)\n")
-    else:
-        out.write("no procpool pools running\n")
-    out.flush()
-    return EXIT_OK
-
-
-# -- arguments ---------------------------------------------------------------------------------
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(*, positive: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise argparse.ArgumentTypeError(
-                f"must be a {'positive' if positive else 'non-negative'} number, got {text!r}"
-            )
-        return value
-
-    return parse
-
-
-def _number(text: str) -> float:
-    """A finite float. Range checks are WorkerPool's, so its message is the one users see;
-    but it lets nan and inf through (WorkerPool's check_number), so refuse them here."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="procpool",
-        description="Process pools modelled on the Linux kernel's workqueue worker pools.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    run = sub.add_parser(
-        "run",
-        help="run a pool on a workload and watch it grow and shrink",
-        description="Start a pool and feed it a workload in bursts separated by pauses longer than the idle "
-        "timeout, showing live progress; ends when every item ended, at --duration, or on Ctrl-C.",
-    )
-    g = run.add_argument_group("pool")
-    g.add_argument(
-        "--min-workers", type=int, default=None, metavar="N", help="workers kept at all times (pool default: 2)"
-    )
-    g.add_argument(
-        "--max-workers",
-        type=int,
-        default=DEFAULT_MAX_WORKERS,
-        metavar="N",
-        help=f"upper bound on workers (default {DEFAULT_MAX_WORKERS})",
-    )
-    g.add_argument(
-        "--idle-timeout",
-        type=_number,
-        default=DEFAULT_IDLE_TIMEOUT,
-        metavar="S",
-        help=f"cull idle workers after S seconds (default {DEFAULT_IDLE_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--linger-dying",
-        type=_number,
-        default=0.0,
-        metavar="S",
-        help="keep a detached dying worker alive S seconds, to watch kworker/dying in ps (default 0)",
-    )
-    g.add_argument("--title-prefix", default="kworker", metavar="PREFIX", help="process title prefix (default kworker)")
-    g.add_argument(
-        "--workqueue",
-        metavar="NAME",
-        help="queue the items on a procpool.Workqueue NAME (its shared pool's workers show +NAME/-NAME in "
-        "their titles; procpool ps lists its statistics); only --max-workers applies to its pool",
-    )
-    g.add_argument(
-        "--max-active",
-        type=_int_at_least(1),
-        default=None,
-        metavar="N",
-        help="with --workqueue: items in flight at a time (default 256)",
-    )
-    g.add_argument(
-        "--start-method",
-        choices=("forkserver", "spawn"),
-        default=None,
-        help="how worker processes start (default forkserver)",
-    )
-    g = run.add_argument_group("workload")
-    g.add_argument("--tasks", type=_int_at_least(0), default=200, metavar="N", help="items to run (default 200)")
-    g.add_argument(
-        "--task-ms", type=_seconds(), default=20.0, metavar="MS", help="how long each built-in item takes (default 20)"
-    )
-    g.add_argument("--burn", action="store_true", help="built-in items spin on the CPU instead of sleeping")
-    g.add_argument(
-        "--bursts", type=_int_at_least(1), default=4, metavar="N", help="submit the items in N bursts (default 4)"
-    )
-    g.add_argument(
-        "--pause",
-        type=_seconds(),
-        default=None,
-        metavar="S",
-        help="pause between bursts, after one drained (default 1.5 x idle timeout + 0.1)",
-    )
-    g.add_argument(
-        "--func",
-        metavar="MODULE:FUNCTION",
-        help="run FUNCTION(index) from MODULE instead of the built-in items (module found on "
-        "PYTHONPATH or in the current directory)",
-    )
-    g = run.add_argument_group("run")
-    g.add_argument(
-        "--duration",
-        type=_seconds(positive=True),
-        default=None,
-        metavar="S",
-        help="stop after S seconds and cancel the items not started",
-    )
-    g.add_argument(
-        "--teardown-timeout",
-        type=_seconds(),
-        default=DEFAULT_TEARDOWN_TIMEOUT,
-        metavar="S",
-        help="when stopping early, how long running items may finish before their workers "
-        f"are killed (default {DEFAULT_TEARDOWN_TIMEOUT:g})",
-    )
-    g.add_argument(
-        "--interval",
-        type=_seconds(positive=True),
-        default=None,
-        metavar="S",
-        help=f"progress refresh (default {TTY_INTERVAL:g}s on a terminal, {LOG_INTERVAL:g}s otherwise)",
-    )
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
-    run.set_defaults(handler=cmd_run)
-
-    ps = sub.add_parser(
-        "ps",
-        help="list this user's running pools and their workers",
-        description="List the pools of this user's procpool programs and their workers, read from the "
-        "shared-memory id tables; a table whose owner is gone is marked stale.",
-    )
-    ps.add_argument(
-        "--json",
-        action="store_true",
-        help='print a JSON object: "pools" (each with its workers and workqueues) and "skipped" '
-        "(names in /dev/shm that are not valid tables of this user, with why)",
-    )
-    ps.set_defaults(handler=cmd_ps)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``procpool`` console script."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args, sys.stdout, sys.stderr)
-    except BrokenPipeError:
-        # `procpool ps | head`: the reader left. Point stdout at /dev/null so the flush at
-        # exit does not raise again, and end quietly, as ps does.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    # Run the importable copy of this module, not __main__: work functions must pickle as
-    # procpool.cli.work_item, which workers can import, not as __main__.work_item.
-    from procpool.cli import main as _main
-
-    sys.exit(_main())
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
