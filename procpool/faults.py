@@ -15,6 +15,8 @@ Actions:
 Points (worker side unless marked parent):
 
 ==========================  ==============================================================
+``worker.forked``           spawner side of a new worker: forked, nothing of its own set up yet
+                            (title, signals)
 ``worker.start``            the worker process started, before it touches its slot
 ``worker.busy``             a work item was received, before its function runs
 ``worker.idle``             a result was sent, before waiting for the next message
@@ -47,6 +49,7 @@ ENV = "PROCPOOL_FAULTS"
 
 POINTS = frozenset(
     {
+        "worker.forked",
         "worker.start",
         "worker.busy",
         "worker.idle",

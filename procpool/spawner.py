@@ -101,6 +101,11 @@ READY = b"ready"
 #: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
 #: before it has cleaned up after the program (module docstring).
 HELPER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: ... of which a worker takes the default action again. The spawner keeps them blocked while
+#: it forks, and a new worker unblocks them only once their action is the default: a SIGTERM
+#: sent to a worker the moment it exists waits, then kills it, instead of hitting the
+#: spawner's SIG_IGN that the worker inherited.
+WORKER_DEFAULTS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 NOT_BOOTSTRAPPED = (
     "procpool's spawner exited before it was ready. This program runs threads, so the spawner "
     "is started through multiprocessing, which imports the main module again in the new "
@@ -571,6 +576,7 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
             ours = []
         given: list[int] = []  # the server's ends of the workers that were forked
         me = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_DEFAULTS)
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
             mgr = ours[2 * i] if ours else -1
@@ -595,6 +601,7 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
             answer.append(pid)
             if ours:
                 given.append(ours[2 * i + 1])
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if given:
             try:
                 hand_over(handover, given)
@@ -706,14 +713,17 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
     try:
         from .worker import Channel, _set_title, worker_main, worker_title
 
+        if spec.faults:
+            faults.hit(spec.faults, "worker.forked", spec.wid)
         # Named first, microseconds after the fork: until now ps shows the spawner's title.
         _set_title(spec.title or worker_title(spec.title_prefix, spec.pool_id, spec.wid))
         reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not the worker's
         # The spawner ignores these; a worker takes the defaults, as a stock pool's worker
         # does (close() escalates with SIGTERM). SIGINT stays ignored: Ctrl-C is the program's
         # to handle, and SIGPIPE is Python's usual SIG_IGN.
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        for sig in WORKER_DEFAULTS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_DEFAULTS)  # see WORKER_DEFAULTS
         sys.path[:] = sys_path
 
         spec.conn = Channel(rx, tx)

@@ -320,3 +320,18 @@ def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_worker_sigtermed_before_it_set_up_its_signals_still_dies():
+    # The spawner ignores SIGTERM (a group signal must not stop it before its clean-up); a new
+    # worker inherits that until it restores the default. The spawner forks with SIGTERM
+    # blocked, and the worker unblocks it only after: a SIGTERM in between waits, then kills.
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1, faults="worker.forked=delay:1")
+    try:
+        pid = pool.workers()[0].pid
+        os.kill(pid, signal.SIGTERM)  # during the delay: before the worker touched its signals
+        wait_until(lambda: not alive(pid), timeout=10, what="the worker killed by the SIGTERM")
+    finally:
+        pool.close()
+    st = pool.stats()  # reaped as lost, or destroyed by close() first: either way, off the books
+    assert st.created == st.destroyed + st.lost == 1
