@@ -54,9 +54,8 @@ from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any
 
-import psutil
-
 from . import faults
+from .errors import LOST
 
 OWNER_POLL = 0.05
 
@@ -71,6 +70,8 @@ def _round_ct(ct: float) -> float:
 
 def _identify(pid: int) -> Owner:
     """(pid, start time) of a live process: a pid alone could be recycled by a new process."""
+    import psutil  # here, not at the top: a program pays for it with its first pool, not its import
+
     try:
         return (pid, _round_ct(psutil.Process(pid).create_time()))
     except psutil.NoSuchProcess:
@@ -78,6 +79,8 @@ def _identify(pid: int) -> Owner:
 
 
 def owner_alive(owner: Owner) -> bool:
+    import psutil
+
     pid, ct = owner
     try:
         p = psutil.Process(pid)
@@ -603,10 +606,6 @@ def server_pid() -> int | None:
 
 def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
     return ManagerLock(get_manager(ctx, allow_fork).RobustLock(fault_spec), name)  # type: ignore[attr-defined]
-
-
-#: The errors a Manager request raises when the server is gone (refused, reset, EOF).
-LOST = (EOFError, OSError)
 
 
 class PoolLocks:

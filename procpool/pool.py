@@ -69,6 +69,7 @@ from .calls import dumps_call, dumps_initializer
 from .checks import check_attrs, check_number
 from .concurrency import CPU_INTENSIVE_THRESHOLD, ConcurrencyManagement
 from .errors import (
+    LOST,
     InitializerFailed,
     ItemCancelled,
     ItemTimeout,
@@ -81,7 +82,6 @@ from .errors import (
 from .frames import FrameReader, frame, write_all
 from .future import new_future
 from .idtable import FLAG_DIE, IdTable
-from .manager import LOST, PoolLocks
 from .spawner import get_spawner, resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
@@ -353,6 +353,8 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             self._table = IdTable.create(self.id, capacity=2 * max_workers + 2)
             # M arb: one creator at a time, and none once teardown passed its point of no return;
             # M attach: id allocation and freeing, and the detach completion's state
+            from .manager import PoolLocks  # the Manager's machinery: loaded by the first pool
+
             self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self._faults)
             self._completion_r, self._completion_w = self._ctx.Pipe(duplex=False)
             self._wake_r, self._wake_w = os.pipe()

@@ -45,13 +45,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import faults
 from .errors import CallNotUnpicklable, ProcpoolError, ResultNotPicklable
 from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
-from .manager import ManagerLock
+
+if TYPE_CHECKING:  # the spawner loads procpool.manager for its workers; the parent, for its first pool
+    from .manager import ManagerLock
 
 DIE = b"D"
 SEQ_BYTES = 8
