@@ -26,6 +26,18 @@ minute. The load average and this process's RSS are printed every round: both mo
 Benchmarks (``--only`` takes these names; ``teardown`` and ``start`` name both variants)
 ==========
 
+import         a fresh interpreter runs ``import procpool`` (and, for information,
+               ``from procpool import WorkerPool``), ``import concurrent.futures.process``, ``import
+               loky`` / ``billiard`` / ``pebble``: the import's own wall time, in ms, interpreter
+               start excluded. Byte code is cached (PYTHONDONTWRITEBYTECODE is dropped for these
+               children, the cache lives in a temporary PYTHONPYCACHEPREFIX warmed once), as in
+               an installed package: without it procpool would pay for compiling its sources.
+memory         8 idle workers (after a barrier round): the median USS (memory unique to the
+               process, psutil's memory_full_info) of a worker, in MiB.
+scale          procpool and cf-fork: pools of 8, 64 and 256 workers: create, run 10 trivial items
+               per worker (all submitted at once), tear down; the wall time per worker, in ms.
+               It should stay flat as the pool grows.
+
 teardown-8     N idle workers (N = 8, 64), then time the graceful teardown: ``close()``
 teardown-64    (procpool), ``shutdown(wait=True)`` (cf, loky), ``close(); join()`` (mp-pool,
                billiard, pebble). Before timing, every contender runs one *barrier round*
@@ -108,6 +120,9 @@ ALL_PEERS = ("cf-fork", "cf-forkserver", "mp-pool", "loky", "billiard", "pebble"
 OPTIONAL_PEERS = {"loky": "loky", "billiard": "billiard", "pebble": "pebble"}  # contender -> module
 ALL_CONTENDERS = ("procpool", *ALL_PEERS)
 BENCH_NAMES = (
+    "import",
+    "memory",
+    "scale",
     "teardown-8",
     "teardown-64",
     "destroy",
@@ -127,6 +142,21 @@ FLOOR_PROCS = 64
 MIXED_ITEMS = 64  # of each kind
 MIXED_BLOCK = 0.050  # seconds a blocking item sleeps
 MIXED_BURN = 0.020  # seconds of CPU time a CPU item burns
+SCALE_SIZES = (8, 64, 256)
+SCALE_ITEMS = 10  # items per worker
+MEMORY_WORKERS = 8
+#: import benchmark: contender -> the statement timed in a fresh interpreter. "cf" is the
+#: standard library's process pool module (what ``concurrent.futures.ProcessPoolExecutor``
+#: loads); "procpool: WorkerPool" (information, not a peer) what a program that makes a pool
+#: imports before its first pool.
+IMPORTS = {
+    "procpool": "import procpool",
+    "procpool:WorkerPool": "from procpool import WorkerPool",
+    "cf": "import concurrent.futures.process",
+    "loky": "import loky",
+    "billiard": "import billiard",
+    "pebble": "import pebble",
+}
 
 # -- functions run in the workers (module level, so every start method can pickle them) ------
 
@@ -378,6 +408,48 @@ def bench_teardown(contender: str, n: int) -> float:
     return dt
 
 
+def bench_import(contender: str, cache: str) -> float:
+    """The import time of ``IMPORTS[contender]`` in a fresh interpreter, byte code cached."""
+    code = "import sys, time; t = time.perf_counter(); exec(sys.argv[1]); print(time.perf_counter() - t)"
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=cache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code, IMPORTS[contender]], env=env, capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{IMPORTS[contender]!r} failed: {out.stderr.strip()[-500:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(contender: str, n: int) -> float:
+    """Median USS of the n workers of an idle pool, in bytes."""
+    import psutil
+
+    with managed(contender, n) as pool:
+        pids = barrier_round(pool, n)
+        settle()
+        uss = [psutil.Process(pid).memory_full_info().uss for pid in pids]
+    return statistics.median(uss)
+
+
+def bench_scale(contender: str, n: int) -> float:
+    """Create a pool of n, run SCALE_ITEMS items per worker, tear it down: seconds per worker."""
+    items = SCALE_ITEMS * n
+    settle()
+    t0 = time.perf_counter()
+    with managed(contender, n) as pool:
+        futs = [pool.submit(noop, i) for i in range(items)]
+        got = [f.result(BARRIER_TIMEOUT) for f in futs]
+        nproc = pool.nr_processes()
+        pool.close()
+    dt = time.perf_counter() - t0
+    if got != list(range(items)):
+        raise RuntimeError(f"{contender}: scale-{n} returned wrong results")
+    if nproc is not None and nproc > n:
+        raise RuntimeError(f"{contender}: scale-{n} had {nproc} processes")
+    return dt / n
+
+
 def bench_destroy(k: int) -> dict[str, Any]:
     """k idle workers whose exit takes 1 s more; destroy them one at a time."""
     with managed("procpool", k, faults="detach.after=delay:1") as pool:
@@ -408,6 +480,7 @@ def bench_start(contender: str, n: int) -> float:
 
 
 CHILD_HELPERS: dict[int, float] = {}
+CLEANUP_DIRS: list[str] = []  # temporary directories to remove at the end of the run
 
 
 def in_child(kind: str, contender: str, **params: int) -> float:
@@ -704,7 +777,11 @@ class Bench:
         return a / b if a is not None and b else None
 
     def best_peer(self) -> str | None:
-        meds = [(m, c) for c in self.contenders if c not in ("procpool", "floor") and (m := self.median(c)) is not None]
+        meds = [
+            (m, c)
+            for c in self.contenders
+            if c != "floor" and not c.startswith("procpool") and (m := self.median(c)) is not None
+        ]
         if not meds:
             return None
         return (max if self.higher_better else min)(meds)[1]
@@ -809,6 +886,22 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
 
     n_start = cfg["start_workers"]
     benches: list[tuple[Bench, Callable[[str], Any]]] = []
+    if "import" in chosen:
+        import_cache = tempfile.mkdtemp(prefix="procpool-bench-pyc-")
+        CLEANUP_DIRS.append(import_cache)
+        imp = tuple(c for c in IMPORTS if c.startswith("procpool") or c == "cf" or c in peers)
+        for c in imp:  # warm the byte code cache, untimed
+            bench_import(c, import_cache)
+        b = Bench("import", "ms", 1e3, False, imp)
+        benches.append((b, lambda c: bench_import(c, import_cache)))
+    if "memory" in chosen:
+        b = Bench(f"memory per idle worker (USS, {MEMORY_WORKERS} idle)", "MiB", 2.0**-20, False, contenders)
+        benches.append((b, lambda c: bench_memory(c, MEMORY_WORKERS)))
+    if "scale" in chosen:
+        for n in SCALE_SIZES:
+            scale_contenders = tuple(c for c in contenders if c in ("procpool", "cf-fork"))
+            b = Bench(f"scale-{n} per worker", "ms", 1e3, False, scale_contenders)
+            benches.append((b, lambda c, n=n: bench_scale(c, n)))
     for n in (8, 64):
         if f"teardown-{n}" in chosen:
             b = Bench(f"teardown-{n}", "ms", 1e3, False, contenders)
@@ -877,8 +970,10 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
         for bench, fn in benches:
             if bench.max_rounds is not None and r >= bench.max_rounds:
                 continue
-            for c in order:
-                if c in bench.contenders:
+            # In the round's order; a benchmark with contenders of its own (import) rotates those.
+            own = bench.contenders
+            for c in order if set(own) <= set(order) else own[r % len(own) :] + own[: r % len(own)]:
+                if c in own:
                     _sample(bench, c, fn)
         if "destroy" in chosen:
             gc.collect()
@@ -899,6 +994,8 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
             _sample(bench, "floor", fn)
     elapsed = time.perf_counter() - t_start
     print(f"load average at end: {_load()}", flush=True)
+    for d in CLEANUP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
     all_benches = [b for b, _ in benches] + ([start_cold] if start_cold is not None else [])
     report: dict[str, Any] = {
@@ -989,7 +1086,7 @@ def _print_bench(b: Bench) -> dict[str, Any]:
             print(f"{b.name:<{W}} {label:<15} {'ERROR':>12}  ({len(b.errors[c])} errors)")
             continue
         ratio = ""
-        if c not in ("procpool", "floor"):
+        if c != "floor" and not c.startswith("procpool"):
             rt = b.ratio(c)
             ratio = f"{rt:.2f}x" if rt is not None else "-"
             entry["contenders"][c]["ratio_procpool_over_peer"] = rt
@@ -1108,6 +1205,43 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
     if b is not None and "cf-fork" in b.contenders:
         add(g4, "start-32 cold: procpool <= 0.5x cf-fork", b.ratio("cf-fork"), lambda r: r <= 0.5)
     vs_best(g4, "teardown-64", "teardown 64 idle", 0.3, False)
+
+    g15 = "issue 15 (vs the best peer measured in this run)"
+    b = by.get("import")
+    if b is not None and "cf" in b.contenders:
+        add(g15, "import procpool <= 1.5x import concurrent.futures.process", b.ratio("cf"), lambda r: r <= 1.5)
+        if b.median("procpool:WorkerPool") and b.median("cf"):
+            rt = b.median("procpool:WorkerPool") / b.median("cf")
+            out.append(
+                {
+                    "group": g15,
+                    "target": "(information) from procpool import WorkerPool / cf.process",
+                    "measured": f"{rt:.2f}x",
+                    "value": rt,
+                    "verdict": "-",
+                }
+            )
+    b = by.get("start-32 cold")
+    if b is not None and "cf-fork" in b.contenders:
+        add(g15, "start-32 cold, all 32 exist and ran an item: <= 1.0x cf-fork", b.ratio("cf-fork"), lambda r: r <= 1.0)
+    vs_best(g15, "teardown-64", "teardown 64 idle", 1.0, False)
+    vs_best(g15, "throughput", "submit one at a time, items/s", 3.0, True)
+    vs_best(g15, "map", "map with chunks, items/s (no regression)", 1.0, True)
+    vs_best(g15, "latency", "one-at-a-time round trip (no regression)", 0.5, False)
+    vs_best(g15, f"memory per idle worker (USS, {MEMORY_WORKERS} idle)", "memory per idle worker (USS)", 1.0, False)
+    for n in SCALE_SIZES:
+        sc = by.get(f"scale-{n} per worker")
+        if sc is not None and sc.median("procpool") and sc.median("cf-fork"):
+            out.append(
+                {
+                    "group": g15,
+                    "target": f"(information) scale-{n}: ms per worker, procpool / cf-fork",
+                    "measured": f"{sc.median('procpool') * 1e3:.2f} / {sc.median('cf-fork') * 1e3:.2f} = "
+                    f"{sc.ratio('cf-fork'):.2f}x",
+                    "value": sc.ratio("cf-fork"),
+                    "verdict": "-",
+                }
+            )
 
     mixed = by.get("mixed")
     if mixed is not None:
