@@ -234,7 +234,10 @@ class _RobustLockServer:
         while True:
             with self._cond:
                 batch, self._pending = self._pending, []
-            answers = _perform_detaches(batch)
+            try:
+                answers = _perform_detaches(batch)
+            except Exception as exc:  # whatever it was, the lock must not stay ours
+                answers = [functools.partial(_send_quietly, req.reply.conn, ("#ERROR", exc)) for req in batch]
             with self._cond:
                 grant = self._pass_on()
                 again = grant is not None and grant == self._grant_batch
