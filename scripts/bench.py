@@ -19,9 +19,10 @@ The run is interleaved: every round runs every benchmark once per contender (the
 order rotates from round to round), so machine noise hits all of them alike. Each benchmark
 reports the median over rounds with the min-max spread, the procpool/peer ratio of the
 medians, and the ratio to the best peer (marked ``*``); then PASS/MISS for the targets of
-issues 2 and 4 (2 cores). Default: 5 rounds (start-cold in all 5), about 4 minutes on 2 cores;
-``--quick``: 2 rounds of fewer items, and teardown-64, start-warm and start-cold once, under a
-minute. The load average and this process's RSS are printed every round: both move the numbers.
+issues 2, 3, 4 and 15 (2 cores). Default: 5 rounds (start-cold in all 5), about 5 minutes on
+an idle 2-core machine (12 under load); ``--quick``: 2 rounds of fewer items, and
+teardown-64, start-warm and start-cold once, under a minute. The load average and this
+process's RSS are printed every round: both move the numbers.
 
 Benchmarks (``--only`` takes these names; ``teardown`` and ``start`` name both variants)
 ==========
@@ -1089,7 +1090,7 @@ def _print_bench(b: Bench) -> dict[str, Any]:
         ratio = ""
         if c != "floor" and not c.startswith("procpool"):
             rt = b.ratio(c)
-            ratio = f"{rt:.2f}x" if rt is not None else "-"
+            ratio = _ratio(rt) if rt is not None else "-"
             entry["contenders"][c]["ratio_procpool_over_peer"] = rt
         med, lo, hi = (x * b.scale for x in (b.median(c), min(s), max(s)))
         errs = f"  ({len(b.errors[c])} errors)" if b.errors[c] else ""
@@ -1097,7 +1098,7 @@ def _print_bench(b: Bench) -> dict[str, Any]:
     if best is not None and b.median("procpool") is not None:
         rt = b.ratio(best)
         entry["ratio_procpool_over_best_peer"] = rt
-        print(f"{'':<{W}} {'vs best peer':<15} procpool / {best} = {rt:.2f}x")
+        print(f"{'':<{W}} {'vs best peer':<15} procpool / {best} = {_ratio(rt)}")
     return entry
 
 
@@ -1155,7 +1156,7 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
             {
                 "group": group,
                 "target": target,
-                "measured": measured or (f"{rt:.2f}x" if rt is not None else "-"),
+                "measured": measured or (_ratio(rt) if rt is not None else "-"),
                 "value": rt,
                 "verdict": verdict(None if rt is None else ok(rt)),
             }
@@ -1278,6 +1279,10 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
             }
         )
     return out
+
+
+def _ratio(rt: float) -> str:
+    return f"{rt:.2f}x" if rt >= 0.1 else f"{rt:.3f}x"
 
 
 def _load() -> str:
