@@ -12,6 +12,11 @@ import pickle
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
+#: The errors a Manager request raises when the server is gone (refused, reset, EOF). Here,
+#: not in procpool.manager, so that the parent's modules can catch them without importing
+#: the Manager's machinery (multiprocessing.managers) before the first pool needs it.
+LOST = (EOFError, OSError)
+
 
 class ProcpoolError(Exception):
     """Base class of every error procpool itself raises for a work item."""

@@ -52,10 +52,22 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
   name leaves nothing behind when the program, its spawner and the server are SIGKILLed
   together, and creates nothing in the way of the program's first pool. Root can connect
   either way; a process of the same uid could read the authkey from the program anyway.
+* **A teardown must not pass the attach lock through 64 processes one at a time.** A worker
+  on a handed-over connection asks for its whole detach at once (``ManagerLock.detach``):
+  the Manager takes the attach lock *on behalf of* every detach request that arrived in the
+  same round (or that queued behind a holder), frees their ids in the pool's id table itself,
+  checks once whether the last of them completes the detach completion, marks it completed if
+  so, releases the lock, and answers each worker whether it is the one to send the completion
+  byte. The invariants are those of a worker's own detach: ids are freed under the attach
+  lock, with the generation check; at most one detacher is told to complete, under the lock.
+  A worker that dies after asking is detached all the same (its slot freed on its behalf);
+  one that dies after being told to complete leaves the completion to teardown's reaping
+  fallback, as a worker killed between marking and sending did before.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import selectors
 import signal
@@ -71,9 +83,8 @@ from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any
 
-import psutil
-
 from . import faults
+from .errors import LOST
 
 OWNER_POLL = 0.05
 
@@ -88,6 +99,8 @@ def _round_ct(ct: float) -> float:
 
 def _identify(pid: int) -> Owner:
     """(pid, start time) of a live process: a pid alone could be recycled by a new process."""
+    import psutil  # here, not at the top: a program pays for it with its first pool, not its import
+
     try:
         return (pid, _round_ct(psutil.Process(pid).create_time()))
     except psutil.NoSuchProcess:
@@ -95,6 +108,8 @@ def _identify(pid: int) -> Owner:
 
 
 def owner_alive(owner: Owner) -> bool:
+    import psutil
+
     pid, ct = owner
     try:
         p = psutil.Process(pid)
@@ -120,6 +135,10 @@ class _RobustLockServer:
         self._parked: deque[tuple[Owner, Grant]] = deque()
         self.broken = 0
         self._faults = fault_spec or {}  # the pool's ``manager.*`` fault points (tests only)
+        # Batched detaches (see detach()), _cond guards both: the requests waiting for the
+        # lock, and whether a grant for them is parked already (one at a time).
+        self._pending: list[Detach] = []
+        self._batch_parked = False
 
     def acquire(self, pid: int, timeout: float | None = None) -> bool:
         faults.hit(self._faults, "manager.acquire")
@@ -202,11 +221,126 @@ class _RobustLockServer:
             with self._cond:
                 grant = self._pass_on()
 
+    def detach(self, requests: list[Detach]) -> None:
+        """Detach on behalf of handed-over workers (module docstring): each request frees its
+        worker's id under this lock, and the last one out may complete the detach completion.
+        Done now if the lock is free (in the caller's thread), else when a release hands the
+        lock to the batch, which then also takes every request that arrived meanwhile."""
+        faults.hit(self._faults, "manager.acquire")
+        with self._cond:
+            self._pending.extend(requests)
+            if self._owner is not None:
+                if not self._batch_parked:
+                    self._batch_parked = True
+                    self._parked.append((_self_owner(), self._grant_batch))
+                return
+            self._owner = _self_owner()
+        self._run_batches()
+
+    def _grant_batch(self) -> bool:
+        # A Grant: called by whoever released the lock to our parked batch (owner: us now).
+        with self._cond:
+            self._batch_parked = False
+        self._run_batches()
+        return True
+
+    def _run_batches(self) -> None:
+        """The lock is ours (this server's): run the pending detaches, release, answer them.
+        Should the release hand the lock straight to a batch parked meanwhile, run that one
+        here too (a loop, not a recursion through _deliver)."""
+        while True:
+            with self._cond:
+                batch, self._pending = self._pending, []
+            try:
+                answers = _perform_detaches(batch)
+            except Exception as exc:  # whatever it was, the lock must not stay ours
+                answers = [functools.partial(_send_quietly, req.reply.conn, ("#ERROR", exc)) for req in batch]
+            with self._cond:
+                grant = self._pass_on()
+                again = grant is not None and grant == self._grant_batch
+                if again:
+                    self._batch_parked = False
+            for answer in answers:
+                answer()
+            if not again:
+                self._deliver(grant)
+                return
+
     def owner(self) -> Owner | None:
         return self._owner
 
     def broken_count(self) -> int:
         return self.broken
+
+
+class Detach:
+    """One worker's detach request, performed by the Manager on its behalf: free id ``wid``
+    of allocation ``gen`` in the id table ``table`` (created at ``created``: a table of a
+    later pool may have the same name), then ``reply.send(complete)``."""
+
+    __slots__ = ("table", "created", "wid", "gen", "reply")
+
+    def __init__(self, table: str, created: float, wid: int, gen: int, reply: _Reply) -> None:
+        self.table, self.created, self.wid, self.gen, self.reply = table, created, wid, gen, reply
+
+
+#: In the Manager server: id tables mapped for batched detaches, by name: (created, table).
+#: Bounded: a table whose pool is gone is dropped once TABLES_KEPT newer ones were used.
+_tables: dict[str, tuple[float, Any]] = {}
+TABLES_KEPT = 16
+
+
+def _table_for(name: str, created: float) -> Any:
+    from .idtable import IdTable  # loaded in the server already (the spawner preloads the worker)
+
+    known = _tables.pop(name, None)
+    if known is not None and known[0] == created:
+        _tables[name] = known  # most recently used last
+        return known[1]
+    if known is not None:
+        known[1].close()
+    table = IdTable.attach(name)
+    if table.created != created:  # not the table the worker knew: its pool is gone
+        table.close()
+        return None
+    _tables[name] = (created, table)
+    while len(_tables) > TABLES_KEPT:
+        _tables.pop(next(iter(_tables)))[1].close()
+    return table
+
+
+def _perform_detaches(batch: list[Detach]) -> list[Callable[[], None]]:
+    """The attach lock held by the Manager for ``batch``: free each worker's id (generation-
+    checked, as a worker's own detach), then, per table, complete the detach completion if
+    the teardown waits and nothing is attached any more: at most one request is told to
+    send the completion byte, the last of its table in the batch. Returns the answers to
+    send once the lock is released."""
+    last: dict[str, tuple[Any, Detach]] = {}
+    for req in batch:
+        try:
+            table = _table_for(req.table, req.created)
+        except OSError:
+            table = None  # unlinked: the pool is gone, nobody waits for this detach
+        if table is not None:
+            table.free(req.wid, req.gen)
+            last[req.table] = (table, req)
+    complete: set[int] = set()
+    for table, req in last.values():
+        if table.should_complete():
+            table.mark_completed()
+            complete.add(id(req))
+    return [functools.partial(req.reply.send, id(req) in complete) for req in batch]
+
+
+def _self_owner() -> Owner:
+    """This process as a lock owner: the Manager server holding a lock for a detach batch."""
+    global _SELF
+    if _SELF is None or _SELF[0] != os.getpid():
+        _SELF = _identify(os.getpid())
+    return _SELF
+
+
+_SELF: Owner | None = None
 
 
 class _RobustLockProxy(BaseProxy):
@@ -229,6 +363,10 @@ class _RobustLockProxy(BaseProxy):
 
     def broken_count(self) -> int:
         return self._callmethod("broken_count")
+
+    def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
+        # Answered by the handover thread only (handed-over connections): not in _exposed_.
+        return self._callmethod("detach", (table, created, wid, gen))
 
 
 class ManagerLock:
@@ -263,6 +401,23 @@ class ManagerLock:
 
     def release(self) -> None:
         self._proxy.release(os.getpid())
+
+    @property
+    def batched(self) -> bool:
+        """Can ``detach`` be asked on this lock (a handed-over connection)?"""
+        return self._adopted
+
+    def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
+        """Have the Manager free id ``wid`` (allocation ``gen``) of id table ``table`` under
+        this lock on our behalf (module docstring); True if we are the last one out of a
+        teardown and must send the detach completion. Only where ``batched``; raises
+        EOFError or OSError if the connection fails (then ``acquire`` connects anew)."""
+        try:
+            return self._proxy.detach(table, created, wid, gen)
+        except (EOFError, OSError):
+            self._adopted = False
+            del self._proxy._tls.connection
+            raise
 
     @property
     def address(self) -> Any:
@@ -466,6 +621,9 @@ class _Server(Server):
             # Only while someone is parked do we look at owners on our own (their deaths).
             waiting = {lock for lock, _ in parked_in.values() if lock.has_parked()}
             events = sel.select(OWNER_POLL if waiting else None)
+            # The detach requests of this round, by lock: performed together (one pass under
+            # the lock) once every ready connection was read.
+            detaches: dict[_RobustLockServer, list[Detach]] = {}
             for key, _ in events:
                 if key.fileobj is channel:
                     try:
@@ -497,21 +655,30 @@ class _Server(Server):
                     for lock in {lock for lock, _ in parked_in.values()}:
                         lock.take_over_if_owner_died()
                     continue
-                if self._answer(conn, request, parked_in):
+                if self._answer(conn, request, parked_in, detaches):
                     sel.unregister(conn)  # a server thread of its own serves it from now on
+            for lock, requests in detaches.items():
+                try:
+                    lock.detach(requests)
+                except Exception as exc:  # a fault point, say: those requests fail, not this thread
+                    for req in requests:
+                        _send_quietly(req.reply.conn, ("#ERROR", exc))
             if not events:
                 for lock in waiting:
                     lock.take_over_if_owner_died()
 
-    def _answer(self, conn: connection.Connection, request: Any, parked_in: dict) -> bool:
-        """Answer (or park) one request of a handed-over connection; True if it went to a
-        server thread of its own instead."""
+    def _answer(self, conn: connection.Connection, request: Any, parked_in: dict, detaches: dict) -> bool:
+        """Answer (or park) one request of a handed-over connection, or add a detach to this
+        round's ``detaches``; True if it went to a server thread of its own instead."""
         try:
             ident, methodname, args, kwds = request
             obj = self.id_to_obj[ident][0]
         except (TypeError, ValueError, KeyError):
             obj, methodname, args, kwds = None, None, (), {}
         if isinstance(obj, _RobustLockServer) and not kwds:
+            if methodname == "detach" and len(args) == 4:
+                detaches.setdefault(obj, []).append(Detach(*args, reply=_Reply(conn)))
+                return False
             if methodname == "acquire" and len(args) == 2 and args[1] is None:
                 grant = _grant(conn)
                 try:
@@ -563,6 +730,18 @@ def _send_quietly(conn: connection.Connection, msg: Any) -> None:
         conn.send(msg)
     except OSError:
         pass  # gone: its EOF comes next
+
+
+class _Reply:
+    """The answer to a detach request, sent once the Manager performed it."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: connection.Connection) -> None:
+        self.conn = conn
+
+    def send(self, complete: bool) -> None:
+        _send_quietly(self.conn, ("#RETURN", complete))
 
 
 def _grant(conn: connection.Connection) -> Grant:
@@ -749,10 +928,6 @@ def server_pid() -> int | None:
 
 def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
     return ManagerLock(get_manager(ctx, allow_fork).RobustLock(fault_spec), name)  # type: ignore[attr-defined]
-
-
-#: The errors a Manager request raises when the server is gone (refused, reset, EOF).
-LOST = (EOFError, OSError)
 
 
 class PoolLocks:

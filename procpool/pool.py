@@ -69,6 +69,7 @@ from .calls import dumps_call, dumps_initializer
 from .checks import check_attrs, check_name, check_number
 from .concurrency import CPU_INTENSIVE_THRESHOLD, ConcurrencyManagement
 from .errors import (
+    LOST,
     InitializerFailed,
     ItemCancelled,
     ItemTimeout,
@@ -81,7 +82,6 @@ from .errors import (
 from .frames import FrameReader, frame, write_all
 from .future import new_future
 from .idtable import FLAG_DIE, MAX_WORKERS, IdTable, PoolCounters, capacity_for
-from .manager import LOST, PoolLocks, server_pid
 from .spawner import get_spawner, resolve_context, spawner_pid, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
@@ -370,6 +370,8 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             self._table = IdTable.create(self.id, capacity=capacity_for(max_workers))
             # M arb: one creator at a time, and none once teardown passed its point of no return;
             # M attach: id allocation and freeing, and the detach completion's state
+            from .manager import PoolLocks  # the Manager's machinery: loaded by the first pool
+
             self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self._faults)
             self._completion_r, self._completion_w = self._ctx.Pipe(duplex=False)
             self._wake_r, self._wake_w = os.pipe()
@@ -1009,6 +1011,8 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         """Counters and helper pids into the id table's header, for ``procpool monitor`` and
         ``procpool ps`` (other processes). Once per arbiter turn: cheap (one struct write),
         and an observer is never more than one turn behind."""
+        from .manager import server_pid  # loaded with the pool's locks already
+
         helpers = spawner_pid() or 0, server_pid() or 0  # their own locks, taken before L
         with self._lock:
             c = PoolCounters(

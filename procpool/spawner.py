@@ -42,8 +42,12 @@ life is the program's; they leave when the program is gone, whatever killed it, 
 program that survives the signal (it has a handler) keeps its helpers. SIGPIPE is ignored as
 well (a program that reset it to default must not kill the spawner on an answer it cannot
 send). Workers keep the default dispositions, as a stock pool's workers do: a group SIGTERM
-ends them with the program. SIGKILL still ends a helper at once; that is the tool to stop one
-by hand.
+ends them with the program. So that a worker never *inherits* an ignored SIGTERM (a signal
+sent to it between its fork and its own reset would be discarded, and the worker would
+survive it), the spawner does not ignore SIGTERM, SIGHUP and SIGQUIT but *blocks* them
+(WORKER_DEFAULTS, default disposition): they stay pending, never delivered, in the spawner;
+a worker unblocks them once it is set up and dies of any that came meanwhile. SIGKILL still
+ends a helper at once; that is the tool to stop one by hand.
 
 **Helpers hold only what they need.** A spawner forked from the program starts with a copy of
 every descriptor the program had: the read end of its pipes, its listening sockets, its pipes to
@@ -101,10 +105,8 @@ READY = b"ready"
 #: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
 #: before it has cleaned up after the program (module docstring).
 HELPER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: ... of which a worker takes the default action again. The spawner keeps them blocked while
-#: it forks, and a new worker unblocks them only once their action is the default: a SIGTERM
-#: sent to a worker the moment it exists waits, then kills it, instead of hitting the
-#: spawner's SIG_IGN that the worker inherited.
+#: ... of which these a worker takes at their defaults: the spawner blocks them instead of
+#: ignoring them, so that its workers inherit no ignored disposition (module docstring).
 WORKER_DEFAULTS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 NOT_BOOTSTRAPPED = (
     "procpool's spawner exited before it was ready. This program runs threads, so the spawner "
@@ -476,8 +478,10 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     # The program's death is what ends us, not a signal to its process group: we must live
     # to clean up after it (module docstring). SIGPIPE: an answer the program can no longer
     # read is an EPIPE, handled like its socket's EOF.
+    # WORKER_DEFAULTS: blocked first, then at their default, so no moment lets one through.
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_DEFAULTS)
     for sig in HELPER_IGNORES + (signal.SIGPIPE,):
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, signal.SIG_DFL if sig in WORKER_DEFAULTS else signal.SIG_IGN)
     status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe (unreaped workers)
     try:
         _serve(sock, status_w)
@@ -576,7 +580,6 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
             ours = []
         given: list[int] = []  # the server's ends of the workers that were forked
         me = os.getpid()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_DEFAULTS)
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
             mgr = ours[2 * i] if ours else -1
@@ -601,7 +604,6 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
             answer.append(pid)
             if ours:
                 given.append(ours[2 * i + 1])
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if given:
             try:
                 hand_over(handover, given)
@@ -718,12 +720,13 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
         # Named first, microseconds after the fork: until now ps shows the spawner's title.
         _set_title(spec.title or worker_title(spec.title_prefix, spec.pool_id, spec.wid))
         reset_signals()  # the spawner's SIGCHLD handler and wakeup fd are not the worker's
-        # The spawner ignores these; a worker takes the defaults, as a stock pool's worker
-        # does (close() escalates with SIGTERM). SIGINT stays ignored: Ctrl-C is the program's
-        # to handle, and SIGPIPE is Python's usual SIG_IGN.
+        # The spawner blocks these; a worker takes the defaults, as a stock pool's worker
+        # does (close() escalates with SIGTERM), and dies here of one sent since its fork.
+        # SIGINT stays ignored: Ctrl-C is the program's to handle, and SIGPIPE is Python's
+        # usual SIG_IGN.
         for sig in WORKER_DEFAULTS:
             signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_DEFAULTS)  # see WORKER_DEFAULTS
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_DEFAULTS)
         sys.path[:] = sys_path
 
         spec.conn = Channel(rx, tx)

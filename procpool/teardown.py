@@ -43,9 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
 from .checks import check_number
-from .errors import PoolBroken, PoolClosed, TeardownTimeout
+from .errors import LOST, PoolBroken, PoolClosed, TeardownTimeout
 from .idtable import FREE
-from .manager import LOST
 
 if TYPE_CHECKING:
     from .pool import _Item

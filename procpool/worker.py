@@ -45,13 +45,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import faults
 from .errors import CallNotUnpicklable, ProcpoolError, ResultNotPicklable
 from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
-from .manager import ManagerLock
+
+if TYPE_CHECKING:  # the spawner loads procpool.manager for its workers; the parent, for its first pool
+    from .manager import ManagerLock
 
 DIE = b"D"
 SEQ_BYTES = 8
@@ -394,13 +396,38 @@ def exit_path(spec: WorkerSpec, table: IdTable) -> None:
     table.set_state(wid, DYING)
     faults.hit(fspec, "detach.before_lock", wid)
     lock = spec.attach_lock
+    # On a handed-over connection the Manager does the critical section for us, batched with
+    # the other workers leaving at the same time (procpool.manager, "A teardown must not pass
+    # the attach lock through 64 processes one at a time"). The fault point detach.locked
+    # needs a worker that holds the lock itself: the classic path below.
+    if lock.batched and "detach.locked" not in fspec:
+        try:
+            if lock.detach(table.name, table.created, wid, spec.gen):
+                # Last one out while a teardown waits: the Manager marked the completion
+                # completed under the lock (for one detacher at most); we send it.
+                spec.completion.send_bytes(b"c")
+            detached = True
+        except (EOFError, OSError):
+            detached = False  # the connection never reached the server: the classic way
+    else:
+        detached = False
+    if not detached:
+        _locked_detach(spec, table, lock)
+    faults.hit(fspec, "detach.after", wid)
+    if spec.linger_dying > 0:
+        time.sleep(spec.linger_dying)
+    _exit(0)
+
+
+def _locked_detach(spec: WorkerSpec, table: IdTable, lock: ManagerLock) -> None:
+    """Detach holding the attach lock ourselves: free our id, maybe complete the teardown."""
     try:
         lock.acquire()
     except (EOFError, OSError):
         _exit(0)  # the Manager is gone: so is the parent; nobody waits for us
     try:
-        faults.hit(fspec, "detach.locked", wid)
-        table.free(wid, spec.gen)
+        faults.hit(spec.faults, "detach.locked", spec.wid)
+        table.free(spec.wid, spec.gen)
         if table.should_complete():
             # Last one out while a teardown waits: complete the detach completion. The flag
             # is set under the same lock, so exactly one process ever gets here.
@@ -408,10 +435,6 @@ def exit_path(spec: WorkerSpec, table: IdTable) -> None:
             spec.completion.send_bytes(b"c")
     finally:
         lock.release()
-    faults.hit(fspec, "detach.after", wid)
-    if spec.linger_dying > 0:
-        time.sleep(spec.linger_dying)
-    _exit(0)
 
 
 def _exit(code: int) -> None:

@@ -19,12 +19,25 @@ The run is interleaved: every round runs every benchmark once per contender (the
 order rotates from round to round), so machine noise hits all of them alike. Each benchmark
 reports the median over rounds with the min-max spread, the procpool/peer ratio of the
 medians, and the ratio to the best peer (marked ``*``); then PASS/MISS for the targets of
-issues 2 and 4 (2 cores). Default: 5 rounds (start-cold in all 5), about 4 minutes on 2 cores;
-``--quick``: 2 rounds of fewer items, and teardown-64, start-warm and start-cold once, under a
-minute. The load average and this process's RSS are printed every round: both move the numbers.
+issues 2, 3, 4 and 15 (2 cores). Default: 5 rounds (start-cold in all 5), about 5 minutes on
+an idle 2-core machine (12 under load); ``--quick``: 2 rounds of fewer items, and
+teardown-64, start-warm and start-cold once, under a minute. The load average and this
+process's RSS are printed every round: both move the numbers.
 
 Benchmarks (``--only`` takes these names; ``teardown`` and ``start`` name both variants)
 ==========
+
+import         a fresh interpreter runs ``import procpool`` (and, for information,
+               ``from procpool import WorkerPool``), ``import concurrent.futures.process``, ``import
+               loky`` / ``billiard`` / ``pebble``: the import's own wall time, in ms, interpreter
+               start excluded. Byte code is cached (PYTHONDONTWRITEBYTECODE is dropped for these
+               children, the cache lives in a temporary PYTHONPYCACHEPREFIX warmed once), as in
+               an installed package: without it procpool would pay for compiling its sources.
+memory         8 idle workers (after a barrier round): the median USS (memory unique to the
+               process, psutil's memory_full_info) of a worker, in MiB.
+scale          procpool and cf-fork: pools of 8, 64 and 256 workers: create, run 10 trivial items
+               per worker (all submitted at once), tear down; the wall time per worker, in ms.
+               It should stay flat as the pool grows.
 
 teardown-8     N idle workers (N = 8, 64), then time the graceful teardown: ``close()``
 teardown-64    (procpool), ``shutdown(wait=True)`` (cf, loky), ``close(); join()`` (mp-pool,
@@ -42,7 +55,8 @@ start-warm     constructor until 32 workers exist and each ran an item (a barrie
                loky's helpers already run (the warm-up started them).
 start-cold     the same, as the first pool of a fresh interpreter (a child process per sample;
                it pays for starting the fork server, and procpool for its Manager too). The
-               contender's module is imported before the clock starts.
+               contender's module and pool class are imported before the clock starts; what
+               making the first pool imports (procpool: the Manager's machinery) is timed.
 throughput     2 workers, submit 20,000 trivial items one at a time (cf/loky/procpool
                ``submit``, mp-pool/billiard ``apply_async``, pebble ``schedule``), then wait
                for all: items/s. The timed loop calls each pool's own method directly. Each
@@ -108,6 +122,9 @@ ALL_PEERS = ("cf-fork", "cf-forkserver", "mp-pool", "loky", "billiard", "pebble"
 OPTIONAL_PEERS = {"loky": "loky", "billiard": "billiard", "pebble": "pebble"}  # contender -> module
 ALL_CONTENDERS = ("procpool", *ALL_PEERS)
 BENCH_NAMES = (
+    "import",
+    "memory",
+    "scale",
     "teardown-8",
     "teardown-64",
     "destroy",
@@ -127,6 +144,21 @@ FLOOR_PROCS = 64
 MIXED_ITEMS = 64  # of each kind
 MIXED_BLOCK = 0.050  # seconds a blocking item sleeps
 MIXED_BURN = 0.020  # seconds of CPU time a CPU item burns
+SCALE_SIZES = (8, 64, 256)
+SCALE_ITEMS = 10  # items per worker
+MEMORY_WORKERS = 8
+#: import benchmark: contender -> the statement timed in a fresh interpreter. "cf" is the
+#: standard library's process pool module (what ``concurrent.futures.ProcessPoolExecutor``
+#: loads); "procpool: WorkerPool" (information, not a peer) what a program that makes a pool
+#: imports before its first pool.
+IMPORTS = {
+    "procpool": "import procpool",
+    "procpool:WorkerPool": "from procpool import WorkerPool",
+    "cf": "import concurrent.futures.process",
+    "loky": "import loky",
+    "billiard": "import billiard",
+    "pebble": "import pebble",
+}
 
 # -- functions run in the workers (module level, so every start method can pickle them) ------
 
@@ -378,6 +410,48 @@ def bench_teardown(contender: str, n: int) -> float:
     return dt
 
 
+def bench_import(contender: str, cache: str) -> float:
+    """The import time of ``IMPORTS[contender]`` in a fresh interpreter, byte code cached."""
+    code = "import sys, time; t = time.perf_counter(); exec(sys.argv[1]); print(time.perf_counter() - t)"
+    env = dict(os.environ, PYTHONPYCACHEPREFIX=cache)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code, IMPORTS[contender]], env=env, capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{IMPORTS[contender]!r} failed: {out.stderr.strip()[-500:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(contender: str, n: int) -> float:
+    """Median USS of the n workers of an idle pool, in bytes."""
+    import psutil
+
+    with managed(contender, n) as pool:
+        pids = barrier_round(pool, n)
+        settle()
+        uss = [psutil.Process(pid).memory_full_info().uss for pid in pids]
+    return statistics.median(uss)
+
+
+def bench_scale(contender: str, n: int) -> float:
+    """Create a pool of n, run SCALE_ITEMS items per worker, tear it down: seconds per worker."""
+    items = SCALE_ITEMS * n
+    settle()
+    t0 = time.perf_counter()
+    with managed(contender, n) as pool:
+        futs = [pool.submit(noop, i) for i in range(items)]
+        got = [f.result(BARRIER_TIMEOUT) for f in futs]
+        nproc = pool.nr_processes()
+        pool.close()
+    dt = time.perf_counter() - t0
+    if got != list(range(items)):
+        raise RuntimeError(f"{contender}: scale-{n} returned wrong results")
+    if nproc is not None and nproc > n:
+        raise RuntimeError(f"{contender}: scale-{n} had {nproc} processes")
+    return dt / n
+
+
 def bench_destroy(k: int) -> dict[str, Any]:
     """k idle workers whose exit takes 1 s more; destroy them one at a time."""
     with managed("procpool", k, faults="detach.after=delay:1") as pool:
@@ -408,6 +482,7 @@ def bench_start(contender: str, n: int) -> float:
 
 
 CHILD_HELPERS: dict[int, float] = {}
+CLEANUP_DIRS: list[str] = []  # temporary directories to remove at the end of the run
 
 
 def in_child(kind: str, contender: str, **params: int) -> float:
@@ -704,7 +779,11 @@ class Bench:
         return a / b if a is not None and b else None
 
     def best_peer(self) -> str | None:
-        meds = [(m, c) for c in self.contenders if c not in ("procpool", "floor") and (m := self.median(c)) is not None]
+        meds = [
+            (m, c)
+            for c in self.contenders
+            if c != "floor" and not c.startswith("procpool") and (m := self.median(c)) is not None
+        ]
         if not meds:
             return None
         return (max if self.higher_better else min)(meds)[1]
@@ -809,6 +888,22 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
 
     n_start = cfg["start_workers"]
     benches: list[tuple[Bench, Callable[[str], Any]]] = []
+    if "import" in chosen:
+        import_cache = tempfile.mkdtemp(prefix="procpool-bench-pyc-")
+        CLEANUP_DIRS.append(import_cache)
+        imp = tuple(c for c in IMPORTS if c.startswith("procpool") or c == "cf" or c in peers)
+        for c in imp:  # warm the byte code cache, untimed
+            bench_import(c, import_cache)
+        b = Bench("import", "ms", 1e3, False, imp)
+        benches.append((b, lambda c: bench_import(c, import_cache)))
+    if "memory" in chosen:
+        b = Bench(f"memory per idle worker (USS, {MEMORY_WORKERS} idle)", "MiB", 2.0**-20, False, contenders)
+        benches.append((b, lambda c: bench_memory(c, MEMORY_WORKERS)))
+    if "scale" in chosen:
+        for n in SCALE_SIZES:
+            scale_contenders = tuple(c for c in contenders if c in ("procpool", "cf-fork"))
+            b = Bench(f"scale-{n} per worker", "ms", 1e3, False, scale_contenders)
+            benches.append((b, lambda c, n=n: bench_scale(c, n)))
     for n in (8, 64):
         if f"teardown-{n}" in chosen:
             b = Bench(f"teardown-{n}", "ms", 1e3, False, contenders)
@@ -877,8 +972,10 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
         for bench, fn in benches:
             if bench.max_rounds is not None and r >= bench.max_rounds:
                 continue
-            for c in order:
-                if c in bench.contenders:
+            # In the round's order; a benchmark with contenders of its own (import) rotates those.
+            own = bench.contenders
+            for c in order if set(own) <= set(order) else own[r % len(own) :] + own[: r % len(own)]:
+                if c in own:
                     _sample(bench, c, fn)
         if "destroy" in chosen:
             gc.collect()
@@ -899,6 +996,8 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
             _sample(bench, "floor", fn)
     elapsed = time.perf_counter() - t_start
     print(f"load average at end: {_load()}", flush=True)
+    for d in CLEANUP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
 
     all_benches = [b for b, _ in benches] + ([start_cold] if start_cold is not None else [])
     report: dict[str, Any] = {
@@ -995,9 +1094,9 @@ def _print_bench(b: Bench) -> dict[str, Any]:
             print(f"{b.name:<{W}} {label:<15} {'ERROR':>12}  ({len(b.errors[c])} errors)")
             continue
         ratio = ""
-        if c not in ("procpool", "floor"):
+        if c != "floor" and not c.startswith("procpool"):
             rt = b.ratio(c)
-            ratio = f"{rt:.2f}x" if rt is not None else "-"
+            ratio = _ratio(rt) if rt is not None else "-"
             entry["contenders"][c]["ratio_procpool_over_peer"] = rt
         med, lo, hi = (x * b.scale for x in (b.median(c), min(s), max(s)))
         errs = f"  ({len(b.errors[c])} errors)" if b.errors[c] else ""
@@ -1005,7 +1104,7 @@ def _print_bench(b: Bench) -> dict[str, Any]:
     if best is not None and b.median("procpool") is not None:
         rt = b.ratio(best)
         entry["ratio_procpool_over_best_peer"] = rt
-        print(f"{'':<{W}} {'vs best peer':<15} procpool / {best} = {rt:.2f}x")
+        print(f"{'':<{W}} {'vs best peer':<15} procpool / {best} = {_ratio(rt)}")
     return entry
 
 
@@ -1063,7 +1162,7 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
             {
                 "group": group,
                 "target": target,
-                "measured": measured or (f"{rt:.2f}x" if rt is not None else "-"),
+                "measured": measured or (_ratio(rt) if rt is not None else "-"),
                 "value": rt,
                 "verdict": verdict(None if rt is None else ok(rt)),
             }
@@ -1115,6 +1214,43 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
         add(g4, "start-32 cold: procpool <= 0.5x cf-fork", b.ratio("cf-fork"), lambda r: r <= 0.5)
     vs_best(g4, "teardown-64", "teardown 64 idle", 0.3, False)
 
+    g15 = "issue 15 (vs the best peer measured in this run)"
+    b = by.get("import")
+    if b is not None and "cf" in b.contenders:
+        add(g15, "import procpool <= 1.5x import concurrent.futures.process", b.ratio("cf"), lambda r: r <= 1.5)
+        if b.median("procpool:WorkerPool") and b.median("cf"):
+            rt = b.median("procpool:WorkerPool") / b.median("cf")
+            out.append(
+                {
+                    "group": g15,
+                    "target": "(information) from procpool import WorkerPool / cf.process",
+                    "measured": f"{rt:.2f}x",
+                    "value": rt,
+                    "verdict": "-",
+                }
+            )
+    b = by.get("start-32 cold")
+    if b is not None and "cf-fork" in b.contenders:
+        add(g15, "start-32 cold, all 32 exist and ran an item: <= 1.0x cf-fork", b.ratio("cf-fork"), lambda r: r <= 1.0)
+    vs_best(g15, "teardown-64", "teardown 64 idle", 1.0, False)
+    vs_best(g15, "throughput", "submit one at a time, items/s", 3.0, True)
+    vs_best(g15, "map", "map with chunks, items/s (no regression)", 1.0, True)
+    vs_best(g15, "latency", "one-at-a-time round trip (no regression)", 0.5, False)
+    vs_best(g15, f"memory per idle worker (USS, {MEMORY_WORKERS} idle)", "memory per idle worker (USS)", 1.0, False)
+    for n in SCALE_SIZES:
+        sc = by.get(f"scale-{n} per worker")
+        if sc is not None and sc.median("procpool") and sc.median("cf-fork"):
+            out.append(
+                {
+                    "group": g15,
+                    "target": f"(information) scale-{n}: ms per worker, procpool / cf-fork",
+                    "measured": f"{sc.median('procpool') * 1e3:.2f} / {sc.median('cf-fork') * 1e3:.2f} = "
+                    f"{sc.ratio('cf-fork'):.2f}x",
+                    "value": sc.ratio("cf-fork"),
+                    "verdict": "-",
+                }
+            )
+
     mixed = by.get("mixed")
     if mixed is not None:
         for peer in ("cf-fork", "cf-forkserver"):
@@ -1149,6 +1285,10 @@ def _targets(by: dict[str, Bench], destroy_calls: list[float], destroy_ran: bool
             }
         )
     return out
+
+
+def _ratio(rt: float) -> str:
+    return f"{rt:.2f}x" if rt >= 0.1 else f"{rt:.3f}x"
 
 
 def _load() -> str:
@@ -1228,8 +1368,13 @@ def child_main(args: argparse.Namespace) -> None:
     import psutil  # noqa: F401 - imported before the clock starts, as procpool imports it anyway
 
     c = args.contender
-    # import time is not start time: the contender's module is loaded before the clock starts
-    importlib.import_module({"procpool": "procpool", **OPTIONAL_PEERS}.get(c, "concurrent.futures"))
+    # import time is not start time (the import benchmark has it): the contender's module and
+    # its pool class are loaded before the clock starts, including what a lazy package (procpool,
+    # concurrent.futures) loads on first use of the class; what the pool loads when it is made
+    # (procpool's Manager machinery) is start time.
+    mod = importlib.import_module({"procpool": "procpool", **OPTIONAL_PEERS}.get(c, "concurrent.futures"))
+    cls = {"procpool": "WorkerPool", "billiard": "Pool", "pebble": "ProcessPool"}.get(c, "ProcessPoolExecutor")
+    getattr(mod, cls, None)
     if args.child == "start":
         value = bench_start(c, args.n)
     elif args.child == "map":

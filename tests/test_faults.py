@@ -323,9 +323,9 @@ def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
 
 
 def test_a_worker_sigtermed_before_it_set_up_its_signals_still_dies():
-    # The spawner ignores SIGTERM (a group signal must not stop it before its clean-up); a new
-    # worker inherits that until it restores the default. The spawner forks with SIGTERM
-    # blocked, and the worker unblocks it only after: a SIGTERM in between waits, then kills.
+    # The spawner blocks SIGTERM (a group signal must not stop it before its clean-up); a new
+    # worker inherits the block until it has restored the default action: a SIGTERM in
+    # between waits, then kills.
     pool = procpool.WorkerPool(min_workers=1, max_workers=1, faults="worker.forked=delay:1")
     try:
         pid = pool.workers()[0].pid
@@ -335,3 +335,26 @@ def test_a_worker_sigtermed_before_it_set_up_its_signals_still_dies():
         pool.close()
     st = pool.stats()  # reaped as lost, or destroyed by close() first: either way, off the books
     assert st.created == st.destroyed + st.lost == 1
+
+
+def _sigmask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith(field + ":"))
+
+
+def test_the_spawner_blocks_rather_than_ignores_what_workers_take_at_default():
+    # A worker must never inherit an ignored SIGTERM: one sent between its fork and its own
+    # signal set-up would be discarded and the worker would outlive it. The spawner blocks
+    # SIGTERM/SIGHUP/SIGQUIT (pending, never delivered to it) and workers unblock them.
+    with procpool.WorkerPool(min_workers=1, max_workers=1) as pool:
+        worker = pool.workers()[0]
+        spawner = psutil.Process(worker.pid).ppid()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+            bit = 1 << (sig - 1)
+            assert _sigmask(spawner, "SigBlk") & bit and not _sigmask(spawner, "SigIgn") & bit, sig
+            assert pool.submit(tasks.square, 3).result(timeout=10) == 9  # the worker is set up
+            assert not _sigmask(worker.pid, "SigBlk") & bit and not _sigmask(worker.pid, "SigIgn") & bit, sig
+        os.kill(spawner, signal.SIGTERM)  # pending in the spawner, never delivered
+        assert _sigmask(spawner, "ShdPnd") & (1 << (signal.SIGTERM - 1))
+        assert pool.submit(tasks.square, 4).result(timeout=10) == 16
+        assert alive(spawner)

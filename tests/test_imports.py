@@ -1,0 +1,67 @@
+"""``import procpool`` is cheap: the public names load on first use (PEP 562), and the
+Manager's machinery waits for the first pool. Each check runs in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import procpool
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport json, sys; print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+HEAVY = {"multiprocessing.managers", "psutil", "concurrent.futures.process", "procpool.pool", "procpool.manager"}
+
+
+def test_import_procpool_loads_none_of_the_machinery():
+    loaded = _modules_after("import procpool")
+    assert not HEAVY & loaded, HEAVY & loaded
+    assert {m for m in loaded if m.startswith("procpool.")} == set()
+
+
+def test_a_pool_class_loads_the_pool_but_not_the_manager():
+    loaded = _modules_after("from procpool import WorkerPool")
+    assert "procpool.pool" in loaded
+    assert not {"multiprocessing.managers", "psutil", "procpool.manager"} & loaded
+
+
+def test_the_first_pool_loads_the_manager():
+    code = (
+        "import procpool\n"
+        "def main():\n"
+        "    with procpool.WorkerPool(min_workers=1, max_workers=1) as p:\n"
+        "        assert p.submit(abs, -3).result(timeout=20) == 3\n"
+        "if __name__ == '__main__':\n"
+        "    main()"
+    )
+    assert {"procpool.manager", "multiprocessing.managers"} <= _modules_after(code)
+
+
+def test_every_public_name_and_submodule_resolves():
+    for name in procpool.__all__:
+        assert getattr(procpool, name).__name__ == name
+        assert name in dir(procpool)
+    assert procpool.pool.WorkerPool is procpool.WorkerPool
+    assert procpool.manager.ManagerLock.__name__ == "ManagerLock"
+    assert issubclass(procpool.WorkerLost, procpool.ProcpoolError)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        procpool.nope  # noqa: B018
+    namespace: dict = {}
+    exec("from procpool import *", namespace)
+    assert set(procpool.__all__) <= set(namespace)
