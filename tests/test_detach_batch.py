@@ -8,16 +8,14 @@ SIGKILLed while its request waits for the lock leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import struct
 import threading
 
-import psutil
 import pytest
-from conftest import alive, title_of, wait_until
+from conftest import assert_program_left_nothing, run_program, title_of, wait_until
 
-import procpool
 from procpool import idtable, manager
 from procpool.idtable import DYING, FREE, IdTable
 
@@ -125,26 +123,81 @@ def _close_while_holding_attach(pool) -> tuple[threading.Thread, dict[int, int]]
     return closer, pids
 
 
-def test_worker_sigkilled_while_its_batched_detach_waits():
-    pool = procpool.WorkerPool(min_workers=4, max_workers=4)
-    assert all(w.pid for w in pool.workers())
-    pool._locks.attach.acquire()
-    released = False
-    try:
-        closer, pids = _close_while_holding_attach(pool)
-        os.kill(pids[2], signal.SIGKILL)
-        wait_until(lambda: not alive(pids[2]), what="victim gone")
+SIGKILLED_WHILE_BATCHED = """
+import json, os, signal, threading, procpool
+from conftest import alive, wait_until
+from test_detach_batch import _close_while_holding_attach
+pool = procpool.WorkerPool(min_workers=4, max_workers=4)
+assert all(w.pid for w in pool.workers())
+pool._locks.attach.acquire()
+released = False
+try:
+    closer, pids = _close_while_holding_attach(pool)
+    os.kill(pids[2], signal.SIGKILL)
+    wait_until(lambda: not alive(pids[2]), what="victim gone")
+    pool._locks.attach.release()
+    released = True
+    closer.join(20)
+    assert not closer.is_alive()
+finally:
+    if not released:
         pool._locks.attach.release()
-        released = True
-        closer.join(20)
-        assert not closer.is_alive()
-    finally:
-        if not released:
-            pool._locks.attach.release()
-    assert pool.completions <= 1
-    assert pool._locks.attach.broken == 0  # the batch held the lock, no dead owner to take over from
-    assert not any(alive(p) for p in pids.values())
-    assert pool.stats().nr_workers == 0
+print(json.dumps({"completions": pool.completions, "broken": pool._locks.attach.broken,
+                  "alive": [p for p in pids.values() if alive(p)], "workers": pool.stats().nr_workers}))
+"""
+
+
+def test_worker_sigkilled_while_its_batched_detach_waits():
+    # In a program of its own: its workers certainly have handed-over connections (a spawner
+    # replaced after a crash, as some other test of this process may cause, hands none over,
+    # and a worker waiting the stock way that dies in the queue leaves a dead owner behind).
+    proc, token = run_program(SIGKILLED_WHILE_BATCHED)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r["completions"] <= 1
+    assert r["broken"] == 0  # the batch held the lock, no dead owner to take over from
+    assert r["alive"] == [] and r["workers"] == 0
+    assert_program_left_nothing(proc, token)
+
+
+LAST_WORKER_OUT = """
+import json, os, signal, threading, time, psutil, procpool
+from conftest import alive, wait_until
+from procpool.idtable import FREE
+from test_detach_batch import _waiting
+pool = procpool.WorkerPool(min_workers=3, max_workers=3, faults="detach.before_lock@0=stop,detach.after@0=stop")
+pid0 = next(w.pid for w in pool.workers() if w.id == 0)
+table = pool._table
+closer = threading.Thread(target=pool.close)
+closer.start()
+r = {}
+try:
+    wait_until(lambda: psutil.Process(pid0).status() == psutil.STATUS_STOPPED, what="worker 0 stopped")
+    # The other two detach and leave; the teardown installs its completion for worker 0's id.
+    wait_until(lambda: table.nr_allocated() == 1 and _waiting(table) == 1, what="the teardown waits for its completion")
+    r["before"] = table.completions
+    os.kill(pid0, signal.SIGCONT)
+    wait_until(
+        lambda: table.slot(0).state == FREE and psutil.Process(pid0).status() == psutil.STATUS_STOPPED,
+        what="worker 0 detached and stopped again",
+    )
+    r["alive_when_completed"] = alive(pid0)
+    r["completed_while_alive"] = table.completions
+finally:
+    # Resume it as often as it stops, until it is gone: a stopped worker would hold the
+    # teardown (and this program) forever.
+    end = time.monotonic() + 30
+    while alive(pid0) and time.monotonic() < end:
+        try:
+            os.kill(pid0, signal.SIGCONT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+closer.join(30)
+r.update(closed=not closer.is_alive(), completions=pool.completions, broken=pool._locks.attach.broken,
+         gone=not alive(pid0))
+print(json.dumps(r))
+"""
 
 
 def test_last_worker_out_completes_through_the_batch():
@@ -152,27 +205,11 @@ def test_last_worker_out_completes_through_the_batch():
     # completion (one id still allocated) and waits. Worker 0, resumed, is the last one out,
     # and stops again once detached: the completion is there while it is still alive, so it
     # came through the batch, not from teardown's fallback (which needs every worker reaped).
-    pool = procpool.WorkerPool(min_workers=3, max_workers=3, faults="detach.before_lock@0=stop,detach.after@0=stop")
-    pid0 = next(w.pid for w in pool.workers() if w.id == 0)
-    table = pool._table
-    closer = threading.Thread(target=pool.close)
-    closer.start()
-    try:
-        wait_until(lambda: psutil.Process(pid0).status() == psutil.STATUS_STOPPED, what="worker 0 stopped")
-        wait_until(lambda: _waiting(table) == 1, what="the teardown waits for its completion")
-        assert table.nr_allocated() == 1 and table.completions == 0
-        os.kill(pid0, signal.SIGCONT)
-        wait_until(
-            lambda: table.slot(0).state == FREE and psutil.Process(pid0).status() == psutil.STATUS_STOPPED,
-            what="worker 0 detached and stopped again",
-        )
-        assert alive(pid0)
-        assert table.completions == 1
-    finally:
-        if alive(pid0):
-            os.kill(pid0, signal.SIGCONT)
-    closer.join(20)
-    assert not closer.is_alive()
-    assert pool.completions == 1
-    assert pool._locks.attach.broken == 0
-    assert not alive(pid0)
+    # In a program of its own: a fresh spawner hands every worker's connection over.
+    proc, token = run_program(LAST_WORKER_OUT)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r["before"] == 0
+    assert r["alive_when_completed"] and r["completed_while_alive"] == 1
+    assert r["closed"] and r["completions"] == 1 and r["broken"] == 0 and r["gone"]
+    assert_program_left_nothing(proc, token)

@@ -100,7 +100,7 @@ def assert_all_gone(program: int, pids: list[int], since: float) -> float:
 
 def _reap(proc: subprocess.Popen) -> None:
     proc.kill()
-    proc.wait(timeout=10)
+    proc.wait(timeout=60)
     if proc.stdout:
         proc.stdout.close()
 
@@ -119,7 +119,7 @@ def test_sigkilled_program_takes_its_busy_workers_spawner_and_manager_with_it(tm
         assert my_segments(proc.pid), "the program's id table should exist while it runs"
         since = time.monotonic()
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         assert_all_gone(proc.pid, helpers, since)
     finally:
         _reap(proc)
@@ -140,7 +140,7 @@ def test_signal_to_the_process_group_leaves_no_table_and_no_helper(tmp_path, sig
         assert my_segments(proc.pid)
         since = time.monotonic()
         os.killpg(proc.pid, sig)
-        assert proc.wait(timeout=10) == -sig
+        assert proc.wait(timeout=60) == -sig
         assert_all_gone(proc.pid, helpers, since)
     finally:
         _reap(proc)
@@ -228,7 +228,7 @@ def test_program_killed_before_the_spawners_answer_still_gets_its_cleanup(tmp_pa
         assert len(helpers) >= 1 + 64  # the spawner, its 64 workers (and the Manager)
         assert my_segments(proc.pid)
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         since = time.monotonic()
         os.kill(spawner.pid, signal.SIGCONT)  # its answer now meets a closed socket: EPIPE
         assert_all_gone(proc.pid, helpers, since)
@@ -407,7 +407,7 @@ def test_port_of_a_program_killed_with_a_pool_is_free_once_it_is_gone(tmp_path):
         port = int(proc.stdout.readline())
         assert proc.stdout.readline().strip() == "ready"
         proc.kill()
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)
         with socket.socket() as again:
             again.bind(("127.0.0.1", port))  # at once: nothing else held the listener
     finally:
