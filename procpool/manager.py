@@ -83,8 +83,10 @@ from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any
 
-from . import faults
+from . import _compat, faults
 from .errors import LOST
+from .procs import HELPER_IGNORES, close_quietly, reset_signals
+from .spawner import HANDOVER_MAX, get_spawner
 
 OWNER_POLL = 0.05
 
@@ -390,13 +392,13 @@ class ManagerLock:
             # The handed-over connection never reached the server (the spawner died before
             # passing it on), so the request was not seen: connect the stock way and retry.
             self._adopted = False
-            del self._proxy._tls.connection
+            _compat.proxy_drop_connection(self._proxy)
             return self._proxy.acquire(os.getpid(), timeout)
 
     def adopt_connection(self, fd: int) -> None:
         """Use ``fd``, a connection the spawner handed over to the server, for this lock's
         requests from this process (see the module docstring)."""
-        self._proxy._tls.connection = connection.Connection(fd)
+        _compat.proxy_adopt_connection(self._proxy, connection.Connection(fd))
         self._adopted = True
 
     def release(self) -> None:
@@ -416,13 +418,13 @@ class ManagerLock:
             return self._proxy.detach(table, created, wid, gen)
         except (EOFError, OSError):
             self._adopted = False
-            del self._proxy._tls.connection
+            _compat.proxy_drop_connection(self._proxy)
             raise
 
     @property
     def address(self) -> Any:
         """The address of the Manager server that holds this lock."""
-        return self._proxy._token.address
+        return _compat.proxy_token(self._proxy).address
 
     def owner(self) -> Owner | None:
         return self._proxy.owner()
@@ -446,15 +448,12 @@ class ManagerLock:
         # Rebuilt without an incref round trip to the Manager: the program's own proxy keeps
         # the lock alive, and a worker should not pay a connection at start for a lock it
         # only takes on its way out.
-        return (_rebuild_lock, (self._proxy._token, self.name))
+        return (_rebuild_lock, (_compat.proxy_token(self._proxy), self.name))
 
 
 def _rebuild_lock(token: Any, name: str) -> ManagerLock:
     return ManagerLock(_RobustLockProxy(token, "pickle", authkey=None, incref=False), name)
 
-
-#: Descriptors per handover message: a spawner batch's worth (SCM_RIGHTS allows 253).
-HANDOVER_MAX = 128
 
 _handover_fd = -1  # in the Manager server: its end of the spawner's handover channel
 
@@ -765,8 +764,6 @@ _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     """Runs in the Manager server process (a fork of the spawner) before it serves."""
     global _handover_fd
-    from .spawner import HELPER_IGNORES, reset_signals
-
     _handover_fd = handover_fd
     threading.excepthook = threading.__excepthook__  # the program's hook (pytest's, say) is not ours
 
@@ -787,11 +784,7 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     # inherited is our own (multiprocessing's pipes to the spawner, the handover channel,
     # alive_fd), stdio, or /dev/null standing in for a descriptor of the program the spawner
     # let go of (see procpool.spawner): nothing of the program's is held here.
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_quietly(close_fds)
 
     def watch() -> None:
         # The program holds the only write end: EOF means it is gone (even SIGKILLed).
@@ -826,22 +819,25 @@ def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], 
     finally:
         theirs.close()
     _servers.append(m)
-    return (m.address, m._process.pid), ours  # type: ignore[attr-defined]
-
-
-def hand_over(channel: socket.socket, fds: list[int]) -> None:
-    """In the spawner: pass the server's ends of new workers' connections to the server."""
-    for start in range(0, len(fds), HANDOVER_MAX):
-        socket.send_fds(channel, [b"h"], fds[start : start + HANDOVER_MAX])
+    return (m.address, _compat.manager_process(m).pid), ours
 
 
 def stop_servers() -> None:
     """In the spawner, on its way out: end the Manager servers it forked and reap them.
     SIGKILL: a server ignores SIGTERM (see _server_init) and has nothing to save."""
     for m in _servers:
-        proc = m._process  # type: ignore[attr-defined]
+        proc = _compat.manager_process(m)
         proc.kill()
         proc.join(2)
+
+
+class ManagerHost:
+    """How the spawner forks and stops the Manager server (procpool.spawner.ServerHost).
+    Sent to the spawner by reference with the "manager" request, so the spawner runs this
+    module's code without importing it: the import goes one way, manager -> spawner."""
+
+    start = staticmethod(start_server)
+    stop = staticmethod(stop_servers)
 
 
 _manager: _Manager | None = None
@@ -872,15 +868,13 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
     global _manager, _manager_pid, _manager_alive_w, _server
     from multiprocessing import current_process
 
-    from .spawner import get_spawner
-
     alive_r, alive_w = os.pipe()
     try:
         for attempt in range(2):
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r)
+                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost)
                 break
             except (EOFError, OSError):
                 if attempt:
