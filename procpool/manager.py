@@ -615,6 +615,7 @@ class _Server(Server):
             sel.close()
 
     def _handed_over_loop(self, channel: socket.socket, sel: selectors.BaseSelector) -> None:
+        """Serve until no connection (nor the channel) is left: one round per wake-up."""
         parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]] = {}
         while sel.get_map():
             # Only while someone is parked do we look at owners on our own (their deaths).
@@ -625,46 +626,54 @@ class _Server(Server):
             detaches: dict[_RobustLockServer, list[Detach]] = {}
             for key, _ in events:
                 if key.fileobj is channel:
-                    try:
-                        msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
-                    except OSError:
-                        msg, fds = b"", []
-                    for i, conn_fd in enumerate(fds):
-                        try:
-                            sel.register(connection.Connection(conn_fd), selectors.EVENT_READ)
-                        except BaseException:
-                            for rest in fds[i + 1 :]:
-                                os.close(rest)
-                            raise
-                    if not msg:  # the spawner is gone: serve what we hold, take no more
-                        sel.unregister(channel)
-                        channel.close()
-                    continue
-                conn = key.fileobj
-                parked = parked_in.pop(conn, None)
-                try:
-                    request = conn.recv()
-                except (EOFError, OSError):
-                    # The worker is gone. If it waited, forget its request; if it held a
-                    # lock, the next waiter takes over now rather than at the next poll.
-                    sel.unregister(conn)
-                    conn.close()
-                    if parked is not None:
-                        parked[0].unpark(parked[1])
-                    for lock in {lock for lock, _ in parked_in.values()}:
-                        lock.take_over_if_owner_died()
-                    continue
-                if self._answer(conn, request, parked_in, detaches):
-                    sel.unregister(conn)  # a server thread of its own serves it from now on
-            for lock, requests in detaches.items():
-                try:
-                    lock.detach(requests)
-                except Exception as exc:  # a fault point, say: those requests fail, not this thread
-                    for req in requests:
-                        _send_quietly(req.reply.conn, ("#ERROR", exc))
+                    self._take_handed_over(channel, sel)
+                else:
+                    self._on_request(key.fileobj, sel, parked_in, detaches)  # type: ignore[arg-type]
+            _perform_detach_round(detaches)
             if not events:
                 for lock in waiting:
                     lock.take_over_if_owner_died()
+
+    @staticmethod
+    def _take_handed_over(channel: socket.socket, sel: selectors.BaseSelector) -> None:
+        """Register the connections the spawner handed over; at its EOF, stop listening."""
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
+        except OSError:
+            msg, fds = b"", []
+        for i, conn_fd in enumerate(fds):
+            try:
+                sel.register(connection.Connection(conn_fd), selectors.EVENT_READ)
+            except BaseException:
+                close_quietly(fds[i + 1 :])
+                raise
+        if not msg:  # the spawner is gone: serve what we hold, take no more
+            sel.unregister(channel)
+            channel.close()
+
+    def _on_request(
+        self,
+        conn: connection.Connection,
+        sel: selectors.BaseSelector,
+        parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]],
+        detaches: dict[_RobustLockServer, list[Detach]],
+    ) -> None:
+        """Read one request of a handed-over connection and answer it (or park it)."""
+        parked = parked_in.pop(conn, None)
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            # The worker is gone. If it waited, forget its request; if it held a
+            # lock, the next waiter takes over now rather than at the next poll.
+            sel.unregister(conn)
+            conn.close()
+            if parked is not None:
+                parked[0].unpark(parked[1])
+            for lock in {lock for lock, _ in parked_in.values()}:
+                lock.take_over_if_owner_died()
+            return
+        if self._answer(conn, request, parked_in, detaches):
+            sel.unregister(conn)  # a server thread of its own serves it from now on
 
     def _answer(self, conn: connection.Connection, request: Any, parked_in: dict, detaches: dict) -> bool:
         """Answer (or park) one request of a handed-over connection, or add a detach to this
@@ -722,6 +731,16 @@ class _Server(Server):
             # excepthook (pytest installs one) can keep those alive, and the worker's socket
             # with them.
             conn.close()
+
+
+def _perform_detach_round(detaches: dict[_RobustLockServer, list[Detach]]) -> None:
+    """Perform one round's detach requests, lock by lock (one pass under each lock)."""
+    for lock, requests in detaches.items():
+        try:
+            lock.detach(requests)
+        except Exception as exc:  # a fault point, say: those requests fail, not this thread
+            for req in requests:
+                _send_quietly(req.reply.conn, ("#ERROR", exc))
 
 
 def _send_quietly(conn: connection.Connection, msg: Any) -> None:
