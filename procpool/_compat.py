@@ -13,8 +13,6 @@ Internals used elsewhere and not (yet) wrapped here, with their reason:
 * ``Future._state`` / ``Future._condition`` (procpool.future, procpool.workqueue): a future
   made without a fresh Condition per item, and a workqueue item put back to PENDING when its
   run is requeued; ``concurrent.futures`` has no public API for either.
-* ``multiprocessing.context.set_spawning_popen`` (procpool.calls): initargs pickled the way
-  multiprocessing pickles them for a child it starts (descriptors duplicated for inheritance).
 * ``multiprocessing.managers.Server.id_to_obj`` / ``serve_client`` (procpool.manager): the
   handover thread answers lock requests of handed-over connections itself.
 """
@@ -22,7 +20,8 @@ Internals used elsewhere and not (yet) wrapped here, with their reason:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -99,6 +98,26 @@ def forkserver_preload(ctx: Any, module: str) -> None:
     mods = list(getattr(server, "_preload_modules", ["__main__"]))
     if module not in mods:
         ctx.set_forkserver_preload(mods + [module])
+
+
+@contextmanager
+def spawning_popen(popen: Any) -> Iterator[None]:
+    """While in the block, pickle as multiprocessing does for a child it starts with ``popen``
+    (``multiprocessing.context.set_spawning_popen``): objects that may only reach a child
+    "through inheritance" call ``popen.duplicate_for_child`` for each descriptor they hold.
+    procpool.calls passes a stand-in that collects those descriptors for its workers."""
+    from multiprocessing import context
+
+    context.set_spawning_popen(popen)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        context.set_spawning_popen(None)  # type: ignore[attr-defined]
+
+
+def proxy_call(proxy: Any, method: str, args: tuple = ()) -> Any:
+    """``proxy._callmethod(method, args)``: documented, but typed as returning None."""
+    return proxy._callmethod(method, args)
 
 
 # -- multiprocessing.managers proxies (procpool.manager) -----------------------------------------

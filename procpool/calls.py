@@ -12,6 +12,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
+from . import _compat
 from .errors import CallNotPicklable
 from .protocol import PICKLE_PROTOCOL, InheritedFd, dumps, encode_work
 from .spawner import MAX_INHERITED
@@ -72,17 +73,15 @@ class _Inheritance:
 def _dumps_inherited(obj: Any) -> tuple[bytes, list[int]]:
     """Pickle ``obj`` as for a child being started; returns the pickle and the descriptors
     it refers to (the caller owns them)."""
-    from multiprocessing import context, reduction
+    from multiprocessing import reduction
 
     inheritance = _Inheritance()
-    context.set_spawning_popen(inheritance)
     try:
-        return bytes(reduction.ForkingPickler.dumps(obj, PICKLE_PROTOCOL)), inheritance.fds
+        with _compat.spawning_popen(inheritance):
+            return bytes(reduction.ForkingPickler.dumps(obj, PICKLE_PROTOCOL)), inheritance.fds
     except BaseException:
         inheritance.close()
         raise
-    finally:
-        context.set_spawning_popen(None)
 
 
 def _initarg_error(initializer: Callable[..., Any], initargs: tuple, exc: Exception) -> CallNotPicklable:

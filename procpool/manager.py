@@ -81,7 +81,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
-from typing import Any
+from typing import Any, cast
 
 from . import _compat, faults
 from .errors import LOST
@@ -349,10 +349,10 @@ class _RobustLockProxy(BaseProxy):
     _exposed_ = ("acquire", "release", "owner", "broken_count")
 
     def acquire(self, pid: int, timeout: float | None = None) -> bool:
-        return self._callmethod("acquire", (pid, timeout))
+        return _compat.proxy_call(self, "acquire", (pid, timeout))
 
     def release(self, pid: int) -> None:
-        self._callmethod("release", (pid,))
+        _compat.proxy_call(self, "release", (pid,))
 
     def _after_fork(self) -> None:
         # BaseProxy reconnects (incref) every proxy in every child that multiprocessing forks
@@ -361,14 +361,14 @@ class _RobustLockProxy(BaseProxy):
         self._manager = None
 
     def owner(self) -> Owner | None:
-        return self._callmethod("owner")
+        return _compat.proxy_call(self, "owner")
 
     def broken_count(self) -> int:
-        return self._callmethod("broken_count")
+        return _compat.proxy_call(self, "broken_count")
 
     def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
         # Answered by the handover thread only (handed-over connections): not in _exposed_.
-        return self._callmethod("detach", (table, created, wid, gen))
+        return _compat.proxy_call(self, "detach", (table, created, wid, gen))
 
 
 class ManagerLock:
@@ -502,6 +502,9 @@ class _Server(Server):
     """The stock server, plus the connections the spawner hands over, and bounded
     unauthenticated connections (module docstring)."""
 
+    listener: Any  # I: set by Server.__init__ (typeshed does not declare these two)
+    authkey: bytes  # I
+
     def accepter(self) -> None:
         """Replaces the stock accepter (a thread per connection, no time limit): only this
         uid, at most HANDSHAKE_MAX authenticating at once, each read timed out."""
@@ -611,7 +614,7 @@ class _Server(Server):
             # spawner's next handover fails (it then stops handing over) and the workers
             # whose connections we held see them close: they connect the stock way.
             for key in list(sel.get_map().values()):
-                key.fileobj.close()
+                cast(Any, key.fileobj).close()  # every one registered is a socket or Connection
             sel.close()
 
     def _handed_over_loop(self, channel: socket.socket, sel: selectors.BaseSelector) -> None:
@@ -685,7 +688,8 @@ class _Server(Server):
             obj, methodname, args, kwds = None, None, (), {}
         if isinstance(obj, _RobustLockServer) and not kwds:
             if methodname == "detach" and len(args) == 4:
-                detaches.setdefault(obj, []).append(Detach(*args, reply=_Reply(conn)))
+                table, created, wid, gen = args
+                detaches.setdefault(obj, []).append(Detach(table, created, wid, gen, reply=_Reply(conn)))
                 return False
             if methodname == "acquire" and len(args) == 2 and args[1] is None:
                 grant = _grant(conn)

@@ -272,7 +272,7 @@ class Spawner:
                 self._lost = True
                 raise
 
-    def start_manager(self, alive_fd: int, host: type[ServerHost]) -> tuple[Any, int]:
+    def start_manager(self, alive_fd: int, host: ServerHost) -> tuple[Any, int]:
         """Have the spawner fork the program's Manager server with ``host``; returns its
         address and pid. ``alive_fd`` is the read end of a pipe only the program writes to:
         the server exits when it reads EOF there, i.e. when the program is gone, whatever
@@ -420,11 +420,13 @@ class ServerHost(Protocol):
     ``ManagerHost``, handed to it by reference in the "manager" request: the spawner never
     imports the Manager's module itself, so the two modules form no import cycle)."""
 
-    @staticmethod
-    def start(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]: ...
+    def start(self, alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
+        """Fork the server; its (address, pid) and the spawner's end of the handover channel."""
+        ...
 
-    @staticmethod
-    def stop() -> None: ...
+    def stop(self) -> None:
+        """Kill and reap the servers started."""
+        ...
 
 
 def _spawner_loop(sock: socket.socket, program: int) -> None:
@@ -466,7 +468,7 @@ class _SpawnerState:
         # Our end of the channel that hands workers' connections to the Manager we forked; None
         # when we did not fork it (a replacement spawner): workers then connect themselves.
         self.handover: socket.socket | None = None
-        self.host: type[ServerHost] | None = None  # how we forked the Manager server, if we did
+        self.host: ServerHost | None = None  # how we forked the Manager server, if we did
         self.pdeathsig = _pdeathsig_setter()
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
@@ -492,7 +494,8 @@ class _SpawnerState:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
         while True:
             try:
-                ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+                watched: list[Any] = [self.sock, self.wake_r]
+                ready, _, _ = select.select(watched, [], [])
             except InterruptedError:
                 continue
             if self.wake_r in ready:
@@ -533,7 +536,7 @@ class _SpawnerState:
             self.spawn(specs, sys_path, fds, inherited)
         return True
 
-    def start_manager(self, host: type[ServerHost], alive_fd: int) -> None:
+    def start_manager(self, host: ServerHost, alive_fd: int) -> None:
         answer: Any
         try:
             # The Manager closes every descriptor of ours it inherits (they are the
@@ -657,26 +660,14 @@ def _kill_workers(status_w: dict[int, int]) -> None:
         kill_quietly(pid)
 
 
-def _program_gone(program: int, status_w: dict[int, int], host: type[ServerHost] | None) -> None:
+def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None) -> None:
     """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
     unlink any id table of its that teardown did not (a killed program's), stop the Manager
     server this process forked, reap them all (our children: nobody else would) and leave.
     Every wait here is bounded: os._exit comes whatever happens."""
     try:
         _kill_workers(status_w)
-        from .idtable import SHM_DIR, segment_prefix
-
-        prefix = f"{segment_prefix()}{program}-"
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(prefix):
-                path = os.path.join(SHM_DIR, name)
-                try:
-                    # Only our own: anyone may plant a name under our prefix (as root we
-                    # could remove it, but it is not ours to remove).
-                    if os.lstat(path).st_uid == os.geteuid():
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        _unlink_tables_of(program)
     finally:
         try:
             if host is not None:
@@ -684,6 +675,24 @@ def _program_gone(program: int, status_w: dict[int, int], host: type[ServerHost]
             _reap_killed(status_w, timeout=2.0)
         finally:
             os._exit(0)
+
+
+def _unlink_tables_of(program: int) -> None:
+    """Unlink what ``program`` left in /dev/shm under its prefix (id tables, its workqueue
+    segment): only files of our own, since anyone may plant a name under our prefix (as root
+    we could remove it, but it is not ours to remove)."""
+    from .shmfile import SHM_DIR, segment_prefix
+
+    prefix = f"{segment_prefix()}{program}-"
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.lstat(path).st_uid == os.geteuid():
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _reap_killed(status_w: dict[int, int], timeout: float) -> None:

@@ -121,17 +121,16 @@ def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
         fn, args, kwargs, tag = decode_call(payload)
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
         return unpicklable_call_answer(exc)
-    if titles is None:
-        tag = None
-    if tag is not None:
-        titles.set(f"{titles.base}+{tag}")
+    shown = titles if tag is not None else None  # a tagged item shows in the title
+    if shown is not None:
+        shown.set(f"{shown.base}+{tag}")
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
         return error_answer(exc)
     finally:
-        if tag is not None:
-            titles.set(f"{titles.base}-{tag}")
+        if shown is not None:
+            shown.set(f"{shown.base}-{tag}")
     return value_answer(fn, value)
 
 

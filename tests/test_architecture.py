@@ -102,7 +102,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_function_level_and_type_checking_imports():
     # The checker itself: it must see the imports that hide inside functions.
     graph = import_graph()
-    assert "procpool.idtable" in graph["procpool.spawner"]  # imported inside _program_gone
+    assert "procpool.shmfile" in graph["procpool.spawner"]  # imported inside _unlink_tables_of
     assert "procpool.worker" in graph["procpool.spawner"]  # imported inside _child
     assert "procpool.spawner" in graph["procpool.manager"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
