@@ -1,55 +1,26 @@
 """Pickling a call in the submitting thread, so that a call which cannot cross the process
-boundary fails there, with an error naming the part that cannot be pickled.
+boundary fails there, with an error naming the part that cannot be pickled; and pickling a
+pool's initializer once, with the descriptors its arguments need the workers to inherit.
 
-Wire format of a work message: see procpool.worker."""
+The bytes themselves (the work message, the function-pickle cache) are procpool.protocol's.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
-import types
 from collections.abc import Callable
 from typing import Any
 
+from . import _compat
 from .errors import CallNotPicklable
+from .protocol import PICKLE_PROTOCOL, InheritedFd, dumps, encode_work
 from .spawner import MAX_INHERITED
-from .worker import FN_CACHE_MAX, FN_LEN, PICKLE_PROTOCOL, SEQ_BYTES, InheritedFd
 
 #: Descriptors an initializer's arguments may hold (they ride in every spawn request, beside
 #: each worker's own three; SCM_RIGHTS carries at most 253). A Queue holds 2, a shared Value or
 #: Array 1 (its arena); a Lock, Event or Semaphore none (reopened by name).
 MAX_INHERITED_FDS = MAX_INHERITED
-
-# Module-level functions -> their part of a call: length + pickle, a reference (module and
-# name) that never changes. Only plain functions pickled by plain pickle are kept: a bound method or a partial carries
-# state that may change between submits, and cloudpickle pickles a closure by value.
-_function_pickles: dict[Callable[..., Any], bytes] = {}
-_CACHEABLE = (types.FunctionType, types.BuiltinFunctionType)
-
-
-@functools.cache
-def cloudpickle_module() -> Any:
-    """The cloudpickle module if it is installed (the optional extra), else None."""
-    try:
-        import cloudpickle
-    except ImportError:
-        return None
-    return cloudpickle
-
-
-def dumps(obj: Any) -> bytes:
-    """Plain pickle; cloudpickle only where plain pickle fails (lambdas, closures, functions
-    of an interactive ``__main__``) and it is installed. Plain pickle stays first because it is
-    faster and pickles functions by reference, as the worker expects to import them. A worker
-    loads cloudpickle's output with plain pickle, as long as it can import cloudpickle."""
-    try:
-        return pickle.dumps(obj, PICKLE_PROTOCOL)
-    except Exception:
-        cp = cloudpickle_module()
-        if cp is None:
-            raise
-        return cp.dumps(obj, PICKLE_PROTOCOL)
 
 
 def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> CallNotPicklable:
@@ -63,35 +34,12 @@ def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Cal
     return CallNotPicklable(f"{where}: the call cannot be pickled: {exc}")
 
 
-def function_part(fn: Callable[..., Any]) -> bytes:
-    """``fn``'s part of the wire format (4-byte length + its pickle), from the cache when it
-    is a plain module-level function."""
-    if type(fn) not in _CACHEABLE:
-        return _with_length(dumps(fn))
-    part = _function_pickles.get(fn)
-    if part is None:
-        try:
-            data = pickle.dumps(fn, PICKLE_PROTOCOL)
-        except Exception:
-            return _with_length(dumps(fn))  # a lambda or a closure: by value, with cloudpickle, never kept
-        if len(_function_pickles) >= FN_CACHE_MAX:
-            _function_pickles.clear()
-        part = _function_pickles[fn] = _with_length(data)
-    return part
-
-
-def _with_length(data: bytes) -> bytes:
-    return FN_LEN.pack(len(data)) + data
-
-
 def dumps_call(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
-    """Pickle one call in the caller's thread (wire format: see procpool.worker); on failure,
+    """Pickle one call in the caller's thread (procpool.protocol.encode_work); on failure,
     name the part that failed. A ``tag`` (a workqueue's name) rides along for the worker's
     title."""
     try:
-        fn_part = function_part(fn)
-        rest = dumps((args, kwargs) if tag is None else (args, kwargs, tag))
-        return b"".join((seq.to_bytes(SEQ_BYTES, "little"), fn_part, rest))
+        return encode_work(seq, fn, args, kwargs, tag)
     except Exception as exc:
         parts: list[tuple[str, Any]] = [(f"function {fn!r}", fn)]
         parts += [(f"argument {i} ({type(a).__name__})", a) for i, a in enumerate(args)]
@@ -125,17 +73,15 @@ class _Inheritance:
 def _dumps_inherited(obj: Any) -> tuple[bytes, list[int]]:
     """Pickle ``obj`` as for a child being started; returns the pickle and the descriptors
     it refers to (the caller owns them)."""
-    from multiprocessing import context, reduction
+    from multiprocessing import reduction
 
     inheritance = _Inheritance()
-    context.set_spawning_popen(inheritance)
     try:
-        return bytes(reduction.ForkingPickler.dumps(obj, PICKLE_PROTOCOL)), inheritance.fds
+        with _compat.spawning_popen(inheritance):
+            return bytes(reduction.ForkingPickler.dumps(obj, PICKLE_PROTOCOL)), inheritance.fds
     except BaseException:
         inheritance.close()
         raise
-    finally:
-        context.set_spawning_popen(None)
 
 
 def _initarg_error(initializer: Callable[..., Any], initargs: tuple, exc: Exception) -> CallNotPicklable:

@@ -39,13 +39,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from . import _compat
 from .errors import CallNotPicklable
 from .future import new_future
 from .pool import WorkerPool
@@ -66,7 +66,7 @@ def _on_interpreter_shutdown() -> None:
 # threading's own exit hooks run when the main thread finishes, before atexit's: the moment
 # concurrent.futures uses, so code that submits from an atexit handler sees the same error.
 try:
-    threading._register_atexit(_on_interpreter_shutdown)  # type: ignore[attr-defined]
+    _compat.register_shutdown_hook(_on_interpreter_shutdown)
 except RuntimeError:  # imported while the interpreter already shuts down
     _interpreter_shutdown = True
 

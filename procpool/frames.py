@@ -1,8 +1,7 @@
-"""Reading many messages per system call from a worker's pipe.
+"""Reading many messages per system call from a worker's pipe, and writing a batch whole.
 
-The wire framing is multiprocessing.Connection's (a 4-byte big-endian signed length, or -1
-and an 8-byte length for huge messages), so either side may still write with
-``Connection.send_bytes``. What changes is reading: ``Connection.recv_bytes`` makes two
+The framing is procpool.protocol's (multiprocessing.Connection's), so either side may still
+write with ``Connection.send_bytes``. What changes is reading: ``Connection.recv_bytes`` makes two
 system calls per message, which at tens of thousands of small items per second is most of
 the parent's time. A ``FrameReader`` reads whatever the pipe holds in one call and hands
 back every complete message in it; several results, or a batch of work items, cost one read.
@@ -12,20 +11,12 @@ from __future__ import annotations
 
 import os
 import select
-import struct
 import time
 
-_SHORT = struct.Struct("!i")
-_LONG = struct.Struct("!Q")
+from .protocol import frame as frame
+from .protocol import split_frames
+
 CHUNK = 64 * 1024  # below malloc's mmap threshold: os.read allocates this much per call
-
-
-def frame(payload: bytes) -> bytes:
-    """One message, framed as Connection.send_bytes would frame it."""
-    n = len(payload)
-    if n > 0x7FFFFFFF:
-        return _SHORT.pack(-1) + _LONG.pack(n) + payload
-    return _SHORT.pack(n) + payload
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -53,24 +44,7 @@ class FrameReader:
 
     def pop_ready(self) -> list[bytes]:
         """Every complete message already buffered (no system call)."""
-        out = []
-        buf = self._buf
-        pos, end = 0, len(buf)
-        while end - pos >= 4:
-            (n,) = _SHORT.unpack_from(buf, pos)
-            head = 4
-            if n == -1:
-                if end - pos < 12:
-                    break
-                (n,) = _LONG.unpack_from(buf, pos + 4)
-                head = 12
-            if end - pos - head < n:
-                break
-            out.append(bytes(buf[pos + head : pos + head + n]))
-            pos += head + n
-        if pos:
-            del buf[:pos]
-        return out
+        return split_frames(self._buf)
 
     def read_ready(self) -> list[bytes]:
         """One read (the caller knows the fd is readable), then every complete message.

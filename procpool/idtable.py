@@ -32,33 +32,46 @@ program dies first (even SIGKILLed), its spawner, which outlives it by design fo
 such clean-up (see procpool.spawner).
 
 /dev/shm is shared by every local user, so nothing here trusts a name in it (see README,
-Security). Every file is created under a private, unpredictable temporary name with
-``O_CREAT|O_EXCL|O_NOFOLLOW`` (mode 0600), filled, then published: a table by ``link`` to its
-name (fails if the name exists; never follows it), the workqueue segment by ``rename`` over
-its own previous version. If a table's name is taken by something that is not ours (another
-user's file, a symlink, a FIFO...), the table takes another name under the same prefix
-(``procpool-<uid>-<pid>-<pool>-<random>``), which readers find by listing. Readers
-(``attach``, ``read_snapshot``) open with ``O_NOFOLLOW|O_NONBLOCK`` and accept only a regular
+Security); how files are created and read safely there is procpool.shmfile's. A table is
+published by ``link`` to its name (fails if the name exists; never follows it). If a table's
+name is taken by something that is not ours (another user's file, a symlink, a FIFO...), the
+table takes another name under the same prefix (``procpool-<uid>-<pid>-<pool>-<random>``),
+which readers find by listing. Readers (``attach``, ``read_snapshot``) accept only a regular
 file of this uid whose size is what its header says; ``read_snapshot`` (``procpool ps``)
-checks every field and reports what it skipped, and why, instead of raising.
+checks every field and reports what it skipped, and why, instead of raising. The program's
+workqueue segment, which ``read_snapshot`` reads too, is procpool.wqsegment's.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import mmap
 import os
-import stat
 import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .shmfile import OPEN_FLAGS as OPEN_FLAGS
+from .shmfile import (
+    SHM_DIR,
+    BadSegment,
+    check_ours,
+    classify,
+    create_private,
+    finite_time,
+    link_new,
+    list_segments,
+    read_ours,
+    unlink_name,
+)
+from .shmfile import segment_prefix as segment_prefix
+from .wqsegment import is_wq_segment as is_wq_segment
+from .wqsegment import read_wq, wq_segment_name
+from .wqsegment import write_workqueues as write_workqueues
+
 MAGIC = b"PROCPOOL"
 #: 2: the header grew the helper pids and the pool's counters (``PoolCounters``).
 VERSION = 2
-SHM_DIR = "/dev/shm"
 
 #: The most workers one pool may have (``WorkerPool`` refuses a larger ``max_workers``).
 #: Each worker is an OS process with its own interpreter (tens of MiB), so 4096 is already far
@@ -68,9 +81,6 @@ SHM_DIR = "/dev/shm"
 MAX_WORKERS = 4096
 #: Kernel's PID_MAX_LIMIT (4M): no pid is larger, whatever /proc/sys/kernel/pid_max says.
 PID_LIMIT = 1 << 22
-#: A workqueue segment larger than this is not one of ours (a few hundred bytes per workqueue).
-WQ_MAX_BYTES = 4 << 20
-_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 # Slot states. The numeric values are part of the on-disk format read by `procpool ps`.
 FREE, STARTING, IDLE, BUSY, DYING = range(5)
@@ -132,17 +142,8 @@ assert _COUNTERS.size == len(PoolCounters.__dataclass_fields__) * 8
 assert _OFF_COUNTERS + _COUNTERS.size <= HEADER_SIZE
 
 
-class BadSegment(Exception):
-    """A name under our prefix in /dev/shm that is not a valid procpool segment of ours; the
-    message says why (for ``procpool ps``'s one-line note)."""
-
-
 def segment_name(owner_pid: int, pool_id: int) -> str:
     return f"procpool-{os.getuid()}-{owner_pid}-{pool_id}"
-
-
-def segment_prefix() -> str:
-    return f"procpool-{os.getuid()}-"
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class IdTable:
         docstring)."""
         base = segment_name(os.getpid(), pool_id)
         size = HEADER_SIZE + SLOT_SIZE * capacity
-        tmp, fd = _create_private(base)
+        tmp, fd = create_private(base)
         try:
             try:
                 os.ftruncate(fd, size)
@@ -197,21 +198,21 @@ class IdTable:
                 os.close(fd)
             _HEADER.pack_into(m, 0, MAGIC, VERSION, pool_id, os.getpid(), capacity, 0, 0, time.time())
             try:
-                name = _link_new(tmp, base)
+                name = link_new(tmp, base)
             except BaseException:
                 m.close()
                 raise
         finally:
-            _unlink_quietly(tmp)
+            unlink_name(tmp)
         return cls(memoryview(m), name, m)
 
     @classmethod
     def attach(cls, name: str, writable: bool = True) -> IdTable:
         """Map an existing segment by name (workers). Only a regular file of this user whose
         size matches its header is accepted (ValueError otherwise)."""
-        fd = os.open(os.path.join(SHM_DIR, name), (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS)
+        fd = os.open(os.path.join(SHM_DIR, name), (os.O_RDWR if writable else os.O_RDONLY) | OPEN_FLAGS)
         try:
-            size = _check_ours(os.fstat(fd), name)
+            size = check_ours(os.fstat(fd), name)
             if size < HEADER_SIZE:
                 raise ValueError(f"{name}: {size} bytes is too short for a procpool id table")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -227,7 +228,7 @@ class IdTable:
     def destroy(self) -> None:
         """Release and unlink the segment (parent, at the end of teardown)."""
         self.close()
-        _unlink_quietly(self.name)
+        unlink_name(self.name)
 
     def close(self) -> None:
         """Unmap without unlinking (workers, readers)."""
@@ -340,146 +341,6 @@ class IdTable:
         return _HEADER.unpack_from(self._buf, 0)[-1]
 
 
-def list_segments() -> list[str]:
-    """Names under this user's procpool prefix in /dev/shm (anyone can create such a name:
-    what a name holds is checked when it is read)."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    prefix = segment_prefix()
-    return sorted(n for n in names if n.startswith(prefix))
-
-
-def _unlink_quietly(name: str) -> None:
-    try:
-        os.unlink(os.path.join(SHM_DIR, name))
-    except FileNotFoundError:
-        pass
-
-
-# -- creating files no one else can redirect -------------------------------------------------
-
-
-def _random_suffix() -> str:
-    return os.urandom(8).hex()
-
-
-def _create_private(stem: str) -> tuple[str, int]:
-    """Create ``<stem>-<random>.tmp`` for writing, exclusively (never an existing file, never
-    through a symlink), mode 0600. Returns (name, descriptor)."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(16):
-        name = f"{stem}-{_random_suffix()}.tmp"
-        try:
-            return name, os.open(os.path.join(SHM_DIR, name), flags, 0o600)
-        except FileExistsError:
-            continue  # 64 random bits taken: someone is guessing; draw again
-    raise FileExistsError(f"procpool: could not create a private file under {SHM_DIR}/{stem}-*")
-
-
-def _is_ours(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-
-
-def _link_new(tmp: str, base: str) -> str:
-    """Give the private file ``tmp`` the name ``base``, or, if that name is taken by something
-    that is not ours, ``base-<random>``. Returns the name it got. ``link`` fails on any
-    existing name (a symlink included) instead of following or replacing it."""
-    src = os.path.join(SHM_DIR, tmp)
-    try:
-        os.link(src, os.path.join(SHM_DIR, base))
-        return base
-    except FileExistsError:
-        pass
-    try:
-        st = os.lstat(os.path.join(SHM_DIR, base))
-    except FileNotFoundError:
-        st = None
-    if st is None or _is_ours(st):
-        # Left by an earlier process with our pid whose clean-up never ran (its spawner was
-        # killed too): the pid is ours now, so the table is stale. (In the sticky /dev/shm
-        # nobody else can replace a file of ours between the lstat and the unlink.)
-        _unlink_quietly(base)
-        try:
-            os.link(src, os.path.join(SHM_DIR, base))
-            return base
-        except FileExistsError:
-            pass
-    for _ in range(16):
-        name = f"{base}-{_random_suffix()}"
-        try:
-            os.link(src, os.path.join(SHM_DIR, name))
-            return name
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"procpool: every name tried for {SHM_DIR}/{base} is taken")
-
-
-def _check_ours(st: os.stat_result, name: str) -> int:
-    """The size of an open segment, if it is a regular file of this user; else ValueError."""
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{name} is not a regular file ({_kind(st.st_mode)})")
-    if st.st_uid != os.geteuid():
-        raise ValueError(f"{name} belongs to uid {st.st_uid}, not to this user ({os.geteuid()})")
-    return st.st_size
-
-
-def _kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return kind
-    return f"mode {mode:o}"
-
-
-def _read_ours(name: str, max_bytes: int) -> bytes:
-    """The whole content of ``name`` in /dev/shm, if it is a regular file of this user of at
-    most ``max_bytes``; else BadSegment. Never blocks (a FIFO is refused before it is opened,
-    and opened O_NONBLOCK should one be swapped in), never follows a symlink, and reads with
-    ``pread`` rather than a mapping (a file truncated under a mapping raises SIGBUS)."""
-    path = os.path.join(SHM_DIR, name)
-    try:
-        before = os.lstat(path)
-        if not _is_ours(before):
-            _check_ours(before, "it")  # raises, saying why
-        fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise BadSegment(_reason(exc)) from None
-    try:
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
-            raise BadSegment("replaced while being read")
-        try:
-            size = _check_ours(st, "it")
-        except ValueError as exc:
-            raise BadSegment(str(exc)) from None
-        if size > max_bytes:
-            raise BadSegment(f"{size} bytes, more than any procpool segment ({max_bytes})")
-        data = os.pread(fd, size, 0)
-        if len(data) != size:
-            raise BadSegment(f"changed size while being read ({len(data)} of {size} bytes)")
-        return data
-    except OSError as exc:
-        raise BadSegment(_reason(exc)) from None
-    finally:
-        os.close(fd)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"cannot open: {exc.strerror}"
-    return str(exc)
-
-
 # -- reading for observers (procpool ps) -------------------------------------------------------
 
 
@@ -499,16 +360,12 @@ class TableInfo:
     freed: dict[int, int] = field(default_factory=dict)
 
 
-def _finite_time(value: float) -> bool:
-    return math.isfinite(value) and value >= 0
-
-
 def read_table(name: str) -> TableInfo:
     """Read and check one id table; BadSegment says what is wrong with it (FileNotFoundError:
     it vanished, a pool closing). Every field is checked: the magic and version, a capacity
     within MAX_CAPACITY and a size that matches it, owner pid within 1..PID_LIMIT, finite
     times, known slot states and flags, slot pids within 0..PID_LIMIT (0: not started yet)."""
-    data = _read_ours(name, HEADER_SIZE + SLOT_SIZE * MAX_CAPACITY)
+    data = read_ours(name, HEADER_SIZE + SLOT_SIZE * MAX_CAPACITY)
     if len(data) < HEADER_SIZE:
         raise BadSegment(f"{len(data)} bytes, too short for a procpool id table")
     magic, version, pool_id, owner_pid, capacity, _waiting, _completed, created = _HEADER.unpack_from(data, 0)
@@ -522,14 +379,14 @@ def read_table(name: str) -> TableInfo:
         raise BadSegment(f"{len(data)} bytes, but its header says {capacity} slots")
     if not 0 < owner_pid < PID_LIMIT:
         raise BadSegment(f"owner pid {owner_pid} is not a pid")
-    if not _finite_time(created):
+    if not finite_time(created):
         raise BadSegment(f"creation time {created!r} is not a time")
     counters = PoolCounters(*_COUNTERS.unpack_from(data, _OFF_COUNTERS))
     for key, value in vars(counters).items():
         if key.endswith("_pid"):
             if not 0 <= value < PID_LIMIT:
                 raise BadSegment(f"{key.replace('_', ' ')} {value} is not a pid")
-        elif not _finite_time(value):  # a count (unsigned already) or CPU seconds
+        elif not finite_time(value):  # a count (unsigned already) or CPU seconds
             raise BadSegment(f"counter {key} is {value!r}, not a count")
     slots = []
     freed: dict[int, int] = {}
@@ -545,7 +402,7 @@ def read_table(name: str) -> TableInfo:
             raise BadSegment(f"slot {wid}: unknown flags {s.flags:#x}")
         if not 0 <= s.pid < PID_LIMIT:
             raise BadSegment(f"slot {wid}: pid {s.pid} is not a pid")
-        if not _finite_time(s.since):
+        if not finite_time(s.since):
             raise BadSegment(f"slot {wid}: time {s.since!r} is not a time")
         slots.append(s)
     return TableInfo(name, pool_id, owner_pid, capacity, created, slots, counters, freed)
@@ -577,7 +434,7 @@ def read_snapshot(names: list[str] | None = None) -> Snapshot:
                 continue
             if kind != "wq" or owner is None:
                 raise BadSegment("not a procpool segment name")
-            entries, mtime = _read_wq(name)
+            entries, mtime = read_wq(name)
             # Two names for one program only while it moves to a new one: the newest wins.
             if mtime >= wq_mtime.get(owner, -1.0):
                 wq_mtime[owner] = mtime
@@ -588,139 +445,6 @@ def read_snapshot(names: list[str] | None = None) -> Snapshot:
             snap.skipped.append((name, str(exc)))
     snap.tables.sort(key=lambda t: (t.owner_pid, t.pool_id))
     return snap
-
-
-def classify(name: str) -> tuple[str, int | None]:
-    """What a name under our prefix claims to be: ('table' | 'wq' | 'tmp' | 'other', owner pid
-    from the name or None). Only a claim: the content is checked when read."""
-    rest = name[len(segment_prefix()) :] if name.startswith(segment_prefix()) else None
-    if rest is None:
-        return "other", None
-    if rest.endswith(".tmp"):
-        return "tmp", None
-    pid_text, _, tail = rest.partition("-")
-    owner = int(pid_text) if pid_text.isdigit() and pid_text.isascii() else None
-    if tail == WQ_SUFFIX[1:] or tail.startswith(WQ_SUFFIX[1:] + "-"):
-        return "wq", owner
-    return "table", owner
-
-
-# -- the workqueues of a program, for `procpool ps` ------------------------------------------------
-#
-# One more small segment per program, ``procpool-<uid>-<owner pid>-wq``: a JSON list with one
-# object per live workqueue (name, attributes, the ids of the pools it holds, and its
-# statistics, see procpool.workqueue), rewritten whole (a private temporary file renamed over
-# it, so a reader sees the old or the new content, never half) when a workqueue is made, moved
-# or destroyed and, while its numbers change, every few tenths of a second; unlinked when the
-# program has no workqueue. If that name is taken by something that is not ours, the segment
-# is ``...-wq-<random>`` instead. Unlinked by the spawner like the id tables if the program
-# dies first (it shares their prefix).
-
-WQ_SUFFIX = "-wq"
-
-# The name this process publishes its workqueues under, once chosen: (pid, name). Guarded by
-# the caller's lock (procpool.workqueue's _publish_lock: one write at a time).
-_wq_name: tuple[int, str] | None = None
-
-
-def wq_segment_name(owner_pid: int) -> str:
-    return f"{segment_prefix()}{owner_pid}{WQ_SUFFIX}"
-
-
-def is_wq_segment(name: str) -> bool:
-    return classify(name)[0] in ("wq", "tmp")
-
-
-def write_workqueues(entries: list[dict]) -> None:
-    """Publish this program's workqueues (none: unlink). Never raises OSError: the numbers are
-    for observers, a failure to show them must not fail a workqueue. Callers serialize."""
-    global _wq_name
-    pid = os.getpid()
-    name = _wq_name[1] if _wq_name is not None and _wq_name[0] == pid else wq_segment_name(pid)
-    try:
-        if not entries:
-            _unlink_quietly(name)
-            return
-        tmp, fd = _create_private(wq_segment_name(pid))
-        try:
-            try:
-                data = json.dumps(entries).encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError("short write")
-            finally:
-                os.close(fd)
-            name = _replace_ours(tmp, name)
-        finally:
-            _unlink_quietly(tmp)
-        _wq_name = (pid, name)
-    except OSError:
-        pass
-
-
-def _replace_ours(tmp: str, name: str) -> str:
-    """Rename ``tmp`` over ``name`` if ``name`` is absent or ours; otherwise over a new name of
-    our own (``...-wq-<random>``, found by readers by listing). Returns the name used."""
-    path = os.path.join(SHM_DIR, name)
-    try:
-        st: os.stat_result | None = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is None or _is_ours(st):
-        try:
-            # rename replaces the name itself, never what a symlink there points to; in the
-            # sticky /dev/shm it fails (EPERM) on another user's name, unless we are root.
-            os.rename(os.path.join(SHM_DIR, tmp), path)
-            return name
-        except (PermissionError, IsADirectoryError):
-            pass
-    new = f"{wq_segment_name(os.getpid())}-{_random_suffix()}"
-    try:
-        # link, not rename: it fails rather than replace a name someone planted meanwhile.
-        os.link(os.path.join(SHM_DIR, tmp), os.path.join(SHM_DIR, new))
-    except FileExistsError:
-        raise OSError(f"{new} is taken") from None
-    return new
-
-
-def _check_wq_entry(e: Any) -> str | None:
-    """Why a workqueue entry read from a segment is malformed, or None if it is well formed."""
-    if not isinstance(e, dict):
-        return f"an entry is a {type(e).__name__}, not an object"
-    if not isinstance(e.get("name"), str):
-        return "an entry has no string 'name'"
-    pools = e.get("pools")
-    if not isinstance(pools, list) or not all(type(p) is int and p >= 0 for p in pools):
-        return f"workqueue {e['name']!r}: 'pools' is not a list of pool ids"
-    for key in ("started", "in_flight", "completed", "cpu_intensive", "cm_wakeups", "mayday", "rescued"):
-        v = e.get(key, 0)
-        if type(v) is not int or v < 0:
-            return f"workqueue {e['name']!r}: {key!r} is {v!r}, not a count"
-    v = e.get("cpu_time", 0.0)
-    if type(v) not in (int, float) or not _finite_time(v):
-        return f"workqueue {e['name']!r}: 'cpu_time' is {v!r}, not a number of seconds"
-    if not isinstance(e.get("rescuer", False), bool):
-        return f"workqueue {e['name']!r}: 'rescuer' is not true or false"
-    return None
-
-
-def _read_wq(name: str) -> tuple[list[dict[str, Any]], float]:
-    path = os.path.join(SHM_DIR, name)
-    data = _read_ours(name, WQ_MAX_BYTES)
-    try:
-        mtime = os.lstat(path).st_mtime
-    except FileNotFoundError:
-        mtime = 0.0
-    try:
-        entries = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise BadSegment(f"not a workqueue segment: {type(exc).__name__}") from None
-    if not isinstance(entries, list):
-        raise BadSegment(f"not a workqueue segment: a JSON {type(entries).__name__}, not a list")
-    for e in entries:
-        why = _check_wq_entry(e)
-        if why is not None:
-            raise BadSegment(why)
-    return entries, mtime
 
 
 def read_workqueues(owner_pid: int) -> list[dict]:

@@ -81,10 +81,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
-from typing import Any
+from typing import Any, cast
 
-from . import faults
+from . import _compat, faults
 from .errors import LOST
+from .procs import HELPER_IGNORES, close_quietly, reset_signals
+from .spawner import HANDOVER_MAX, get_spawner
 
 OWNER_POLL = 0.05
 
@@ -347,10 +349,10 @@ class _RobustLockProxy(BaseProxy):
     _exposed_ = ("acquire", "release", "owner", "broken_count")
 
     def acquire(self, pid: int, timeout: float | None = None) -> bool:
-        return self._callmethod("acquire", (pid, timeout))
+        return _compat.proxy_call(self, "acquire", (pid, timeout))
 
     def release(self, pid: int) -> None:
-        self._callmethod("release", (pid,))
+        _compat.proxy_call(self, "release", (pid,))
 
     def _after_fork(self) -> None:
         # BaseProxy reconnects (incref) every proxy in every child that multiprocessing forks
@@ -359,14 +361,14 @@ class _RobustLockProxy(BaseProxy):
         self._manager = None
 
     def owner(self) -> Owner | None:
-        return self._callmethod("owner")
+        return _compat.proxy_call(self, "owner")
 
     def broken_count(self) -> int:
-        return self._callmethod("broken_count")
+        return _compat.proxy_call(self, "broken_count")
 
     def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
         # Answered by the handover thread only (handed-over connections): not in _exposed_.
-        return self._callmethod("detach", (table, created, wid, gen))
+        return _compat.proxy_call(self, "detach", (table, created, wid, gen))
 
 
 class ManagerLock:
@@ -390,13 +392,13 @@ class ManagerLock:
             # The handed-over connection never reached the server (the spawner died before
             # passing it on), so the request was not seen: connect the stock way and retry.
             self._adopted = False
-            del self._proxy._tls.connection
+            _compat.proxy_drop_connection(self._proxy)
             return self._proxy.acquire(os.getpid(), timeout)
 
     def adopt_connection(self, fd: int) -> None:
         """Use ``fd``, a connection the spawner handed over to the server, for this lock's
         requests from this process (see the module docstring)."""
-        self._proxy._tls.connection = connection.Connection(fd)
+        _compat.proxy_adopt_connection(self._proxy, connection.Connection(fd))
         self._adopted = True
 
     def release(self) -> None:
@@ -416,13 +418,13 @@ class ManagerLock:
             return self._proxy.detach(table, created, wid, gen)
         except (EOFError, OSError):
             self._adopted = False
-            del self._proxy._tls.connection
+            _compat.proxy_drop_connection(self._proxy)
             raise
 
     @property
     def address(self) -> Any:
         """The address of the Manager server that holds this lock."""
-        return self._proxy._token.address
+        return _compat.proxy_token(self._proxy).address
 
     def owner(self) -> Owner | None:
         return self._proxy.owner()
@@ -446,15 +448,12 @@ class ManagerLock:
         # Rebuilt without an incref round trip to the Manager: the program's own proxy keeps
         # the lock alive, and a worker should not pay a connection at start for a lock it
         # only takes on its way out.
-        return (_rebuild_lock, (self._proxy._token, self.name))
+        return (_rebuild_lock, (_compat.proxy_token(self._proxy), self.name))
 
 
 def _rebuild_lock(token: Any, name: str) -> ManagerLock:
     return ManagerLock(_RobustLockProxy(token, "pickle", authkey=None, incref=False), name)
 
-
-#: Descriptors per handover message: a spawner batch's worth (SCM_RIGHTS allows 253).
-HANDOVER_MAX = 128
 
 _handover_fd = -1  # in the Manager server: its end of the spawner's handover channel
 
@@ -502,6 +501,9 @@ def _shut(conn: connection.Connection) -> None:
 class _Server(Server):
     """The stock server, plus the connections the spawner hands over, and bounded
     unauthenticated connections (module docstring)."""
+
+    listener: Any  # I: set by Server.__init__ (typeshed does not declare these two)
+    authkey: bytes  # I
 
     def accepter(self) -> None:
         """Replaces the stock accepter (a thread per connection, no time limit): only this
@@ -612,10 +614,11 @@ class _Server(Server):
             # spawner's next handover fails (it then stops handing over) and the workers
             # whose connections we held see them close: they connect the stock way.
             for key in list(sel.get_map().values()):
-                key.fileobj.close()
+                cast(Any, key.fileobj).close()  # every one registered is a socket or Connection
             sel.close()
 
     def _handed_over_loop(self, channel: socket.socket, sel: selectors.BaseSelector) -> None:
+        """Serve until no connection (nor the channel) is left: one round per wake-up."""
         parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]] = {}
         while sel.get_map():
             # Only while someone is parked do we look at owners on our own (their deaths).
@@ -626,46 +629,54 @@ class _Server(Server):
             detaches: dict[_RobustLockServer, list[Detach]] = {}
             for key, _ in events:
                 if key.fileobj is channel:
-                    try:
-                        msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
-                    except OSError:
-                        msg, fds = b"", []
-                    for i, conn_fd in enumerate(fds):
-                        try:
-                            sel.register(connection.Connection(conn_fd), selectors.EVENT_READ)
-                        except BaseException:
-                            for rest in fds[i + 1 :]:
-                                os.close(rest)
-                            raise
-                    if not msg:  # the spawner is gone: serve what we hold, take no more
-                        sel.unregister(channel)
-                        channel.close()
-                    continue
-                conn = key.fileobj
-                parked = parked_in.pop(conn, None)
-                try:
-                    request = conn.recv()
-                except (EOFError, OSError):
-                    # The worker is gone. If it waited, forget its request; if it held a
-                    # lock, the next waiter takes over now rather than at the next poll.
-                    sel.unregister(conn)
-                    conn.close()
-                    if parked is not None:
-                        parked[0].unpark(parked[1])
-                    for lock in {lock for lock, _ in parked_in.values()}:
-                        lock.take_over_if_owner_died()
-                    continue
-                if self._answer(conn, request, parked_in, detaches):
-                    sel.unregister(conn)  # a server thread of its own serves it from now on
-            for lock, requests in detaches.items():
-                try:
-                    lock.detach(requests)
-                except Exception as exc:  # a fault point, say: those requests fail, not this thread
-                    for req in requests:
-                        _send_quietly(req.reply.conn, ("#ERROR", exc))
+                    self._take_handed_over(channel, sel)
+                else:
+                    self._on_request(key.fileobj, sel, parked_in, detaches)  # type: ignore[arg-type]
+            _perform_detach_round(detaches)
             if not events:
                 for lock in waiting:
                     lock.take_over_if_owner_died()
+
+    @staticmethod
+    def _take_handed_over(channel: socket.socket, sel: selectors.BaseSelector) -> None:
+        """Register the connections the spawner handed over; at its EOF, stop listening."""
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(channel, 16, HANDOVER_MAX)
+        except OSError:
+            msg, fds = b"", []
+        for i, conn_fd in enumerate(fds):
+            try:
+                sel.register(connection.Connection(conn_fd), selectors.EVENT_READ)
+            except BaseException:
+                close_quietly(fds[i + 1 :])
+                raise
+        if not msg:  # the spawner is gone: serve what we hold, take no more
+            sel.unregister(channel)
+            channel.close()
+
+    def _on_request(
+        self,
+        conn: connection.Connection,
+        sel: selectors.BaseSelector,
+        parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]],
+        detaches: dict[_RobustLockServer, list[Detach]],
+    ) -> None:
+        """Read one request of a handed-over connection and answer it (or park it)."""
+        parked = parked_in.pop(conn, None)
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            # The worker is gone. If it waited, forget its request; if it held a
+            # lock, the next waiter takes over now rather than at the next poll.
+            sel.unregister(conn)
+            conn.close()
+            if parked is not None:
+                parked[0].unpark(parked[1])
+            for lock in {lock for lock, _ in parked_in.values()}:
+                lock.take_over_if_owner_died()
+            return
+        if self._answer(conn, request, parked_in, detaches):
+            sel.unregister(conn)  # a server thread of its own serves it from now on
 
     def _answer(self, conn: connection.Connection, request: Any, parked_in: dict, detaches: dict) -> bool:
         """Answer (or park) one request of a handed-over connection, or add a detach to this
@@ -677,7 +688,8 @@ class _Server(Server):
             obj, methodname, args, kwds = None, None, (), {}
         if isinstance(obj, _RobustLockServer) and not kwds:
             if methodname == "detach" and len(args) == 4:
-                detaches.setdefault(obj, []).append(Detach(*args, reply=_Reply(conn)))
+                table, created, wid, gen = args
+                detaches.setdefault(obj, []).append(Detach(table, created, wid, gen, reply=_Reply(conn)))
                 return False
             if methodname == "acquire" and len(args) == 2 and args[1] is None:
                 grant = _grant(conn)
@@ -725,6 +737,16 @@ class _Server(Server):
             conn.close()
 
 
+def _perform_detach_round(detaches: dict[_RobustLockServer, list[Detach]]) -> None:
+    """Perform one round's detach requests, lock by lock (one pass under each lock)."""
+    for lock, requests in detaches.items():
+        try:
+            lock.detach(requests)
+        except Exception as exc:  # a fault point, say: those requests fail, not this thread
+            for req in requests:
+                _send_quietly(req.reply.conn, ("#ERROR", exc))
+
+
 def _send_quietly(conn: connection.Connection, msg: Any) -> None:
     try:
         conn.send(msg)
@@ -765,8 +787,6 @@ _Manager.register("RobustLock", _RobustLockServer, proxytype=_RobustLockProxy)
 def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     """Runs in the Manager server process (a fork of the spawner) before it serves."""
     global _handover_fd
-    from .spawner import HELPER_IGNORES, reset_signals
-
     _handover_fd = handover_fd
     threading.excepthook = threading.__excepthook__  # the program's hook (pytest's, say) is not ours
 
@@ -787,11 +807,7 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     # inherited is our own (multiprocessing's pipes to the spawner, the handover channel,
     # alive_fd), stdio, or /dev/null standing in for a descriptor of the program the spawner
     # let go of (see procpool.spawner): nothing of the program's is held here.
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_quietly(close_fds)
 
     def watch() -> None:
         # The program holds the only write end: EOF means it is gone (even SIGKILLed).
@@ -826,22 +842,25 @@ def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], 
     finally:
         theirs.close()
     _servers.append(m)
-    return (m.address, m._process.pid), ours  # type: ignore[attr-defined]
-
-
-def hand_over(channel: socket.socket, fds: list[int]) -> None:
-    """In the spawner: pass the server's ends of new workers' connections to the server."""
-    for start in range(0, len(fds), HANDOVER_MAX):
-        socket.send_fds(channel, [b"h"], fds[start : start + HANDOVER_MAX])
+    return (m.address, _compat.manager_process(m).pid), ours
 
 
 def stop_servers() -> None:
     """In the spawner, on its way out: end the Manager servers it forked and reap them.
     SIGKILL: a server ignores SIGTERM (see _server_init) and has nothing to save."""
     for m in _servers:
-        proc = m._process  # type: ignore[attr-defined]
+        proc = _compat.manager_process(m)
         proc.kill()
         proc.join(2)
+
+
+class ManagerHost:
+    """How the spawner forks and stops the Manager server (procpool.spawner.ServerHost).
+    Sent to the spawner by reference with the "manager" request, so the spawner runs this
+    module's code without importing it: the import goes one way, manager -> spawner."""
+
+    start = staticmethod(start_server)
+    stop = staticmethod(stop_servers)
 
 
 _manager: _Manager | None = None
@@ -872,15 +891,13 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
     global _manager, _manager_pid, _manager_alive_w, _server
     from multiprocessing import current_process
 
-    from .spawner import get_spawner
-
     alive_r, alive_w = os.pipe()
     try:
         for attempt in range(2):
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r)
+                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost)
                 break
             except (EOFError, OSError):
                 if attempt:

@@ -52,7 +52,6 @@ import itertools
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
 import os
-import pickle
 import selectors
 import signal
 import threading
@@ -75,26 +74,15 @@ from .errors import (
     ItemTimeout,
     PoolBroken,
     PoolClosed,
-    RemoteTraceback,
-    ResultNotUnpicklable,
     WorkerLost,
 )
 from .frames import FrameReader, frame, write_all
 from .future import new_future
 from .idtable import FLAG_DIE, MAX_WORKERS, IdTable, PoolCounters, capacity_for
+from .protocol import DIE, WorkerSpec, decode_result, dying_title, worker_title
 from .spawner import get_spawner, resolve_context, spawner_pid, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
-from .worker import (
-    CPU_TIME,
-    DIE,
-    INIT_FAILED,
-    RESULT_HEAD,
-    SEQ_BYTES,
-    WorkerSpec,
-    dying_title,
-    worker_title,
-)
 
 #: Idle workers kept regardless of load, and busy workers per extra idle one kept
 #: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
@@ -1155,22 +1143,14 @@ class WorkerPool(ConcurrencyManagement, Teardown):
         the futures, outside L."""
         answers: list[tuple[int, float, bool, Any]] = []
         for data in messages:
-            head = data[:SEQ_BYTES]
-            (cpu,) = CPU_TIME.unpack_from(data, SEQ_BYTES)
-            try:
-                ok, value, tb = pickle.loads(memoryview(data)[RESULT_HEAD:])
-            except BaseException as exc:  # noqa: BLE001 - whatever a result's __reduce__ raises fails only its item
-                ok, value, tb = False, ResultNotUnpicklable(f"the result could not be unpickled here: {exc!r}"), None
-                value.__cause__ = exc
-            if not ok and tb is not None and isinstance(value, BaseException):
-                value.__cause__ = RemoteTraceback(tb)
-            if head == INIT_FAILED:
+            seq, cpu, ok, value = decode_result(data)
+            if seq is None:  # INIT_FAILED
                 # Only ever a worker's first and last message (it then waits for DIE).
                 self._complete_answers(w, answers)
                 answers = []
                 self._on_init_failed(w, value)
                 continue
-            answers.append((int.from_bytes(head, "little"), cpu, ok, value))
+            answers.append((seq, cpu, ok, value))
         self._complete_answers(w, answers)
 
     def _complete_answers(self, w: _Worker, answers: list[tuple[int, float, bool, Any]]) -> None:

@@ -86,9 +86,10 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing import connection
-from typing import Any
+from typing import Any, Protocol
 
-from . import faults
+from . import _compat, faults
+from .procs import HELPER_IGNORES, WORKER_DEFAULTS, close_quietly, kill_quietly, reset_signals
 
 _LEN = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
@@ -101,19 +102,15 @@ FDS_PER_WORKER = 3
 MAX_INHERITED = 12
 #: The spawner's first word to a program that started it through multiprocessing.
 READY = b"ready"
-#: Signals the spawner and the Manager ignore: sent to the whole process group (Ctrl-C,
-#: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
-#: before it has cleaned up after the program (module docstring).
-HELPER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: ... of which these a worker takes at their defaults: the spawner blocks them instead of
-#: ignoring them, so that its workers inherit no ignored disposition (module docstring).
-WORKER_DEFAULTS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Descriptors per handover message (the server's ends of new workers' Manager connections,
+#: see procpool.manager): a spawner batch's worth (SCM_RIGHTS allows 253).
+HANDOVER_MAX = 128
 NOT_BOOTSTRAPPED = (
     "procpool's spawner exited before it was ready. This program runs threads, so the spawner "
     "is started through multiprocessing, which imports the main module again in the new "
     "process; if that import makes a pool (or starts a process) itself, it does so before the "
     "process is ready, and fails (the new process prints its traceback). "
-    "Put the main module's code that makes pools under `if __name__ == \"__main__\":` "
+    'Put the main module\'s code that makes pools under `if __name__ == "__main__":` '
     "(and call multiprocessing.freeze_support() there first in a frozen executable)."
 )
 
@@ -143,17 +140,11 @@ class WorkerProcess:
         else:
             # The spawner died before it could reap this worker: the worker may even be
             # alive, now an orphan. It has no future in this pool; make sure of that.
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_quietly(self.pid)
             self.exitcode = -signal.SIGKILL
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_quietly(self.pid)
 
     def close(self) -> None:
         if not self._closed:
@@ -184,27 +175,7 @@ class _ForkedSpawner:
                 time.sleep(0.005)
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def reset_signals() -> None:
-    """Back to the default disposition for every signal that has a Python handler, and no
-    wakeup fd: a process forked from the program (or from the spawner) must not run the
-    program's handlers — a worker that merely *records* SIGTERM would survive close()'s
-    escalation, and a Manager that does would outlive its stop."""
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:  # pragma: no cover - not the main thread
-        return
-    for sig in signal.valid_signals():
-        try:
-            if callable(signal.getsignal(sig)):
-                signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
+        kill_quietly(self.pid)
 
 
 def fork_is_safe() -> bool:
@@ -225,7 +196,7 @@ class Spawner:
     """
 
     def __init__(self, ctx: Any, allow_fork: bool = True) -> None:
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
+        if _compat.is_inheriting():
             # We are the main module being imported again by multiprocessing in a new process
             # (the fork server, or a spawner it started): a pool made here would start
             # processes from a process that is not ready, and its parent would only see a
@@ -238,9 +209,7 @@ class Spawner:
             # The spawner gets its end as a multiprocessing Connection (fd passing is built
             # into its start); it uses the raw socket underneath.
             theirs_conn = connection.Connection(theirs.detach())
-            self._proc = ctx.Process(
-                target=_spawner_main, args=(theirs_conn, os.getpid()), name="procpool-spawner"
-            )
+            self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn, os.getpid()), name="procpool-spawner")
             try:
                 self._proc.start()
             finally:
@@ -281,7 +250,7 @@ class Spawner:
                 # Every descriptor of the program but stdio goes to /dev/null (module
                 # docstring: "Helpers hold only what they need").
                 _let_go_of(_open_fds() - {0, 1, 2, theirs.fileno()})
-                _forget_program_helpers()
+                _compat.forget_program_helpers()
                 _spawner_loop(theirs, os.getppid())
             finally:
                 os._exit(1)
@@ -303,11 +272,13 @@ class Spawner:
                 self._lost = True
                 raise
 
-    def start_manager(self, alive_fd: int) -> tuple[Any, int]:
-        """Have the spawner fork the program's Manager server; returns its address and pid.
-        ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
-        when it reads EOF there, i.e. when the program is gone, whatever became of us."""
-        answer = self._request(pickle.dumps(("manager", None, None), pickle.HIGHEST_PROTOCOL), [alive_fd])
+    def start_manager(self, alive_fd: int, host: ServerHost) -> tuple[Any, int]:
+        """Have the spawner fork the program's Manager server with ``host``; returns its
+        address and pid. ``alive_fd`` is the read end of a pipe only the program writes to:
+        the server exits when it reads EOF there, i.e. when the program is gone, whatever
+        became of us. ``host`` travels as a reference (a class): the spawner loads the
+        Manager's module then, and never imports it itself (no import cycle)."""
+        answer = self._request(pickle.dumps(("manager", host, None), pickle.HIGHEST_PROTOCOL), [alive_fd])
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -408,14 +379,9 @@ def _spawner_main(conn: connection.Connection, program: int) -> None:
     # resource tracker's. Held here they would keep the program's stop of either waiting.
     # (The other descriptors were opened in the fork server or in this process: not the
     # program's to miss.)
-    from multiprocessing import forkserver, resource_tracker
-
-    theirs = {
-        getattr(forkserver._forkserver, "_forkserver_alive_fd", None),
-        getattr(resource_tracker._resource_tracker, "_fd", None),
-    }
-    _let_go_of({fd for fd in theirs if isinstance(fd, int) and fd > 2} - {sock.fileno()})
-    _forget_program_helpers()
+    theirs = _compat.program_helper_fds()
+    _let_go_of({fd for fd in theirs if fd > 2} - {sock.fileno()})
+    _compat.forget_program_helpers()
     _send_frame(sock, READY)
     _spawner_loop(sock, program)
 
@@ -449,20 +415,18 @@ def _let_go_of(fds: set[int]) -> None:
             os.close(null)
 
 
-def _forget_program_helpers() -> None:
-    """Forget multiprocessing's handles on the program's fork server and resource tracker
-    (their pipes are /dev/null here now, and neither is our child): a worker whose code needs
-    one starts its own, as a process that never had one would."""
-    from multiprocessing import forkserver, resource_tracker
+class ServerHost(Protocol):
+    """What the spawner needs to fork and stop the program's Manager server (procpool.manager's
+    ``ManagerHost``, handed to it by reference in the "manager" request: the spawner never
+    imports the Manager's module itself, so the two modules form no import cycle)."""
 
-    fs = forkserver._forkserver
-    for attr in ("_forkserver_alive_fd", "_forkserver_pid", "_forkserver_address", "_inherited_fds"):
-        if hasattr(fs, attr):
-            setattr(fs, attr, None)
-    rt = resource_tracker._resource_tracker
-    for attr in ("_fd", "_pid"):
-        if hasattr(rt, attr):
-            setattr(rt, attr, None)
+    def start(self, alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
+        """Fork the server; its (address, pid) and the spawner's end of the handover channel."""
+        ...
+
+    def stop(self) -> None:
+        """Kill and reap the servers started."""
+        ...
 
 
 def _spawner_loop(sock: socket.socket, program: int) -> None:
@@ -482,45 +446,66 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_DEFAULTS)
     for sig in HELPER_IGNORES + (signal.SIGPIPE,):
         signal.signal(sig, signal.SIG_DFL if sig in WORKER_DEFAULTS else signal.SIG_IGN)
-    status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe (unreaped workers)
+    state = _SpawnerState(sock)
     try:
-        _serve(sock, status_w)
+        state.serve()
     except BaseException:
         if not _program_hung_up(sock):
             import traceback
 
             traceback.print_exc()  # a bug of ours, with the program alive: say so
-            _kill_workers(status_w)
+            _kill_workers(state.status_w)
             os._exit(1)
-    _program_gone(program, status_w)
+    _program_gone(program, state.status_w, state.host)
 
 
-def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
-    """The spawner's loop proper; returns when the program's socket closes, raises on any
-    error (an EPIPE on an answer, say)."""
-    # Import here, once, what a worker needs on its way out when it has to connect to the
-    # Manager itself (a replacement spawner hands no connections over): the handshake imports
-    # hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment,
-    # a teardown of many at once. (Usually no-ops: the program imported them already.)
-    import hashlib  # noqa: F401
-    import hmac  # noqa: F401
+class _SpawnerState:
+    """The spawner process's state and its request handlers (one thread: no lock)."""
 
-    import psutil
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.status_w: dict[int, int] = {}  # pid -> write end of that worker's status pipe (unreaped workers)
+        # Our end of the channel that hands workers' connections to the Manager we forked; None
+        # when we did not fork it (a replacement spawner): workers then connect themselves.
+        self.handover: socket.socket | None = None
+        self.host: ServerHost | None = None  # how we forked the Manager server, if we did
+        self.pdeathsig = _pdeathsig_setter()
+        self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
+        self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
 
-    from . import worker  # noqa: F401 - what every worker runs
-    from .manager import hand_over
+    def serve(self) -> None:
+        """The spawner's loop proper; returns when the program's socket closes, raises on any
+        error (an EPIPE on an answer, say)."""
+        # Import here, once, what a worker needs on its way out when it has to connect to the
+        # Manager itself (a replacement spawner hands no connections over): the handshake
+        # imports hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the
+        # worst moment, a teardown of many at once. (Usually no-ops: the program imported them.)
+        import hashlib  # noqa: F401
+        import hmac  # noqa: F401
 
-    psutil.boot_time()
-    pdeathsig = _pdeathsig_setter()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
-    # Our end of the channel that hands workers' connections to the Manager we forked; None
-    # when we did not fork it (a replacement spawner): workers then connect themselves.
-    handover: socket.socket | None = None
+        import psutil
 
-    def reap() -> None:
+        from . import worker  # noqa: F401 - what every worker runs
+
+        psutil.boot_time()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake select() through wake_w
+        while True:
+            try:
+                watched: list[Any] = [self.sock, self.wake_r]
+                ready, _, _ = select.select(watched, [], [])
+            except InterruptedError:
+                continue
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+                self.reap()
+            if self.sock in ready and not self.one_request():
+                return  # the program closed its socket: it exited, or was killed
+
+    def reap(self) -> None:
+        """Reap every worker that exited; write each one's exit status to its status pipe."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -528,58 +513,62 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
                 return
             if pid == 0:
                 return
-            fd = status_w.pop(pid, None)
-            if fd is not None:
-                try:
-                    os.write(fd, _STATUS.pack(os.waitstatus_to_exitcode(status)))
-                except OSError:
-                    pass
-                os.close(fd)
-
-    while True:
-        try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
-        except InterruptedError:
-            continue
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-            reap()
-        if sock not in ready:
-            continue
-        try:
-            payload, fds = _recv_frame_fds(sock, 1 + FDS_PER_WORKER * MAX_BATCH + MAX_INHERITED)
-        except EOFError:
-            return  # the program closed its socket: it exited, or was killed
-        kind, specs, sys_path, *more = pickle.loads(payload)
-        inherited = fds[len(fds) - more[0] :] if more and more[0] else []
-        if kind == "manager":
-            from .manager import start_server
-
-            answer: Any
+            fd = self.status_w.pop(pid, None)
+            if fd is None:
+                continue
             try:
-                # The Manager closes every descriptor of ours it inherits (they are the
-                # spawner's, not its own).
-                spawner_fds = [sock.fileno(), wake_r, wake_w, *status_w.values()]
-                answer, handover = start_server(fds[0], spawner_fds)
-            except Exception as exc:
-                answer = exc
-            os.close(fds[0])
-            _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
-            continue
-        completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
-        answer = []
-        # A Manager connection per worker, handed over to the server (see procpool.manager).
+                os.write(fd, _STATUS.pack(os.waitstatus_to_exitcode(status)))
+            except OSError:
+                pass
+            os.close(fd)
+
+    def one_request(self) -> bool:
+        """Read and answer one request; False at the program's EOF."""
+        try:
+            payload, fds = _recv_frame_fds(self.sock, 1 + FDS_PER_WORKER * MAX_BATCH + MAX_INHERITED)
+        except EOFError:
+            return False
+        kind, specs, sys_path, *more = pickle.loads(payload)
+        if kind == "manager":
+            self.start_manager(specs, fds[0])
+        else:
+            inherited = fds[len(fds) - more[0] :] if more and more[0] else []
+            self.spawn(specs, sys_path, fds, inherited)
+        return True
+
+    def start_manager(self, host: ServerHost, alive_fd: int) -> None:
+        answer: Any
+        try:
+            # The Manager closes every descriptor of ours it inherits (they are the
+            # spawner's, not its own).
+            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
+            answer, self.handover = host.start(alive_fd, spawner_fds)
+            self.host = host
+        except Exception as exc:
+            answer = exc
+        os.close(alive_fd)
+        _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+
+    def _manager_pairs(self, n: int) -> list[int]:
+        """A Manager connection per worker (both ends, flat), to hand over to the server (see
+        procpool.manager); none when we have no server or are out of descriptors (these
+        workers then connect the stock way)."""
         ours: list[int] = []
         try:
-            for _ in specs if handover is not None else ():
+            for _ in range(n if self.handover is not None else 0):
                 a, b = socket.socketpair()
                 ours += [a.detach(), b.detach()]
-        except OSError:  # out of descriptors: these workers connect the stock way
-            for fd in ours:
-                os.close(fd)
+        except OSError:
+            close_quietly(ours)
             ours = []
+        return ours
+
+    def spawn(self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int]) -> None:
+        """Fork one worker per spec; answer a pid, or the exception that refused it, per spec."""
+        completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
+        answer: list[int | BaseException] = []
+        ours = self._manager_pairs(len(specs))
         given: list[int] = []  # the server's ends of the workers that were forked
-        me = os.getpid()
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
             mgr = ours[2 * i] if ours else -1
@@ -589,39 +578,50 @@ def _serve(sock: socket.socket, status_w: dict[int, int]) -> None:
                 answer.append(exc)  # its descriptors are closed with the rest below
                 continue
             if pid == 0:
-                pdeathsig(me)
-                keep = {rx, tx, completion_fd, mgr, *inherited}
-                spec.inherited_fds = inherited
-                extra = [handover.fileno()] if handover is not None else []
-                for fd in [sock.fileno(), wake_r, wake_w, *extra, *status_w.values(), *fds, *ours]:
-                    if fd not in keep:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
-                _child(spec, rx, tx, completion_fd, sys_path, mgr)
-            status_w[pid] = sw
+                self._in_child(spec, (rx, tx, completion_fd, mgr), inherited, fds + ours, sys_path)
+            self.status_w[pid] = sw
             answer.append(pid)
             if ours:
                 given.append(ours[2 * i + 1])
-        if given:
-            try:
-                hand_over(handover, given)
-            except OSError:
-                # The server is gone (so is the program, soon): the workers' requests fail
-                # and their exit paths handle that as with any lost Manager.
-                handover.close()
-                handover = None
-        for fd in ours:
-            os.close(fd)
-        live = set(status_w.values())
-        for fd in fds:
-            if fd not in live:
-                os.close(fd)
+        self._hand_over(given)
+        close_quietly(ours)
+        live = set(self.status_w.values())
+        close_quietly(fd for fd in fds if fd not in live)
         if specs:
             faults.hit(specs[0].faults, "spawner.answer")
-        _send_frame(sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
-        reap()
+        _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+        self.reap()
+
+    def _in_child(
+        self,
+        spec: Any,
+        own: tuple[int, int, int, int],
+        inherited: list[int],
+        request_fds: list[int],
+        sys_path: list[str],
+    ) -> None:
+        """In a just-forked worker: keep its own descriptors, close the spawner's, become it."""
+        rx, tx, completion_fd, mgr = own
+        self.pdeathsig(self.pid)
+        keep = {rx, tx, completion_fd, mgr, *inherited}
+        spec.inherited_fds = inherited
+        extra = [self.handover.fileno()] if self.handover is not None else []
+        spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *extra, *self.status_w.values()]
+        close_quietly(fd for fd in spawner_fds + request_fds if fd not in keep)
+        _child(spec, rx, tx, completion_fd, sys_path, mgr)
+
+    def _hand_over(self, given: list[int]) -> None:
+        """Pass the server's ends of new workers' connections to the Manager server."""
+        if not given or self.handover is None:
+            return
+        try:
+            for start in range(0, len(given), HANDOVER_MAX):
+                socket.send_fds(self.handover, [b"h"], given[start : start + HANDOVER_MAX])
+        except OSError:
+            # The server is gone (so is the program, soon): the workers' requests fail
+            # and their exit paths handle that as with any lost Manager.
+            self.handover.close()
+            self.handover = None
 
 
 def _pdeathsig_setter() -> Callable[[int], None]:
@@ -657,40 +657,42 @@ def _kill_workers(status_w: dict[int, int]) -> None:
     """SIGKILL every worker not reaped yet: they belong to a dead program (or to one whose
     spawner is leaving; it treats them as lost either way)."""
     for pid in status_w:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_quietly(pid)
 
 
-def _program_gone(program: int, status_w: dict[int, int]) -> None:
+def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None) -> None:
     """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
     unlink any id table of its that teardown did not (a killed program's), stop the Manager
     server this process forked, reap them all (our children: nobody else would) and leave.
     Every wait here is bounded: os._exit comes whatever happens."""
     try:
         _kill_workers(status_w)
-        from .idtable import SHM_DIR, segment_prefix
-
-        prefix = f"{segment_prefix()}{program}-"
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(prefix):
-                path = os.path.join(SHM_DIR, name)
-                try:
-                    # Only our own: anyone may plant a name under our prefix (as root we
-                    # could remove it, but it is not ours to remove).
-                    if os.lstat(path).st_uid == os.geteuid():
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        _unlink_tables_of(program)
     finally:
         try:
-            from .manager import stop_servers
-
-            stop_servers()
+            if host is not None:
+                host.stop()
             _reap_killed(status_w, timeout=2.0)
         finally:
             os._exit(0)
+
+
+def _unlink_tables_of(program: int) -> None:
+    """Unlink what ``program`` left in /dev/shm under its prefix (id tables, its workqueue
+    segment): only files of our own, since anyone may plant a name under our prefix (as root
+    we could remove it, but it is not ours to remove)."""
+    from .shmfile import SHM_DIR, segment_prefix
+
+    prefix = f"{segment_prefix()}{program}-"
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.lstat(path).st_uid == os.geteuid():
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _reap_killed(status_w: dict[int, int], timeout: float) -> None:
@@ -713,7 +715,8 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
-        from .worker import Channel, _set_title, worker_main, worker_title
+        from .protocol import worker_title
+        from .worker import Channel, _set_title, worker_main
 
         if spec.faults:
             faults.hit(spec.faults, "worker.forked", spec.wid)
@@ -779,14 +782,7 @@ def resolve_context(mp_context: Any) -> Any:
 def _preload_into_forkserver(ctx: Any) -> None:
     # Importing procpool once in the fork server, not in the spawner it starts, is most of
     # that start. Keep whatever preload list the program set (default: ['__main__']).
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver
-    if getattr(server, "_forkserver_pid", None) is not None:
-        return  # already running; too late to change what it preloaded
-    mods = list(getattr(server, "_preload_modules", ["__main__"]))
-    if "procpool.worker" not in mods:
-        ctx.set_forkserver_preload(mods + ["procpool.worker"])
+    _compat.forkserver_preload(ctx, "procpool.worker")
 
 
 _spawner: Spawner | None = None

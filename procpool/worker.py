@@ -14,20 +14,7 @@ Nothing essential follows the detach, so the exit skips interpreter finalization
 worker costs the system one ``_exit``. The kworker/dying rename comes *before* the id is
 freed, so a new worker that takes the id at once never shares a title with a live process.
 
-Wire format on the worker's two pipes (work in, results out; the parent's ends stay in the parent):
-
-* parent → worker: ``DIE`` (one byte), or a work message: 8-byte little-endian item sequence
-  number + 4-byte length of the function's pickle + the function's pickle + pickle of
-  ``(args, kwargs)``, or of ``(args, kwargs, tag)`` for a workqueue's item (the tag goes in the
-  title, see Titles), all made in the submitting thread. The function travels apart so both
-  sides can cache it: the parent the pickle of a module-level function (a reference), the
-  worker the function loaded from those bytes;
-* worker → parent: the same 8 bytes + the item's CPU time in the worker (seconds, 8-byte
-  little-endian double: the workqueue statistics' CPU time; estimated for tiny items, see
-  CPU_ESTIMATE_BELOW) + pickle of ``(ok, value,
-  traceback_text)``. The sequence number stays outside the pickle so the parent knows which
-  item a message answers even when the rest cannot be unpickled; ``INIT_FAILED`` in its place
-  says the initializer raised.
+The wire format on the worker's two pipes is procpool.protocol's.
 
 The initializer (``WorkerSpec.initializer``) runs once, before the first item. If it raises,
 the worker sends ``INIT_FAILED`` + the error, ignores work until the parent's ``DIE`` (the
@@ -40,27 +27,30 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import faults
-from .errors import CallNotUnpicklable, ProcpoolError, ResultNotPicklable
+from ._compat import run_exit_finalizers
 from .frames import FrameReader
 from .idtable import BUSY, DYING, IDLE, IdTable
+from .protocol import (
+    DIE,
+    SEQ_BYTES,
+    AttachLock,
+    WorkerSpec,
+    decode_call,
+    encode_result,
+    error_answer,
+    inherited_fds,
+    init_failed,
+    unpicklable_call_answer,
+    value_answer,
+    worker_title,
+)
+from .protocol import dying_title as dying_title
 
-if TYPE_CHECKING:  # the spawner loads procpool.manager for its workers; the parent, for its first pool
-    from .manager import ManagerLock
-
-DIE = b"D"
-SEQ_BYTES = 8
-#: Sequence-number field of the message that reports a failed initializer (never an item's).
-INIT_FAILED = b"\xff" * SEQ_BYTES
-#: After the sequence number of a result: the CPU time its call took in the worker.
-CPU_TIME = struct.Struct("<d")
 #: The CPU clock is a system call (~0.6 µs here, a tenth of what a trivial item costs a
 #: worker); the wall clock is not. An item that took less wall time than CPU_ESTIMATE_BELOW is
 #: charged its wall time as CPU time (it had no time to sleep much); after any other item,
@@ -68,72 +58,14 @@ CPU_TIME = struct.Struct("<d")
 #: item what was measured since the last reading minus the estimates given out in between.
 CPU_ESTIMATE_BELOW = 50e-6
 CPU_READ_EVERY = 0.01
-RESULT_HEAD = SEQ_BYTES + CPU_TIME.size
-_NO_CPU = CPU_TIME.pack(0.0)
-PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-
-def worker_title(prefix: str, pool_id: int, wid: int) -> str:
-    return f"{prefix}/u{pool_id}:{wid}"
-
-
-def dying_title(prefix: str) -> str:
-    return f"{prefix}/dying"
-
-
-@dataclass
-class WorkerSpec:
-    """Everything a worker process is started with (pickled into it by multiprocessing)."""
-
-    pool_id: int
-    wid: int
-    gen: int
-    table_name: str
-    title_prefix: str
-    attach_lock: ManagerLock
-    # Set in the worker by the spawner from the descriptors it was handed:
-    conn: Any = None  # Channel: the worker's ends of its work and result pipes
-    completion: Any = None  # write end of the pool's detach completion pipe
-    linger_dying: float = 0.0
-    faults: faults.Spec = field(default_factory=dict)
-    # Pickle of (initializer, initargs), made once in the parent (with cloudpickle if plain
-    # pickle cannot): bytes, so the spawner, which unpickles specs, never imports user code.
-    initializer: bytes | None = None
-    # Set in the worker by the spawner: the descriptors the initializer's arguments refer to.
-    inherited_fds: list[int] = field(default_factory=list)
-    nice: int = 0  # added to the worker's niceness at start
-    cpus: frozenset[int] | None = None  # CPUs the worker binds itself to at start
-    title: str | None = None  # the whole title instead of worker_title() (a workqueue's rescuer)
-    spin: float = 0.0  # seconds to poll for the next item before sleeping (procpool.pool.SPIN)
-
-
-#: Descriptors this worker inherited for its pool's initializer (see procpool.calls
-#: _Inheritance), by index; set by the spawner as it forks the worker.
-_inherited_fds: list[int] = []
-
-
-class InheritedFd:
-    """In the pickle of an initializer's arguments, one descriptor the worker inherits: what
-    multiprocessing's ``reduction.DupFd`` becomes under procpool's stand-in for a Popen."""
-
-    def __init__(self, ind: int) -> None:
-        self.ind = ind
-
-    def detach(self) -> int:
-        """The inherited descriptor; the caller (a Connection being rebuilt) owns it now."""
-        fd = _inherited_fds[self.ind]
-        _inherited_fds[self.ind] = -1
-        if fd < 0:
-            raise ValueError(f"inherited descriptor {self.ind} was already taken")
-        return fd
 
 
 def _close_untaken_inherited() -> None:
     """After the initializer: descriptors nothing took are closed, so a pipe end the
     initializer dropped does not stay open in every worker."""
-    for i, fd in enumerate(_inherited_fds):
+    for i, fd in enumerate(inherited_fds):
         if fd >= 0:
-            _inherited_fds[i] = -1
+            inherited_fds[i] = -1
             try:
                 os.close(fd)
             except OSError:
@@ -164,21 +96,6 @@ class Channel:
         self.fileno = self.rx.fileno
 
 
-class RemoteError(ProcpoolError):
-    """A worker-side exception that could not be pickled back; carries its repr."""
-
-
-def _error_message(exc: BaseException, origin: BaseException | None = None) -> bytes:
-    """``(False, exc, traceback)`` pickled; the traceback is ``origin``'s when ``exc`` wraps it."""
-    tb = "".join(traceback.format_exception(origin or exc))
-    try:
-        return pickle.dumps((False, exc, tb), PICKLE_PROTOCOL)
-    except Exception:
-        # The exception itself (or something it holds) cannot cross the process boundary:
-        # send its repr instead, so the item still ends in an error that says what happened.
-        return pickle.dumps((False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)
-
-
 class Titles:
     """This worker's title, set only when it changes (setproctitle is on the hot path).
 
@@ -195,54 +112,26 @@ class Titles:
             self.current = title
 
 
-FN_LEN = struct.Struct("<I")
-#: Functions loaded from their pickles, by those bytes (a worker runs few distinct functions;
-#: the cache starts over when it holds this many).
-FN_CACHE_MAX = 256
-_functions: dict[bytes, Any] = {}
-
-
-def _load_function(payload: memoryview) -> tuple[Any, int]:
-    """The function of a work message's body, and where the rest of the body starts."""
-    (n,) = FN_LEN.unpack_from(payload)
-    end = FN_LEN.size + n
-    key = bytes(payload[FN_LEN.size : end])
-    fn = _functions.get(key)
-    if fn is None:
-        fn = pickle.loads(key)
-        if len(_functions) >= FN_CACHE_MAX:
-            _functions.clear()
-        _functions[key] = fn
-    return fn, end
-
-
 def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     """Unpickle and run one call; the answer, pickled. Three separate steps, so a failure to
     unpickle the call or to pickle the result ends as a TransferError subclass saying which
     (CallNotUnpicklable, ResultNotPicklable), not as a bare pickling error that would look like
     the function's own."""
     try:
-        fn, start = _load_function(payload)
-        call = pickle.loads(payload[start:])
-        args, kwargs = call[:2]
+        fn, args, kwargs, tag = decode_call(payload)
     except BaseException as exc:  # noqa: BLE001 - whatever a __reduce__ raises ends the item only
-        return _error_message(CallNotUnpicklable(f"the call could not be unpickled in the worker: {exc!r}"), exc)
-    tag = call[2] if len(call) > 2 and titles is not None else None
-    if tag is not None:
-        titles.set(f"{titles.base}+{tag}")
+        return unpicklable_call_answer(exc)
+    shown = titles if tag is not None else None  # a tagged item shows in the title
+    if shown is not None:
+        shown.set(f"{shown.base}+{tag}")
     try:
         value = fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - SystemExit in fn ends the item, not the worker
-        return _error_message(exc)
+        return error_answer(exc)
     finally:
-        if tag is not None:
-            titles.set(f"{titles.base}-{tag}")
-    try:
-        return pickle.dumps((True, value, None), PICKLE_PROTOCOL)
-    except BaseException as exc:  # noqa: BLE001
-        name = getattr(fn, "__qualname__", None) or repr(fn)
-        err = ResultNotPicklable(f"the result of {name} could not be pickled in the worker: {exc!r}")
-        return _error_message(err, exc)
+        if shown is not None:
+            shown.set(f"{shown.base}-{tag}")
+    return value_answer(fn, value)
 
 
 def _apply_attrs(spec: WorkerSpec) -> bytes | None:
@@ -254,7 +143,7 @@ def _apply_attrs(spec: WorkerSpec) -> bytes | None:
         if spec.cpus is not None:
             os.sched_setaffinity(0, spec.cpus)
     except OSError as exc:
-        return INIT_FAILED + _NO_CPU + _error_message(exc)
+        return init_failed(exc)
     return None
 
 
@@ -267,7 +156,7 @@ def _run_initializer(payload: bytes | None) -> bytes | None:
         fn, args = pickle.loads(payload)
         pickle.loads(fn)(*pickle.loads(args))
     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the worker must report it
-        return INIT_FAILED + _NO_CPU + _error_message(exc)
+        return init_failed(exc)
     return None
 
 
@@ -296,7 +185,7 @@ def worker_main(spec: WorkerSpec) -> None:
     conn = spec.conn
     recv, send = conn.recv_bytes, conn.send_bytes
     # Slot still 'starting' while these run; attributes first, so the initializer runs with them.
-    _inherited_fds[:] = spec.inherited_fds
+    inherited_fds[:] = spec.inherited_fds
     init_failed = _apply_attrs(spec) or _run_initializer(spec.initializer)
     _close_untaken_inherited()
     if init_failed is not None:
@@ -352,7 +241,7 @@ def worker_main(spec: WorkerSpec) -> None:
                 used = max(0.0, cpu_now - cpu_mark - given)
                 cpu_mark, wall_mark, given = cpu_now, now, 0.0
             t_prev = now
-            out = msg[:SEQ_BYTES] + CPU_TIME.pack(used) + answer
+            out = encode_result(msg, used, answer)
             table.add_done(wid)
             if i == last:
                 table.set_state(wid, IDLE)
@@ -375,10 +264,9 @@ def _flush_queues() -> None:
     the normal way does, since our ``os._exit`` skips that. Bounded by QUEUE_FLUSH_TIMEOUT,
     unlike multiprocessing's own join, which waits for a reader forever."""
     import threading
-    from multiprocessing import util
 
     try:
-        util._run_finalizers(0)  # type: ignore[attr-defined] - Queue's close: the feeder's sentinel
+        run_exit_finalizers()  # Queue's close: the feeder's sentinel
     except Exception:
         pass
     deadline = time.monotonic() + QUEUE_FLUSH_TIMEOUT
@@ -419,7 +307,7 @@ def exit_path(spec: WorkerSpec, table: IdTable) -> None:
     _exit(0)
 
 
-def _locked_detach(spec: WorkerSpec, table: IdTable, lock: ManagerLock) -> None:
+def _locked_detach(spec: WorkerSpec, table: IdTable, lock: AttachLock) -> None:
     """Detach holding the attach lock ourselves: free our id, maybe complete the teardown."""
     try:
         lock.acquire()

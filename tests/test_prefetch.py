@@ -113,17 +113,17 @@ def test_spin_is_validated():
 def test_function_pickles_are_cached_only_where_they_cannot_change():
     # Module-level functions travel as cached references; a bound method carries its
     # instance's state, and a closure (cloudpickle) its cells: both must be pickled afresh.
-    from procpool import calls
+    from procpool import protocol
 
     counter = tasks.Counter()
     with procpool.WorkerPool(1, 1) as pool:
         assert pool.submit(tasks.square, 3).result(timeout=30) == 9
-        assert tasks.square in calls._function_pickles
+        assert tasks.square in protocol._function_pickles
         assert pool.submit(tasks.square, 4).result(timeout=30) == 16
         for value in (1, 2, 3):
             counter.value = value
             assert pool.submit(counter.get).result(timeout=30) == value
-        assert not any(isinstance(k, type(counter.get)) for k in calls._function_pickles)
+        assert not any(isinstance(k, type(counter.get)) for k in protocol._function_pickles)
         try:
             import cloudpickle  # noqa: F401
         except ImportError:

@@ -1,0 +1,151 @@
+"""Every use procpool makes of CPython's private internals, each with the reason.
+
+A new CPython may rename or drop any of these; this module is where to look when it does.
+Each helper degrades to a documented fallback when the internal is missing, unless noted.
+Users (grep for ``_compat.``): procpool.worker (exit finalizers), procpool.spawner
+(multiprocessing's helper processes), procpool.manager (proxy internals), procpool.executor
+(interpreter-shutdown hook).
+
+Internals used elsewhere and not (yet) wrapped here, with their reason:
+
+* ``concurrent.futures.process._RemoteTraceback`` (procpool.errors): subclassed so code that
+  checks ``type(exc.__cause__)`` against it holds for procpool's futures too.
+* ``Future._state`` / ``Future._condition`` (procpool.future, procpool.workqueue): a future
+  made without a fresh Condition per item, and a workqueue item put back to PENDING when its
+  run is requeued; ``concurrent.futures`` has no public API for either.
+* ``multiprocessing.managers.Server.id_to_obj`` / ``serve_client`` (procpool.manager): the
+  handover thread answers lock requests of handed-over connections itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def run_exit_finalizers() -> None:
+    """Run multiprocessing's exit finalizers now (``util._run_finalizers(0)``): a worker leaves
+    through ``os._exit``, which skips them, and a Queue's finalizer is what tells its feeder
+    thread to flush what it buffered. Missing: nothing is flushed (items' logs may be lost)."""
+    from multiprocessing import util
+
+    run = getattr(util, "_run_finalizers", None)
+    if run is not None:
+        run(0)
+
+
+def register_shutdown_hook(fn: Callable[[], None]) -> None:
+    """Call ``fn`` when the interpreter shuts down, *before* non-daemon threads are joined
+    (``threading._register_atexit``, as concurrent.futures does): an ``atexit`` hook would run
+    after that join, too late to stop a pool whose threads it waits for. Missing: atexit."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:
+        import atexit
+
+        atexit.register(fn)
+    else:
+        register(fn)
+
+
+def is_inheriting() -> bool:
+    """Is this process a multiprocessing child still importing its main module
+    (``current_process()._inheriting``)? A pool made then cannot start anything."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+def program_helper_fds() -> set[int]:
+    """The descriptors multiprocessing hands every child of the program: the fork server's
+    "alive" pipe and the resource tracker's pipe (``forkserver._forkserver``,
+    ``resource_tracker._resource_tracker``). A spawner lets go of them (procpool.spawner)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    fds = {
+        getattr(getattr(forkserver, "_forkserver", None), "_forkserver_alive_fd", None),
+        getattr(getattr(resource_tracker, "_resource_tracker", None), "_fd", None),
+    }
+    return {fd for fd in fds if isinstance(fd, int)}
+
+
+def forget_program_helpers() -> None:
+    """Make multiprocessing forget the program's fork server and resource tracker in this
+    process (a spawner, whose copies of their pipes point at /dev/null): a worker that needs
+    one then starts its own, as a process that never had one would."""
+    from multiprocessing import forkserver, resource_tracker
+
+    fs = getattr(forkserver, "_forkserver", None)
+    for attr in ("_forkserver_alive_fd", "_forkserver_pid", "_forkserver_address", "_inherited_fds"):
+        if hasattr(fs, attr):
+            setattr(fs, attr, None)
+    rt = getattr(resource_tracker, "_resource_tracker", None)
+    for attr in ("_fd", "_pid"):
+        if hasattr(rt, attr):
+            setattr(rt, attr, None)
+
+
+def forkserver_preload(ctx: Any, module: str) -> None:
+    """Add ``module`` to what the fork server imports before it forks, keeping the program's
+    own list (``_preload_modules``; default ``['__main__']``), unless the server runs already
+    (``_forkserver_pid``): too late then."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return
+    mods = list(getattr(server, "_preload_modules", ["__main__"]))
+    if module not in mods:
+        ctx.set_forkserver_preload(mods + [module])
+
+
+@contextmanager
+def spawning_popen(popen: Any) -> Iterator[None]:
+    """While in the block, pickle as multiprocessing does for a child it starts with ``popen``
+    (``multiprocessing.context.set_spawning_popen``): objects that may only reach a child
+    "through inheritance" call ``popen.duplicate_for_child`` for each descriptor they hold.
+    procpool.calls passes a stand-in that collects those descriptors for its workers."""
+    from multiprocessing import context
+
+    context.set_spawning_popen(popen)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        context.set_spawning_popen(None)  # type: ignore[attr-defined]
+
+
+def proxy_call(proxy: Any, method: str, args: tuple = ()) -> Any:
+    """``proxy._callmethod(method, args)``: documented, but typed as returning None."""
+    return proxy._callmethod(method, args)
+
+
+# -- multiprocessing.managers proxies (procpool.manager) -----------------------------------------
+# A BaseProxy keeps its connection per thread in ``_tls.connection`` and its server reference in
+# ``_token``; neither has a public accessor. procpool needs both: a worker's lock proxy adopts a
+# connection the spawner handed over (no connect, no handshake on a worker's way out), and a
+# lock pickles as its token alone (no incref round trip per worker).
+
+
+def proxy_adopt_connection(proxy: Any, conn: Any) -> None:
+    """Make ``conn`` this thread's connection of ``proxy``."""
+    proxy._tls.connection = conn
+
+
+def proxy_drop_connection(proxy: Any) -> None:
+    """Forget this thread's connection of ``proxy``: its next call connects the stock way."""
+    try:
+        del proxy._tls.connection
+    except AttributeError:
+        pass
+
+
+def proxy_token(proxy: Any) -> Any:
+    """The ``Token`` (type id, address, object id) a proxy refers to."""
+    return proxy._token
+
+
+def manager_process(manager: Any) -> Any:
+    """The server process a ``BaseManager.start()`` started (``_process``): to read its pid
+    and to SIGKILL and reap it (the stock ``shutdown`` asks the server, which may be stuck)."""
+    return manager._process
