@@ -114,7 +114,7 @@ class Books:
     """One pool's workers, items and counters (all L unless marked)."""
 
     def __init__(self, cfg: PoolConfig) -> None:
-        self.cfg = cfg  # I
+        self.cfg = cfg  # L (written only by WorkerPool.concurrency's setter; else I)
         self.lock = new_lock()  # L itself
         self.changed = threading.Condition(self.lock)  # notified when workers or items go away
         self.policy = Policy(cfg, self)  # I
@@ -143,12 +143,14 @@ class Books:
 
     def cm_set(self, w: Worker, blocked: bool, intensive: bool) -> None:
         """Update ``w``'s concurrency flags and the count of excluded workers. L held."""
+        assert_held(self.lock)
         before = w.cm_blocked or w.cm_intensive
         w.cm_blocked, w.cm_intensive = blocked, intensive
         self.nr_cm_out += (blocked or intensive) - before
 
     def start_item(self, w: Worker, item: Item) -> None:
         """``item`` is already RUNNING (see next_item); ``w`` is off the idle list. L held."""
+        assert_held(self.lock)
         w.state = "busy"
         w.current = item
         self.cm_set(w, False, False)  # a new item counts as running until sampled otherwise
@@ -158,6 +160,7 @@ class Books:
 
     def next_item(self) -> Item | None:
         """The next item of the worklist, made RUNNING. L held."""
+        assert_held(self.lock)
         while self.worklist:
             item = self.worklist.popleft()
             # An item taken back from a lost worker's prefetch queue is RUNNING already.
@@ -205,6 +208,7 @@ class Books:
     def put_to_work(self, w: Worker) -> list[Item]:
         """``w`` has nothing to run: give it the next items, or idle (or retire) it. Returns
         what to send it. L held."""
+        assert_held(self.lock)
         nxt = self.next_item()
         if nxt is not None:
             self.start_item(w, nxt)
@@ -237,6 +241,7 @@ class Books:
     def idle_or_retire(self, w: Worker) -> None:
         """``w`` has nothing to run: idle, or, once the pool is closing, destroyed (a closing
         pool never gains an idle worker, or teardown would wait for it forever). L held."""
+        assert_held(self.lock)
         if self.closing or self.broken is not None:
             self.destroy_worker(w)
         else:
@@ -319,6 +324,7 @@ class Books:
         """cancel_running() of an item already sent to a worker behind its current one: the
         bytes cannot be called back, so it may still run there, but its future ends now with
         ItemCancelled and its answer is ignored. L held."""
+        assert_held(self.lock)
         for w in self.workers.values():
             for item in w.queued:
                 if item.future is future and not item.dropped:
@@ -329,6 +335,7 @@ class Books:
 
     def running_on(self, future: Future) -> Worker | None:
         """The worker whose current item is ``future``'s: attached, or being killed. L held."""
+        assert_held(self.lock)
         for ws in (self.workers.values(), self.dying):
             for w in ws:
                 if w.current is not None and w.current.future is future:
@@ -337,6 +344,7 @@ class Books:
 
     def take_unstarted(self, future: Future) -> bool:
         """Take ``future``'s item out of the worklist if no worker started it. L held."""
+        assert_held(self.lock)
         for item in self.worklist:
             if item.future is future:
                 if item.started:
@@ -348,6 +356,7 @@ class Books:
     def break_pool(self, err: BaseException) -> list[Item]:
         """The pool cannot take more work: refuse submits; returns the waiting items for the
         caller to fail outside L (none if it was broken already). L held."""
+        assert_held(self.lock)
         if self.broken is not None:
             return []
         self.broken = err
@@ -358,6 +367,7 @@ class Books:
 
     def stats(self) -> PoolStats:
         """L held."""
+        assert_held(self.lock)
         nr_idle = len(self.idle)
         return PoolStats(
             nr_workers=len(self.workers),

@@ -35,7 +35,7 @@ class Policy:
     __slots__ = ("cfg", "books")
 
     def __init__(self, cfg: PoolConfig, books: Counts) -> None:
-        self.cfg = cfg  # I
+        self.cfg = cfg  # L (written only by WorkerPool.concurrency's setter; else I)
         self.books = books  # I
 
     def may_start_working(self) -> bool:

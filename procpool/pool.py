@@ -51,6 +51,7 @@ I = set in __init__, read-only after, A = arbiter thread only.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import multiprocessing
 import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
@@ -276,9 +277,22 @@ class WorkerPool:
     max_tasks_per_child = property(lambda self: self.config.max_tasks_per_child)
     nice = property(lambda self: self.config.nice)
     cpus = property(lambda self: self.config.cpus)
-    concurrency = property(lambda self: self.config.concurrency)
     cpu_intensive_threshold = property(lambda self: self.config.cpu_intensive_threshold)
     spin = property(lambda self: self.config.spin)
+
+    @property
+    def concurrency(self) -> int:
+        """The target number of running workers (see procpool.concurrency)."""
+        return self.config.concurrency
+
+    @concurrency.setter
+    def concurrency(self, value: int) -> None:
+        """Retune the target: a new frozen configuration, swapped in under L for every part."""
+        check_number("concurrency", value, minimum=1, integer=True)
+        b = self._books
+        with b.lock:
+            self.config = b.cfg = b.policy.cfg = dataclasses.replace(self.config, concurrency=value)
+        self._wake()
 
     # -- public API -------------------------------------------------------------------------
 
@@ -323,8 +337,9 @@ class WorkerPool:
                 raise self._broken_error()
             if b.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            w: Worker | None = None
             if b.policy.may_start_working():
-                w: Worker | None = b.idle.pop()
+                w = b.idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
                 item.started = True
                 b.started += 1
@@ -332,7 +347,6 @@ class WorkerPool:
                 # The arbiter sleeps until its earliest deadline: tell it about this one.
                 wake = timeout is not None
             else:
-                w = None
                 b.worklist.append(item)
                 # The arbiter decides (concurrency management needs its samples); wake it
                 # whenever the pool might grow.
