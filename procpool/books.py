@@ -24,12 +24,12 @@ from concurrent.futures import Future
 from typing import Any
 
 from .config import PoolConfig
-from .errors import ItemCancelled
+from .errors import InitializerFailed, ItemCancelled, PoolBroken
 from .idtable import FLAG_DIE, IdTable
 from .locking import assert_held, new_lock
 from .policy import Policy
-from .stats import Account, PoolStats
-from .worker import DIE
+from .stats import Account, PoolStats, WorkerInfo
+from .worker import DIE, dying_title, worker_title
 
 #: Prefetch: items whose recent service time (EWMA, seconds) is below PREFETCH_BELOW are sent
 #: to a busy worker up to PREFETCH_MAX at a time when the worklist is deep ...
@@ -95,6 +95,24 @@ class Worker:
         self.cm_cpu0 = 0.0
         self.cm_blocked = False
         self.cm_intensive = False
+
+
+def worker_infos(rows: list[tuple[int, int, str]], pool_id: int, cfg: PoolConfig) -> list[WorkerInfo]:
+    """``WorkerPool.workers()``: (id, pid, state) rows with each process's title as ps shows
+    it (or the title it would have, if it is gone already). Outside L: reads /proc."""
+    import psutil
+
+    out = []
+    for wid, pid, state in sorted(rows, key=lambda r: (r[2] == "dying", r[0], r[1])):
+        try:
+            title = " ".join(psutil.Process(pid).cmdline()).strip()
+        except psutil.Error:
+            if state == "dying":
+                title = dying_title(cfg.title_prefix)
+            else:
+                title = cfg.title or worker_title(cfg.title_prefix, pool_id, wid)
+        out.append(WorkerInfo(wid, pid, state, title))
+    return out
 
 
 def fail_items(items: list[Item], err: BaseException) -> None:
@@ -364,6 +382,18 @@ class Books:
         self.worklist.clear()
         self.changed.notify_all()
         return waiting
+
+    def broken_error(self, pool_id: int) -> Exception:
+        """What submit raises on a broken pool: a new error each time (raising one instance
+        again and again would pile every caller's traceback onto it). L held."""
+        cause = self.broken
+        if isinstance(cause, PoolBroken):
+            err: Exception = PoolBroken(str(cause))
+            err.__cause__ = cause.__cause__
+        else:
+            err = InitializerFailed(f"pool u{pool_id} is broken: a worker's initializer raised {cause!r}")
+            err.__cause__ = cause
+        return err
 
     def stats(self) -> PoolStats:
         """L held."""

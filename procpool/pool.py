@@ -8,13 +8,13 @@ Worker state machine, as the parent sees it::
    start the process          + current    DIE flag + message,   M: free id, last one out       │
    (arbiter thread)                        return at once        completes the teardown wait    │
                                                                                                  │
-   a crash at any point ─► sentinel readable ─► _reap(): drain its pipe, fail the item it   ◄───┘
+   a crash at any point ─► sentinel readable ─► reap():  drain its pipe, fail the item it   ◄───┘
                            was running (WorkerLost), free its id on its behalf, maybe complete
 
-   Other ways to dying, all off the books at once like _destroy_worker(): a busy worker
+   Other ways to dying, all through Books.take_off() (the one way off the books): a busy worker
    *retires* after max_tasks_per_child items (DIE, normal exit path); a worker whose
-   initializer raised is destroyed (DIE) and breaks the pool; _kill_worker() (item timeout,
-   cancel_running) SIGKILLs a busy one, and _reap() fails its item with the kill's reason.
+   initializer raised is destroyed (DIE) and breaks the pool; kill_worker() (item timeout,
+   cancel_running) SIGKILLs a busy one, and reap() fails its item with the kill's reason.
 
 Path of one work item::
 
@@ -68,7 +68,7 @@ from .arbiter import Arbiter, Reaper, Wakeup, send_items
 from .books import PREFETCH_BELOW as PREFETCH_BELOW
 from .books import PREFETCH_BYTES as PREFETCH_BYTES
 from .books import PREFETCH_MAX as PREFETCH_MAX
-from .books import Books, Item, Worker
+from .books import Books, Item, Worker, worker_infos
 from .calls import dumps_call, dumps_initializer
 from .checks import check_number
 from .concurrency import ConcurrencyManagement
@@ -77,16 +77,14 @@ from .config import KEEP_IDLE as KEEP_IDLE
 from .config import MAX_IDLE_WORKERS_RATIO as MAX_IDLE_WORKERS_RATIO
 from .creation import CREATE_COOLDOWN as CREATE_COOLDOWN
 from .creation import Creator
-from .errors import InitializerFailed, ItemCancelled, PoolBroken
+from .errors import ItemCancelled
 from .future import new_future
 from .idtable import MAX_WORKERS, IdTable, capacity_for
 from .spawner import resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
-from .worker import dying_title, worker_title
 
 __all__ = ["MAX_WORKERS", "SPIN", "WorkerPool"]
-_Item, _Worker = Item, Worker  # the names the parts had when they lived here
 
 
 # -- pool ids: small ints, unique among this program's live pools ---------------------------
@@ -334,7 +332,7 @@ class WorkerPool:
         b = self._books
         with b.lock:
             if b.broken is not None:
-                raise self._broken_error()
+                raise b.broken_error(self.id)
             if b.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             w: Worker | None = None
@@ -422,41 +420,16 @@ class WorkerPool:
         with self._books.lock:
             return self._books.broken is not None
 
-    def _broken_error(self) -> Exception:
-        """What submit raises on a broken pool: a new error each time (raising one instance
-        again and again would pile every caller's traceback onto it). L held."""
-        cause = self._books.broken
-        if isinstance(cause, PoolBroken):
-            err: Exception = PoolBroken(str(cause))
-            err.__cause__ = cause.__cause__
-        else:
-            err = InitializerFailed(f"pool u{self.id} is broken: a worker's initializer raised {cause!r}")
-            err.__cause__ = cause
-        return err
-
     def stats(self) -> PoolStats:
         with self._books.lock:
             return self._books.stats()
 
     def workers(self) -> list[WorkerInfo]:
         """Every worker process of the pool, dying ones included, with its title as ps shows it."""
-        import psutil
-
         with self._books.lock:
             rows = [(w.id, w.pid, w.state) for w in self._books.workers.values()]
             rows += [(w.id, w.pid, "dying") for w in self._books.dying]
-        out = []
-        for wid, pid, state in sorted(rows, key=lambda r: (r[2] == "dying", r[0], r[1])):
-            try:
-                title = " ".join(psutil.Process(pid).cmdline()).strip()
-            except psutil.Error:
-                title = (
-                    dying_title(self.title_prefix)
-                    if state == "dying"
-                    else self.title or worker_title(self.title_prefix, self.id, wid)
-                )
-            out.append(WorkerInfo(wid, pid, state, title))
-        return out
+        return worker_infos(rows, self.id, self.config)
 
     @property
     def table_name(self) -> str:

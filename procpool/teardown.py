@@ -24,7 +24,7 @@ were already being killed for.
 
 Nothing here waits on the arbiter alone: every wait is on L's condition, woken by the arbiter
 as workers go and items end, and checks in slices of WATCH seconds that the arbiter thread is
-still there. If it is gone, ``_arbiter_died`` has killed and reaped everything already (or is
+still there. If it is gone, ``Arbiter.arbiter_died`` has killed and reaped everything already (or is
 run from here, should the thread have ended without it).
 
 A composed part of WorkerPool: it is handed the books (L), the arbiter, the creator and the
