@@ -20,7 +20,7 @@ KEEP_IDLE = 2
 MAX_IDLE_WORKERS_RATIO = 4
 #: A worker that has just answered keeps polling its pipe for the next item this long (seconds)
 #: before it sleeps, as long as its previous item came within that time: waking a sleeper on
-#: another CPU is most of a one-at-a-time round trip (see the README's performance section).
+#: another CPU is most of a one-at-a-time round trip (measured in the README, under ``spin``).
 SPIN = 0.0002
 #: The kernel's wq_cpu_intensive_thresh_us (10 ms); see procpool.concurrency.
 CPU_INTENSIVE_THRESHOLD = 0.010
