@@ -24,11 +24,11 @@ were already being killed for.
 
 Nothing here waits on the arbiter alone: every wait is on L's condition, woken by the arbiter
 as workers go and items end, and checks in slices of WATCH seconds that the arbiter thread is
-still there. If it is gone, ``_arbiter_died`` has killed and reaped everything already (or is
+still there. If it is gone, ``Arbiter.arbiter_died`` has killed and reaped everything already (or is
 run from here, should the thread have ended without it).
 
-This is a mixin of WorkerPool: the fields it uses are the pool's (see its __init__; guards
-L = pool lock, M = Manager locks).
+A composed part of WorkerPool: it is handed the books (L), the arbiter, the creator and the
+pool's descriptors; ``closed`` is set once teardown finished (I: the Event itself).
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import faults as _faults
+from .arbiter import Arbiter
+from .books import Books, Item, fail_items
 from .checks import check_number
+from .creation import Creator
 from .errors import LOST, PoolBroken, PoolClosed, TeardownTimeout
 from .idtable import FREE
-
-if TYPE_CHECKING:
-    from .pool import _Item
 
 #: Between SIGTERM and SIGKILL when close(timeout=...) runs out.
 KILL_GRACE = 1.0
@@ -60,17 +60,26 @@ ARBITER_JOIN = 5.0
 class Teardown:
     """``close()`` and the teardown steps; see the module docstring."""
 
-    # Declared for readers and type checkers; set in WorkerPool.__init__.
-    id: int
-    _lock: Any
-    _changed: Any
-    _closing: bool
-    _closed: threading.Event
-    _workers: dict
-    _dying: set
-    _idle: Any
-    _worklist: deque
-    _faults: Any
+    def __init__(
+        self,
+        pool_id: int,
+        books: Books,
+        arbiter: Arbiter,
+        creator: Creator,
+        locks: Any,
+        completion: tuple[Any, Any],
+        unlist: Callable[[], None],
+    ) -> None:
+        self.id = pool_id  # I
+        self.books = books  # I
+        self.arbiter = arbiter  # I
+        self.creator = creator  # I
+        self._locks = locks  # I
+        self._completion_r, self._completion_w = completion  # I (closed here)
+        self._unlist = unlist  # I: the pool leaves the live pools, its id may be reused
+        self._faults = creator.faults  # I
+        self.closed = threading.Event()  # set when teardown finished
+        self.completions_seen = 0  # set from the id table just before it is freed
 
     def close(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
         """Tear the pool down (the seed's put_unbound_pool()); idempotent.
@@ -83,26 +92,27 @@ class Teardown:
         """
         if timeout is not None:
             check_number("timeout", timeout, minimum=0)
-        cancelled: list[_Item] = []
-        with self._lock:
-            first = not self._closing
-            self._closing = True
+        cancelled: list[Item] = []
+        b = self.books
+        with b.lock:
+            first = not b.closing
+            b.closing = True
             if first:
                 if cancel_futures:
                     # Items taken back from a lost worker's prefetch are RUNNING already:
                     # they cannot be cancelled, so they stay and run.
-                    cancelled = [it for it in self._worklist if not it.started]
-                    self._worklist = deque(it for it in self._worklist if it.started)
-                while self._idle:
-                    self._destroy_worker(self._idle.popleft())
+                    cancelled = [it for it in b.worklist if not it.started]
+                    b.worklist = deque(it for it in b.worklist if it.started)
+                while b.idle:
+                    b.destroy_worker(b.idle[0])
         for item in cancelled:
             item.future.cancel()
         if first:
             # The pool stays in the live pools until its teardown ends (see _teardown), so that
             # at interpreter exit the pending work of a close(wait=False) still runs, as
             # concurrent.futures promises for shutdown(wait=False).
-            self._wake()
-            if wait and threading.current_thread() is not self._arbiter_thread:
+            self.arbiter.wakeup.wake()
+            if wait and threading.current_thread() is not self.arbiter.thread:
                 self._teardown(timeout)
                 return
             # close() from a done-callback runs on the arbiter thread, which teardown must
@@ -111,7 +121,7 @@ class Teardown:
                 target=self._teardown, args=(timeout,), name=f"procpool-teardown-{self.id}", daemon=True
             ).start()
         elif wait:
-            self._closed.wait()
+            self.closed.wait()
 
     # -- teardown ---------------------------------------------------------------------------------
 
@@ -131,7 +141,7 @@ class Teardown:
         finally:
             self._stop_the_arbiter()
             self._free_resources()
-            self._closed.set()
+            self.closed.set()
             self._unlist()
         if failure is not None:
             raise PoolBroken(f"pool u{self.id}: its teardown failed, and what was left of it was killed") from failure
@@ -141,47 +151,49 @@ class Teardown:
         detach completion for the last one out to complete. True if there is one to wait for.
         A Manager that is gone for good is no reason to stop: the completion then comes from
         reaping (``_wait_completion``)."""
-        assert self._table is not None
-        self._no_create = True  # also set under M arb below; set first in case that fails
+        table = self.books.table
+        assert table is not None
+        self.creator.no_create = True  # also set under M arb below; set first in case that fails
         try:
             with self._locks.held("arb"):
-                self._no_create = True
+                self.creator.no_create = True
                 with self._locks.held("attach"):
-                    waiting = self._table.nr_allocated() > 0
+                    waiting = table.nr_allocated() > 0
                     if waiting:
-                        self._table.install_completion()
+                        table.install_completion()
                     return waiting
         except LOST:
-            return self._table.nr_allocated() > 0
+            return table.nr_allocated() > 0
 
     def _stop_the_arbiter(self) -> None:
-        with self._lock:
-            self._stop_arbiter = True
-        self._wake()
-        if threading.current_thread() is not self._arbiter_thread:
-            self._arbiter_thread.join(ARBITER_JOIN)
+        with self.books.lock:
+            self.arbiter.stop = True
+        self.arbiter.wakeup.wake()
+        if threading.current_thread() is not self.arbiter.thread:
+            self.arbiter.thread.join(ARBITER_JOIN)
 
     def _wait_drained(self, deadline: float | None) -> None:
         """Wait until no worker is attached and no item waits; past the deadline, give up on
         pending items and kill the busy workers."""
-        self._wait_for(lambda: not self._workers and not self._worklist, deadline, "its timeout ran out")
+        self._wait_for(lambda: not self.books.workers and not self.books.worklist, deadline, "its timeout ran out")
 
     def _wait_for(self, done: Callable[[], bool], deadline: float | None, reason: str) -> None:
-        """Wait on ``self._changed`` until ``done()`` (evaluated under L); past the deadline,
+        """Wait on ``books.changed`` until ``done()`` (evaluated under L); past the deadline,
         escalate (``reason`` goes into the items' errors). Checks every WATCH seconds that the
         arbiter thread, which makes ``done()`` come true, is still there."""
-        with self._lock:
+        b, arb = self.books, self.arbiter
+        with b.lock:
             while not done():
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                if not self._changed.wait(WATCH if left is None else min(left, WATCH)):
-                    if not self._arbiter_thread.is_alive() and not self._arbiter_dead:
-                        self._lock.release()
+                if not b.changed.wait(WATCH if left is None else min(left, WATCH)):
+                    if not arb.thread.is_alive() and not arb.dead:
+                        b.lock.release()
                         try:
-                            self._arbiter_died(RuntimeError("the arbiter thread ended without a word"))
+                            arb.arbiter_died(RuntimeError("the arbiter thread ended without a word"))
                         finally:
-                            self._lock.acquire()
+                            b.lock.acquire()
             else:
                 return
         self._escalate(reason)
@@ -190,16 +202,17 @@ class Teardown:
         """Give up on what is left: waiting items fail (PoolClosed, or ``error`` if that is
         PoolBroken), every worker still there is killed (SIGTERM, then SIGKILL) and its item
         fails with ``error`` (unless it was being killed for a reason of its own already)."""
-        with self._lock:
-            self._abandon = True
-            abandoned = list(self._worklist)
-            self._worklist.clear()
-            victims = list(self._workers.values()) + list(self._dying)
+        b = self.books
+        with b.lock:
+            b.abandon = True
+            abandoned = list(b.worklist)
+            b.worklist.clear()
+            victims = list(b.workers.values()) + list(b.dying)
             for w in victims:
                 if w.kill_reason is None:  # a worker already killed for its item keeps that reason
                     w.kill_reason = (error, f"by close() after {reason}")
         closed = PoolBroken if error is PoolBroken else PoolClosed
-        self._fail_items(abandoned, closed(f"pool u{self.id} was closed ({reason}) before this item ran"))
+        fail_items(abandoned, closed(f"pool u{self.id} was closed ({reason}) before this item ran"))
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for w in victims:
                 try:
@@ -207,13 +220,13 @@ class Teardown:
                 except ProcessLookupError:
                     pass
             end = time.monotonic() + KILL_GRACE
-            with self._lock:
-                while (self._workers or self._dying) and time.monotonic() < end:
-                    self._changed.wait(min(WATCH, end - time.monotonic()))
-                if not self._workers and not self._dying:
+            with b.lock:
+                while (b.workers or b.dying) and time.monotonic() < end:
+                    b.changed.wait(min(WATCH, end - time.monotonic()))
+                if not b.workers and not b.dying:
                     return
-        if not self._arbiter_thread.is_alive():
-            self._arbiter_died(RuntimeError("the arbiter thread ended without a word"))
+        if not self.arbiter.thread.is_alive():
+            self.arbiter.arbiter_died(RuntimeError("the arbiter thread ended without a word"))
 
     def _wait_completion(self, deadline: float | None) -> None:
         """Wait for the last worker to detach. If every worker is reaped and none completed,
@@ -222,8 +235,8 @@ class Teardown:
             left = None if deadline is None else deadline - time.monotonic()
             if self._completion_r.poll(WATCH if left is None else max(0.0, min(left, WATCH))):
                 return
-            with self._lock:
-                gone = not self._workers and not self._dying
+            with self.books.lock:
+                gone = not self.books.workers and not self.books.dying
             if gone:
                 self._free_leftover_ids()
                 return
@@ -233,7 +246,7 @@ class Teardown:
 
     def _wait_reaped(self, deadline: float | None) -> None:
         self._wait_for(
-            lambda: not self._workers and not self._dying,
+            lambda: not self.books.workers and not self.books.dying,
             deadline,
             "its timeout ran out while dying workers were still alive",
         )
@@ -241,33 +254,30 @@ class Teardown:
     def _free_leftover_ids(self) -> None:
         """Every worker is reaped: free the ids still allocated (no process is left that
         could touch them) and complete the detach completion on their behalf."""
-        assert self._table is not None
-        for slot in self._table.slots():
+        table = self.books.table
+        assert table is not None
+        for slot in table.slots():
             if slot.state != FREE:
-                self._table.free(slot.id, slot.gen)
-        if self._table.should_complete():
-            self._table.mark_completed()
+                table.free(slot.id, slot.gen)
+        if table.should_complete():
+            table.mark_completed()
 
     def _free_resources(self) -> None:
         for conn in (self._completion_r, self._completion_w):
             conn.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._sel.close()
-        if self._table is not None:
-            self._completions_seen = self._table.completions
-            self._table.destroy()
-            self._table = None
+        self.arbiter.wakeup.close()
+        self.arbiter.sel.close()
+        table = self.books.table
+        if table is not None:
+            self.completions_seen = table.completions
+            table.destroy()
+            with self.books.lock:
+                self.books.table = None
 
-    @property
     def completions(self) -> int:
         """How many times the detach completion completed: 0 until teardown, then at most 1
         (0 too when no worker was left attached to wait for)."""
-        if self._table is not None:
-            return self._table.completions
-        return self._completions_seen
-
-
+        table = self.books.table
+        if table is not None:
+            return table.completions
+        return self.completions_seen

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import psutil
 import pytest
 
+os.environ.setdefault("PROCPOOL_DEBUG_LOCKS", "1")  # assert_held checks the holder (procpool.locking)
+
 from procpool.idtable import SHM_DIR, segment_prefix
 
 TITLE_PREFIXES = ("kworker/", "ptest")

@@ -20,9 +20,8 @@ pytestmark = pytest.mark.timeout(60)
 
 PACKAGE = Path(procpool.__file__).parent
 
-#: Cycles still expected while another branch lands. TEMPORARY: pool <-> teardown is being
-#: broken in the pool split (issue 12, branch r-pool); the lead removes this entry on merge.
-KNOWN_CYCLES: set[frozenset[str]] = {frozenset({"procpool.pool", "procpool.teardown"})}
+#: Cycles allowed: none.
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _module_name(path: Path) -> str:

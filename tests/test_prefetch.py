@@ -13,7 +13,7 @@ import tasks
 from conftest import wait_until
 
 import procpool
-from procpool import pool as pool_module
+from procpool import books as pool_module
 
 
 @pytest.fixture

@@ -1,0 +1,222 @@
+"""Creation: starting workers (the seed's create_worker()), and backing off when the OS refuses.
+
+::
+
+   create_workers(n)   [arbiter thread, or __init__ before the arbiter starts]
+      M arb ─► no_create? stop ─► M attach: alloc n ids ─► spawner forks them (one request)
+      L: adopt each (selector, books) and put it to work ─► send its first items
+      any failure ─► creation_failed(): ids back, retry after CREATE_COOLDOWN; a closing pool
+                     with no worker whose creation failed twice fails its waiting items
+
+The cooldown fields are A (written by the creating thread only); ``failing_since`` is also
+read, without a lock, by ``stalled_for`` from callers' threads (one float: a racy read only
+sees the old or the new value).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import faults as _faults
+from .books import Books, Item, Worker, fail_items
+from .errors import LOST, PoolBroken
+from .frames import FrameReader
+from .protocol import WorkerSpec
+from .spawner import get_spawner
+
+#: After the OS refuses a new process, wait this long before trying again (kernel: 1 s).
+CREATE_COOLDOWN = 1.0
+
+
+class Creator:
+    """Starts a pool's workers; see the module docstring."""
+
+    def __init__(
+        self,
+        pool_id: int,
+        books: Books,
+        locks: Any,
+        ctx: Any,
+        allow_fork: bool,
+        faults: dict,
+        completion_fd: int,
+        init_payload: bytes | None,
+        init_fds: Callable[[], list[int]],
+        adopt: Callable[[Worker], None],
+        send: Callable[[Worker, list[Item]], None],
+    ) -> None:
+        self.pool_id = pool_id  # I
+        self.books = books  # I
+        self.locks = locks  # I: the pool's Manager locks (PoolLocks)
+        self.ctx = ctx  # I
+        self.allow_fork = allow_fork  # I
+        self.faults = faults  # I (tests arm and clear points in it)
+        self.completion_fd = completion_fd  # I: workers' end of the detach completion pipe
+        self.init_payload = init_payload  # I: pickled (initializer, initargs)
+        self.init_fds = init_fds  # I: the descriptors initargs hold, for workers to inherit
+        self.adopt = adopt  # I: registers a new worker with the arbiter's selector (L held)
+        self.send = send  # I
+        self.no_create = False  # M arb: teardown passed the point of no return
+        self.retry_at = 0.0  # A: creation cooldown after the OS refused a process
+        self.error: BaseException | None = None  # A: why the last creation failed
+        # A (written), read racily by stalled_for: when creation started failing (first
+        # failure of a row with no success), or None
+        self.failing_since: float | None = None
+
+    def stalled_for(self) -> float:
+        """Seconds the pool has wanted a worker it failed to create; 0.0 when it does not."""
+        since = self.failing_since
+        with self.books.lock:
+            if since is None or not self.books.policy.may_grow():
+                return 0.0
+        return max(0.0, time.monotonic() - since)
+
+    def create_workers(self, n: int) -> int:
+        """Start up to ``n`` workers and put them to work. Returns how many started.
+
+        Whatever goes wrong on the way (the OS refuses a process or descriptors, the Manager
+        is gone and cannot be replaced, a fault point) is a creation failure, never more: the
+        ids go back, and creation is retried after a cooldown (``creation_failed``).
+
+        LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
+        for the ids; starts processes holding only M arb; takes L to adopt them.
+        """
+        if n <= 0:
+            return 0
+        table = self.books.table
+        assert table is not None
+        started: list[Worker] = []
+        ids: list[tuple[int, int]] = []
+        try:
+            with self.locks.held("arb"):
+                if self.no_create:
+                    return 0
+                with self.locks.held("attach"):
+                    for _ in range(n):
+                        got = table.alloc()
+                        if got is None:
+                            break
+                        ids.append(got)
+                _faults.hit(self.faults, "create.after_alloc")
+                for i, (wid, _gen) in enumerate(ids):
+                    try:
+                        _faults.hit(self.faults, "create.start", wid)
+                    except Exception as exc:
+                        failed, ids = ids[i:], ids[:i]
+                        self.creation_failed(failed, exc)
+                        break
+                started = self.start_processes(ids)
+                if started:
+                    self.failing_since = None
+        except Exception as exc:
+            self.creation_failed([i for i in ids if i not in {(w.id, w.gen) for w in started}], exc)
+            if not started:
+                return 0
+        self._put_to_work(started)
+        return len(started)
+
+    def _put_to_work(self, started: list[Worker]) -> None:
+        b = self.books
+        sends = []
+        with b.lock:
+            for w in started:
+                b.workers[w.id] = w
+                b.created += 1
+                self.adopt(w)
+                items = b.put_to_work(w)
+                if items:
+                    sends.append((w, items))
+        for w, items in sends:
+            self.send(w, items)
+
+    def start_processes(self, ids: list[tuple[int, int]]) -> list[Worker]:
+        """Have the spawner fork one worker per (id, gen), in one request. M arb held."""
+        if not ids:
+            return []
+        table = self.books.table
+        assert table is not None
+        cfg = self.books.cfg
+        # Per worker: a work pipe (we write) and a result pipe (we read); see worker.Channel.
+        pairs = [(os.pipe(), os.pipe()) for _ in ids]
+        specs = [
+            WorkerSpec(
+                pool_id=self.pool_id,
+                wid=wid,
+                gen=gen,
+                table_name=table.name,
+                title_prefix=cfg.title_prefix,
+                title=cfg.title,
+                attach_lock=self.locks.attach,
+                linger_dying=cfg.linger_dying,
+                faults=self.faults,
+                initializer=self.init_payload,
+                nice=cfg.nice,
+                cpus=cfg.cpus,
+                spin=cfg.spin,
+            )
+            for wid, gen in ids
+        ]
+        try:
+            results = get_spawner(self.ctx, self.allow_fork).spawn(
+                specs, [(work[0], result[1]) for work, result in pairs], self.completion_fd, self.init_fds()
+            )
+        except Exception as exc:
+            results = [exc] * len(ids)
+        finally:
+            for work, result in pairs:
+                os.close(work[0])
+                os.close(result[1])
+        started, refused = [], []
+        for (wid, gen), (work, result), res in zip(ids, pairs, results, strict=True):
+            parent_end = Connection(work[1], readable=False)
+            parent_rend = Connection(result[0], writable=False)
+            if isinstance(res, BaseException):
+                parent_end.close()
+                parent_rend.close()
+                refused.append(((wid, gen), res))
+                continue
+            table.set_pid(wid, res.pid)
+            started.append(Worker(wid, gen, res, parent_end, parent_rend, FrameReader(parent_rend.fileno())))
+        if refused:
+            self.creation_failed([r[0] for r in refused], refused[0][1])
+        return started
+
+    def creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
+        """The OS (or a fault point, or a Manager that is gone) refused new workers: give the
+        ids back, retry after a cooldown (the kernel's 1 s).
+
+        A closing pool with no worker left whose creation failed twice in a row (the retry
+        after the cooldown too) fails its waiting items with PoolBroken instead of waiting for
+        creation to recover: close() must end."""
+        table = self.books.table
+        assert table is not None
+        try:
+            with self.locks.held("attach"):
+                for wid, gen in ids:
+                    table.free(wid, gen)
+        except LOST:
+            # No Manager to be had: free them unguarded. They belong to no process, and a
+            # worker only ever writes its own slot; at worst a detaching worker misses that it
+            # was the last one out, which teardown repairs (free_leftover_ids).
+            for wid, gen in ids:
+                table.free(wid, gen)
+        now = time.monotonic()
+        self.retry_at = now + CREATE_COOLDOWN
+        self.error = exc
+        if self.failing_since is None:
+            self.failing_since = now
+        b = self.books
+        with b.lock:
+            give_up = b.closing and not b.workers and now - self.failing_since >= CREATE_COOLDOWN
+            waiting = list(b.worklist) if give_up else []
+            if give_up:
+                b.worklist.clear()
+                b.changed.notify_all()
+        if waiting:
+            err = PoolBroken(f"pool u{self.pool_id} was closing and could not start a worker to run the item: {exc!r}")
+            err.__cause__ = exc
+            fail_items(waiting, err)
