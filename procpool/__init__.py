@@ -68,8 +68,23 @@ _PUBLIC = {
 }
 _SUBMODULES = frozenset(
     (
-        "calls", "checks", "cli", "concurrency", "errors", "executor", "faults", "frames", "future",
-        "idtable", "manager", "pool", "spawner", "stats", "teardown", "worker", "workqueue",
+        "calls",
+        "checks",
+        "cli",
+        "concurrency",
+        "errors",
+        "executor",
+        "faults",
+        "frames",
+        "future",
+        "idtable",
+        "manager",
+        "pool",
+        "spawner",
+        "stats",
+        "teardown",
+        "worker",
+        "workqueue",
     )
 )
 
