@@ -41,9 +41,9 @@ import os
 import signal
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from . import _compat
 from .errors import CallNotPicklable
@@ -102,19 +102,20 @@ def _chunks(iterables: tuple[Iterable[Any], ...], size: int) -> Iterator[Any]:
         if type(seq) in (range, list, tuple):
             # Slicing is C work and keeps a range a range: a chunk of range(n) travels as
             # three numbers instead of `size` ints, and no int objects are made here.
-            for start in range(0, len(seq), size):
-                yield seq[start : start + size]
+            whole = cast("Sequence[Any]", seq)
+            for start in range(0, len(whole), size):
+                yield whole[start : start + size]
             return
         it = iter(seq)
         while chunk := list(itertools.islice(it, size)):
             yield chunk
         return
     calls = zip(*iterables, strict=False)  # map() stops at the shortest iterable
-    while chunk := tuple(itertools.islice(calls, size)):
-        yield chunk
+    while calls_chunk := tuple(itertools.islice(calls, size)):
+        yield calls_chunk
 
 
-def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
+def _results(futures: list[Future], deadline: float | None) -> Generator[Any, None, None]:
     """Yield the futures' results in order, waiting until ``deadline`` at most. The list is
     reversed and popped, and no local names a result while it is yielded, so a result the
     caller drops is freed at once (a long map must not keep every result alive, nor the
@@ -134,7 +135,9 @@ def _results(futures: list[Future], deadline: float | None) -> Iterator[Any]:
             fut.cancel()
 
 
-def _chunk_iterators(futures: list[Future], deadline: float | None, current: list[Any]) -> Iterator[Iterator[Any]]:
+def _chunk_iterators(
+    futures: list[Future], deadline: float | None, current: list[Any]
+) -> Generator[Iterator[Any], None, None]:
     """A chunked map's chunks, each as an iterator that pops its results one by one (all in C:
     ``map(chunk.pop, indexes)``), so a result the caller drops is freed at once rather than
     with the rest of its chunk. ``current``: the chunk being read and its index list, for
@@ -157,14 +160,17 @@ class _ChunkResults(itertools.chain):
     library's map iterator does. Dropping it drops the generator, to the same effect."""
 
     __slots__ = ("_chunks", "_current")
+    _chunks: Generator[Iterator[Any], None, None]
+    _current: list[Any]
 
-    def __new__(cls, chunks: Iterator[Iterator[Any]], current: list[Any]) -> _ChunkResults:
-        self = super().from_iterable(chunks)
+    def __new__(cls, chunks: Generator[Iterator[Any], None, None], current: list[Any]) -> _ChunkResults:
+        # from_iterable is a classmethod: called through super() it makes a _ChunkResults.
+        self = cast("_ChunkResults", super().from_iterable(chunks))
         self._chunks, self._current = chunks, current
         return self
 
     def close(self) -> None:
-        self._chunks.close()  # type: ignore[attr-defined]
+        self._chunks.close()
         for part in self._current:
             # The rest of the chunk being read: nothing more, as after a generator's close()
             # (the emptied index list ends its map), and its results are freed.

@@ -78,9 +78,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "procpool(**options): options of the procpool_pool / procpool_executor fixtures"
-    )
+    config.addinivalue_line("markers", "procpool(**options): options of the procpool_pool / procpool_executor fixtures")
 
 
 def _leaks_enabled(config: pytest.Config) -> bool:
@@ -93,7 +91,7 @@ def _leaks_enabled(config: pytest.Config) -> bool:
 def _title(p: Any) -> str:
     try:
         return " ".join(p.cmdline()).strip() or p.name()
-    except Exception:  # psutil.Error: it is gone, or not ours to read
+    except Exception:  # noqa: BLE001 - psutil.Error: it is gone, or not ours to read
         return "?"
 
 
@@ -158,8 +156,7 @@ def _procpool_leak_check(request: pytest.FixtureRequest) -> Iterator[None]:
         # test is not blamed for this one's leftovers.
         _close_live_pools()
         pytest.fail(
-            f"procpool leftovers after {request.node.nodeid} (still there after {grace:g} s):\n  "
-            + "\n  ".join(found),
+            f"procpool leftovers after {request.node.nodeid} (still there after {grace:g} s):\n  " + "\n  ".join(found),
             pytrace=False,
         )
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import heapq
 import itertools
 import os
@@ -60,7 +61,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from concurrent.futures import _base as _futures_base
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from .checks import check_attrs, check_name, check_number
 from .foreign import ForeignExecutor
@@ -316,11 +317,14 @@ class Workqueue:
         self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
         self._max_workers = max_workers  # I
         self._foreign = executor is not None  # I: items run on a foreign executor (procpool.foreign)
-        if self._foreign:
+        # L: where new items go (apply_attrs changes it).
+        self.pool: WorkerPool
+        if executor is not None:
             _refuse_for_foreign(name, nice, cpus, max_workers, rescuer)
-            self.pool = ForeignExecutor(executor)  # type: ignore[assignment, arg-type]
+            # Duck-typed: a ForeignExecutor has the part of WorkerPool a workqueue uses.
+            self.pool = cast("WorkerPool", ForeignExecutor(executor))
         else:
-            self.pool = get_pool(self._key, max_workers)  # L: where new items go (apply_attrs changes it)
+            self.pool = get_pool(self._key, max_workers)
         self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
         self._owner_pid = os.getpid()  # I
 
@@ -671,7 +675,7 @@ class Workqueue:
 
     def __repr__(self) -> str:
         s = self.stats()
-        where = f"on {self.pool.executor!r}" if self._foreign else f"u{self.pool.id}"
+        where = f"on {cast(ForeignExecutor, self.pool).executor!r}" if self._foreign else f"u{self.pool.id}"
         return f"<Workqueue {self.name} {where} max_active={self.max_active} in_flight={s.in_flight}>"
 
     # -- internals (L held unless said) --------------------------------------------------------
@@ -756,7 +760,7 @@ class Workqueue:
                 todo.extend(self._complete(work, None, exc))
                 continue
             work.pool_future = fut
-            fut.add_done_callback(lambda f, work=work: self._on_pool_done(work, f))
+            fut.add_done_callback(functools.partial(self._on_pool_done, work))
 
     def _on_pool_done(self, work: Work, fut: Future) -> None:
         """The pool's future ended (arbiter thread, usually). L not held."""
@@ -869,7 +873,11 @@ class Workqueue:
                 old, nxt = self._rescuer_pool, self._next_rescuer_pool
                 if nxt is not None:
                     self._rescuer_pool, self._next_rescuer_pool = nxt, None
-                futures = [(w.seq, w.pool_future, w, w.pool) for w in self._inflight if w.pool_future is not None]
+                futures = [
+                    (w.seq, w.pool_future, w, w.pool)
+                    for w in self._inflight
+                    if w.pool_future is not None and w.pool is not None  # both set together in _pump
+                ]
             if nxt is not None:
                 # apply_attrs: rescue with the new attributes from now on. Between rescues,
                 # so the old rescuer is idle; its process exits through the usual teardown.

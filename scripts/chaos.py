@@ -20,12 +20,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import psutil  # noqa: E402
-import tasks  # noqa: E402
+import psutil
+import tasks
 
-import procpool  # noqa: E402
-from procpool import manager, spawner  # noqa: E402
-from procpool.idtable import SHM_DIR, segment_prefix  # noqa: E402
+import procpool
+from procpool import manager, spawner
+from procpool.idtable import SHM_DIR, segment_prefix
 
 BOUND = 60.0  # seconds a future may still take once the run is over
 
@@ -106,7 +106,7 @@ def main() -> int:
     for fut, kind in futures:
         try:
             exc = fut.exception(timeout=BOUND)
-        except Exception:  # concurrent.futures' CancelledError / TimeoutError
+        except Exception:  # noqa: BLE001 - concurrent.futures' CancelledError / TimeoutError
             if fut.cancelled():
                 ended["cancelled"] += 1
             else:

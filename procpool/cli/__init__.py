@@ -72,7 +72,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("procpool")
-    except Exception:  # not installed (run from a checkout): the package's own
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout): the package's own
         from procpool import __version__
 
         return __version__

@@ -111,7 +111,7 @@ WQ_HEADER = (
 
 def table_rows(snap: dict[str, Any]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """The pool rows and the workqueue rows as text cells, in POOL_HEADER / WQ_HEADER order."""
-    prows = [
+    prows: list[tuple[str, ...]] = [
         (
             f"u{r['pool']}" + (" (stale)" if r["stale"] else ""),
             str(r["owner_pid"]),
@@ -134,7 +134,7 @@ def table_rows(snap: dict[str, Any]) -> tuple[list[tuple[str, ...]], list[tuple[
         )
         for r in snap["pools"]
     ]
-    wrows = [
+    wrows: list[tuple[str, ...]] = [
         (
             printable(r["workqueue"]),
             str(r["owner_pid"]),

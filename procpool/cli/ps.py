@@ -36,7 +36,7 @@ TITLE_WIDTH = 60
 
 
 def _worker_row(**kw: Any) -> dict[str, Any]:
-    row = {
+    row: dict[str, Any] = {
         "id": None,
         "pid": None,
         "state": "starting",

@@ -92,7 +92,7 @@ def resolve_func(spec: str) -> Callable[..., Any]:
         sys.path.append(cwd)
     try:
         obj: Any = importlib.import_module(modname)
-    except Exception as exc:  # ImportError, SyntaxError, or whatever the module raised
+    except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, or whatever the module raised
         raise UsageError(f"--func {spec!r}: cannot import module {modname!r}: {type(exc).__name__}: {exc}") from None
     for part in qualname.split("."):
         try:
@@ -106,7 +106,7 @@ def resolve_func(spec: str) -> Callable[..., Any]:
     try:
         # Workers get the function by reference; find out now rather than at the first submit.
         pickle.dumps(obj)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raises is a usage error
         raise UsageError(f"--func {spec!r}: cannot be sent to worker processes: {exc}") from None
     return obj
 
@@ -114,7 +114,7 @@ def resolve_func(spec: str) -> Callable[..., Any]:
 def _short_repr(value: Any, width: int = 80) -> str:
     try:
         text = repr(value)
-    except Exception as exc:  # a result's own __repr__ failing must not fail the run
+    except Exception as exc:  # noqa: BLE001 - a result's own __repr__ failing must not fail the run
         text = f"<unrepresentable {type(value).__name__}: {exc}>"
     return text if len(text) <= width else text[: width - 3] + "..."
 
@@ -543,7 +543,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     # workqueue hand the pool a waiting one that is about to be cancelled too.
                     for work in reversed(works):
                         if not work.done():
-                            wq.cancel_work(work)  # type: ignore[arg-type]
+                            wq.cancel_work(work)
                 # Early stop: what has not run yet is cancelled; what runs gets a bounded
                 # wait, then close() kills it (its item fails with TeardownTimeout).
                 pool.close(wait=True, cancel_futures=True, timeout=args.teardown_timeout)
