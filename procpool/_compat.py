@@ -108,11 +108,11 @@ def spawning_popen(popen: Any) -> Iterator[None]:
     procpool.calls passes a stand-in that collects those descriptors for its workers."""
     from multiprocessing import context
 
-    context.set_spawning_popen(popen)  # type: ignore[attr-defined]
+    context.set_spawning_popen(popen)
     try:
         yield
     finally:
-        context.set_spawning_popen(None)  # type: ignore[attr-defined]
+        context.set_spawning_popen(None)
 
 
 def proxy_call(proxy: Any, method: str, args: tuple = ()) -> Any:

@@ -124,7 +124,7 @@ def fail_items(items: list[Item], err: BaseException) -> None:
         if item.started or item.future.set_running_or_notify_cancel():
             try:
                 item.future.set_exception(err)
-            except Exception:  # InvalidStateError: it ended meanwhile (cancel_running)
+            except Exception:  # noqa: BLE001 - InvalidStateError: it ended meanwhile (cancel_running)
                 pass
 
 

@@ -29,7 +29,7 @@ def unpicklable(where: str, parts: list[tuple[str, Any]], exc: Exception) -> Cal
     for what, obj in parts:
         try:
             dumps(obj)
-        except Exception as part_exc:
+        except Exception as part_exc:  # noqa: BLE001 - whatever pickling raises names the part
             return CallNotPicklable(f"{where}: {what} cannot be pickled: {part_exc}")
     return CallNotPicklable(f"{where}: the call cannot be pickled: {exc}")
 
@@ -90,7 +90,7 @@ def _initarg_error(initializer: Callable[..., Any], initargs: tuple, exc: Except
     for i, arg in enumerate(initargs):
         try:
             _, fds = _dumps_inherited(arg)
-        except Exception as arg_exc:
+        except Exception as arg_exc:  # noqa: BLE001 - whatever pickling raises names the argument
             why = f"initargs[{i}] ({type(arg).__name__}) cannot be pickled: {arg_exc}"
             if "fork context" in str(arg_exc):
                 why = (
@@ -123,7 +123,7 @@ def dumps_initializer(initializer: Callable[..., Any] | None, initargs: Any) -> 
         fn = dumps(initializer)
         try:
             args, fds = _dumps_inherited(initargs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not picklable with inheritance: try by value
             args = dumps(initargs)  # lambdas and the like, with cloudpickle; else raises
         payload = pickle.dumps((fn, args), PICKLE_PROTOCOL)
     except Exception as exc:

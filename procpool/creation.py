@@ -105,14 +105,14 @@ class Creator:
                 for i, (wid, _gen) in enumerate(ids):
                     try:
                         _faults.hit(self.faults, "create.start", wid)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - a fault point: a creation failure
                         failed, ids = ids[i:], ids[:i]
                         self.creation_failed(failed, exc)
                         break
                 started = self.start_processes(ids)
                 if started:
                     self.failing_since = None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             self.creation_failed([i for i in ids if i not in {(w.id, w.gen) for w in started}], exc)
             if not started:
                 return 0
@@ -164,7 +164,7 @@ class Creator:
             results = get_spawner(self.ctx, self.allow_fork).spawn(
                 specs, [(work[0], result[1]) for work, result in pairs], self.completion_fd, self.init_fds()
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)
         finally:
             for work, result in pairs:

@@ -255,7 +255,7 @@ class _RobustLockServer:
                 batch, self._pending = self._pending, []
             try:
                 answers = _perform_detaches(batch)
-            except Exception as exc:  # whatever it was, the lock must not stay ours
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the lock must not stay ours
                 answers = [functools.partial(_send_quietly, req.reply.conn, ("#ERROR", exc)) for req in batch]
             with self._cond:
                 grant = self._pass_on()
@@ -532,7 +532,7 @@ class _Server(Server):
                 self._pending[conn] = time.monotonic()
             try:
                 threading.Thread(target=self._authenticate_then_serve, args=(conn,), daemon=True).start()
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - no thread (out of memory?): drop that connection only
                 with self._pending_lock:
                     self._pending.pop(conn, None)
                 conn.close()
@@ -562,7 +562,7 @@ class _Server(Server):
             connection.answer_challenge(conn, self.authkey)
             first = conn.recv()
             _socket_timeouts(conn, 0)
-        except Exception:  # a failed handshake, a timeout, EOF, garbage: just close it
+        except Exception:  # noqa: BLE001 - a failed handshake, a timeout, EOF, garbage: just close it
             first = None
         finally:
             with self._pending_lock:
@@ -583,11 +583,11 @@ class _Server(Server):
                 msg = ("#RETURN", getattr(self, funcname)(conn, *args, **kwds))
             except SystemExit:
                 return  # serve_client (behind accept_connection) leaves so at EOF
-            except Exception:
+            except Exception:  # noqa: BLE001 - answered to the client as the stock server does
                 msg = ("#TRACEBACK", traceback.format_exc())
             try:
                 conn.send(msg)
-            except Exception:
+            except Exception:  # noqa: BLE001 - the client left
                 pass  # the client left
         finally:
             conn.close()
@@ -695,7 +695,7 @@ class _Server(Server):
                 grant = _grant(conn)
                 try:
                     acquired = obj.park(args[0], grant)
-                except Exception as exc:  # a bad pid, a fault point: that request fails, not this thread
+                except Exception as exc:  # noqa: BLE001 - a bad pid, a fault point: that request fails, not this thread
                     _send_quietly(conn, ("#ERROR", exc))
                     return False
                 if acquired:
@@ -706,7 +706,7 @@ class _Server(Server):
             if methodname in ("release", "owner", "broken_count"):
                 try:
                     msg = ("#RETURN", getattr(obj, methodname)(*args))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - answered to the client as an error
                     msg = ("#ERROR", exc)
                 _send_quietly(conn, msg)
                 return False
@@ -724,7 +724,7 @@ class _Server(Server):
                 if methodname not in exposed:
                     raise AttributeError(f"method {methodname!r} of {type(obj)} is not exposed")
                 msg = ("#RETURN", getattr(obj, methodname)(*args, **kwds))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - answered to the client as an error
                 msg = ("#ERROR", exc)
             conn.send(msg)
             self.serve_client(conn)  # ends by raising SystemExit at EOF
@@ -742,7 +742,7 @@ def _perform_detach_round(detaches: dict[_RobustLockServer, list[Detach]]) -> No
     for lock, requests in detaches.items():
         try:
             lock.detach(requests)
-        except Exception as exc:  # a fault point, say: those requests fail, not this thread
+        except Exception as exc:  # noqa: BLE001 - a fault point, say: those requests fail, not this thread
             for req in requests:
                 _send_quietly(req.reply.conn, ("#ERROR", exc))
 
@@ -800,7 +800,7 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
         import setproctitle
 
         setproctitle.setproctitle("procpool: manager")
-    except Exception:  # pragma: no cover - the title is cosmetic
+    except Exception:  # noqa: BLE001 - the title is cosmetic
         pass
     # The spawner's own descriptors (its socket to the program, its wake-up pipe, the status
     # pipes of the workers it forked already): not ours to keep open. Everything else we
@@ -931,7 +931,7 @@ def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
             return False
         try:
             _start_manager(ctx, allow_fork)
-        except Exception:
+        except Exception:  # noqa: BLE001 - no new server: the caller treats it as a creation failure
             return False
         return True
 
@@ -1011,7 +1011,7 @@ class PoolLocks:
                 return False
             try:
                 self.arb, self.attach = self._new()
-            except Exception:
+            except Exception:  # noqa: BLE001 - no new locks: the caller treats it as a creation failure
                 return False
             self.replaced += 1
             return True

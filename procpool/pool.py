@@ -54,7 +54,7 @@ import atexit
 import dataclasses
 import itertools
 import multiprocessing
-import multiprocessing.util  # noqa: F401 - its atexit hook must be registered before ours
+import multiprocessing.util  # (also) so that its atexit hook is registered before ours
 import os
 import selectors
 import threading
@@ -257,7 +257,7 @@ class WorkerPool:
             try:
                 w.proc.kill()
                 w.proc.join(5)
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort on the way out of a failed __init__
                 pass
         if self._books.table is not None:
             self._books.table.destroy()

@@ -140,7 +140,7 @@ def function_part(fn: Callable[..., Any]) -> bytes:
     if part is None:
         try:
             data = pickle.dumps(fn, PICKLE_PROTOCOL)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not picklable by reference: by value, with cloudpickle
             return _with_length(dumps(fn))  # a lambda or a closure: by value, with cloudpickle, never kept
         if len(_function_pickles) >= FN_CACHE_MAX:
             _function_pickles.clear()
@@ -204,7 +204,7 @@ def error_answer(exc: BaseException, origin: BaseException | None = None) -> byt
     tb = "".join(traceback.format_exception(origin or exc))
     try:
         return pickle.dumps((False, exc, tb), PICKLE_PROTOCOL)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the exception cannot cross: send its repr
         # The exception itself (or something it holds) cannot cross the process boundary:
         # send its repr instead, so the item still ends in an error that says what happened.
         return pickle.dumps((False, RemoteError(repr(exc)), tb), PICKLE_PROTOCOL)

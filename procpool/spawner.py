@@ -437,7 +437,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
         import setproctitle
 
         setproctitle.setproctitle("procpool: spawner")
-    except Exception:  # pragma: no cover - cosmetic
+    except Exception:  # noqa: BLE001 - cosmetic
         pass
     # The program's death is what ends us, not a signal to its process group: we must live
     # to clean up after it (module docstring). SIGPIPE: an answer the program can no longer
@@ -449,7 +449,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
     state = _SpawnerState(sock)
     try:
         state.serve()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - any end of the loop runs the clean-up below
         if not _program_hung_up(sock):
             import traceback
 
@@ -544,7 +544,7 @@ class _SpawnerState:
             spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
             answer, self.handover = host.start(alive_fd, spawner_fds)
             self.host = host
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
         os.close(alive_fd)
         _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
@@ -738,7 +738,7 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
             spec.attach_lock.adopt_connection(mgr)
         worker_main(spec)
         code = 0
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - printed, then the worker exits with status 1
         import traceback
 
         traceback.print_exc()

@@ -267,7 +267,7 @@ def _flush_queues() -> None:
 
     try:
         run_exit_finalizers()  # Queue's close: the feeder's sentinel
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort: the flush below is bounded anyway
         pass
     deadline = time.monotonic() + QUEUE_FLUSH_TIMEOUT
     for thread in threading.enumerate():
@@ -329,6 +329,6 @@ def _exit(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a closed or broken stream must not stop the exit
             pass
     os._exit(code)

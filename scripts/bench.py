@@ -532,7 +532,7 @@ def bench_throughput(contender: str, items: int) -> float:
         for i, h in enumerate(hs):
             try:
                 bad += get(h) != i
-            except Exception:
+            except Exception:  # noqa: BLE001 - counted as a bad result
                 bad += 1
         if bad:
             raise RuntimeError(f"{contender}: {bad} items failed")
@@ -623,7 +623,7 @@ def _fork_child(body: Callable[[], None]) -> int:
         code = 0
         try:
             body()
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a failed child exits with status 1
             code = 1
         finally:
             os._exit(code)
@@ -801,7 +801,7 @@ def warm_up(peers: tuple[str, ...], skipped: dict[str, str]) -> tuple[str, ...]:
         try:
             with managed(c, 1) as pool:
                 barrier_round(pool, 1)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a peer that fails is skipped, and said so
             skipped[c] = f"failed its warm-up ({type(e).__name__}: {e})"
             print(f"  peer {c}: skipped, {skipped[c]}", flush=True)
         else:
@@ -816,7 +816,7 @@ def available_peers(wanted: tuple[str, ...]) -> tuple[tuple[str, ...], dict[str,
         if mod is not None:
             try:
                 importlib.import_module(mod)
-            except Exception as e:  # not installed, or broken: skip it, say why
+            except Exception as e:  # noqa: BLE001 - not installed, or broken: skip it, say why
                 skipped[c] = f"not importable ({type(e).__name__}: {e})"
                 continue
         ok.append(c)
@@ -985,7 +985,7 @@ def run(args: argparse.Namespace, chosen: set[str], wanted_peers: tuple[str, ...
                 d = bench_destroy(cfg["destroy_workers"])
                 destroy_calls += d.pop("calls")
                 destroy_info.append(d)
-            except Exception:
+            except Exception:  # noqa: BLE001 - reported with the run
                 destroy_errors.append(traceback.format_exc())
                 print(f"  destroy: ERROR\n{destroy_errors[-1]}", flush=True)
             destroy_wall += time.perf_counter() - t0
@@ -1123,7 +1123,7 @@ def _sample(bench: Bench, c: str, fn: Callable[[str], float]) -> None:
     t0 = time.perf_counter()
     try:
         bench.samples[c].append(fn(c))
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported with the run
         tb = traceback.format_exc()
         bench.errors[c].append(tb)
         print(f"  {bench.name} / {c}: ERROR\n{tb}", flush=True)

@@ -122,7 +122,7 @@ def test_a_result_round_trips_with_its_sequence_number_and_cpu_time():
 def test_an_error_carries_the_worker_traceback_as_its_cause():
     try:
         tasks.fail("boom")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any exception becomes the answer
         answer = protocol.error_answer(exc)
     work = protocol.encode_work(9, tasks.fail, ("boom",), {})
     seq, _, ok, value = protocol.decode_result(protocol.encode_result(work, 0.0, answer))

@@ -59,7 +59,7 @@ def test_completion_completes_exactly_once_while_workers_die_during_teardown():
         try:
             wait_until(lambda: completion_installed(table), timeout=60, what="the detach completion installed")
             wait_until(lambda: all(title_of(p) == "kworker/dying" for p in victims), what="victims in their exit path")
-        except BaseException as e:  # reported by the test thread; the victims die regardless
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread; the victims die regardless
             errors.append(e)
         finally:
             for p in victims:
