@@ -616,6 +616,7 @@ def test_ps_shows_dying_workers_until_reaped_and_the_helpers(start: Callable[...
     assert title_of(helpers["manager"]["pid"]).startswith("procpool: manager")
     # The id it had is free: no allocated slot of the pool names its pid.
     assert all(x["pid"] != w["pid"] for x in pool["workers"] if not x["detached"])
+
     # The text table shows the same row.
     # (Any dying row: on a loaded machine that one's linger may be over by the time ps runs.)
     def a_dying_row() -> str | None:
