@@ -158,7 +158,7 @@ futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
 wait_until(lambda: pool.stats().nr_busy == 4, timeout=30, what="four busy workers")
 # The Manager gets each new worker's socket from the spawner asynchronously: wait for all
 # three (the test then checks there is no fourth), and after the kill for the close.
-wait_until(lambda: unnamed_sockets() >= counts[0] + 3, timeout=30, what="three more sockets")
+wait_until(lambda: unnamed_sockets() == counts[0] + 3, timeout=30, what="exactly three more sockets")
 counts.append(unnamed_sockets())
 os.kill(pool.workers()[-1].pid, signal.SIGKILL)
 wait_until(lambda: sum(f.done() for f in futs) == 1, timeout=30, what="the victim's item failed")

@@ -35,11 +35,15 @@ GONE_UNDER_LOAD = 5.0
 # starts through the fork server instead of as a fork of the program.
 PROGRAM = textwrap.dedent(
     """
-    import json, os, sys, threading, time
+    import json, os, signal, sys, threading, time
     import procpool
     from procpool import manager, spawner
 
     def main():
+        # Default actions, whatever this program inherited (nohup, a supervisor's SIG_IGN):
+        # the test is about procpool's helpers, not about the disposition it was started with.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
         n, busy, threaded = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
         if threaded:
             threading.Thread(target=threading.Event().wait, daemon=True).start()
