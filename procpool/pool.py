@@ -62,7 +62,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
 from .calls import dumps_call, dumps_initializer
@@ -95,6 +95,9 @@ from .worker import (
     dying_title,
     worker_title,
 )
+
+if TYPE_CHECKING:  # the Manager machinery is loaded by the first pool, not on import
+    from .manager import PoolLocks
 
 #: Idle workers kept regardless of load, and busy workers per extra idle one kept
 #: (the kernel's ``too_many_workers()``: 2 idle plus 1 per MAX_IDLE_WORKERS_RATIO busy).
@@ -1377,6 +1380,36 @@ class WorkerPool(ConcurrencyManagement, Teardown):
             self._sel.unregister(fd)
         except (KeyError, ValueError, OSError):
             pass  # not registered (any more), or the selector is closed
+
+    # -- hooks for tests and tools: read-only views of parts a test must see or steer ---------------
+
+    @property
+    def fault_spec(self) -> _faults.Spec:
+        """For tests and tools: the pool's fault points, the live dict (I: set at init; a test
+        may ``update`` or ``clear`` it to make the OS fail or "recover")."""
+        return self._faults
+
+    @property
+    def manager_locks(self) -> PoolLocks:
+        """For tests and tools: the pool's Manager locks (attach, arbiter), as the workers share them."""
+        return self._locks
+
+    @property
+    def id_table(self) -> IdTable:
+        """For tests and tools: the pool's shared-memory id table (what ``procpool ps`` reads)."""
+        assert self._table is not None
+        return self._table
+
+    @property
+    def closed(self) -> bool:
+        """For tests and tools: True once teardown finished (every worker gone)."""
+        return self._closed.is_set()
+
+    @property
+    def arbiter_alive(self) -> bool:
+        """For tests and tools: whether the arbiter thread is running."""
+        return self._arbiter_thread.is_alive()
+
 
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is None:

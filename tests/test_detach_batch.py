@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import threading
 
 import psutil
@@ -18,7 +17,7 @@ import pytest
 from conftest import alive, title_of, wait_until
 
 import procpool
-from procpool import idtable, manager
+from procpool import manager
 from procpool.idtable import DYING, FREE, IdTable
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,7 +42,7 @@ class Replies:
 
 
 def _waiting(table: IdTable) -> int:
-    return struct.unpack_from("<I", table._buf, idtable._OFF_WAITING)[0]
+    return table.completion_waiting
 
 
 @pytest.fixture
@@ -120,7 +119,7 @@ def _close_while_holding_attach(pool) -> tuple[threading.Thread, dict[int, int]]
     pids = {w.id: w.pid for w in pool.workers()}
     closer = threading.Thread(target=pool.close)
     closer.start()
-    wait_until(lambda: all(pool._table.slot(wid).state == DYING for wid in pids), what="all workers dying")
+    wait_until(lambda: all(pool.id_table.slot(wid).state == DYING for wid in pids), what="all workers dying")
     wait_until(lambda: all(title_of(p) == "kworker/dying" for p in pids.values()), what="dying titles")
     return closer, pids
 
@@ -128,21 +127,21 @@ def _close_while_holding_attach(pool) -> tuple[threading.Thread, dict[int, int]]
 def test_worker_sigkilled_while_its_batched_detach_waits():
     pool = procpool.WorkerPool(min_workers=4, max_workers=4)
     assert all(w.pid for w in pool.workers())
-    pool._locks.attach.acquire()
+    pool.manager_locks.attach.acquire()
     released = False
     try:
         closer, pids = _close_while_holding_attach(pool)
         os.kill(pids[2], signal.SIGKILL)
         wait_until(lambda: not alive(pids[2]), what="victim gone")
-        pool._locks.attach.release()
+        pool.manager_locks.attach.release()
         released = True
         closer.join(20)
         assert not closer.is_alive()
     finally:
         if not released:
-            pool._locks.attach.release()
+            pool.manager_locks.attach.release()
     assert pool.completions <= 1
-    assert pool._locks.attach.broken == 0  # the batch held the lock, no dead owner to take over from
+    assert pool.manager_locks.attach.broken == 0  # the batch held the lock, no dead owner to take over from
     assert not any(alive(p) for p in pids.values())
     assert pool.stats().nr_workers == 0
 
@@ -154,7 +153,7 @@ def test_last_worker_out_completes_through_the_batch():
     # came through the batch, not from teardown's fallback (which needs every worker reaped).
     pool = procpool.WorkerPool(min_workers=3, max_workers=3, faults="detach.before_lock@0=stop,detach.after@0=stop")
     pid0 = next(w.pid for w in pool.workers() if w.id == 0)
-    table = pool._table
+    table = pool.id_table
     closer = threading.Thread(target=pool.close)
     closer.start()
     try:
@@ -174,5 +173,5 @@ def test_last_worker_out_completes_through_the_batch():
     closer.join(20)
     assert not closer.is_alive()
     assert pool.completions == 1
-    assert pool._locks.attach.broken == 0
+    assert pool.manager_locks.attach.broken == 0
     assert not alive(pid0)

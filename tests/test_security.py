@@ -129,7 +129,7 @@ def test_names_planted_by_another_user_are_never_followed(kind: str, tmp_path: P
         else:
             _plant(planted, name, kind)
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        table = pool._table.name
+        table = pool.table_name
         assert table.startswith(idtable.segment_name(pid, pool.id) + "-"), table  # another name
         _run_items(pool)
         wq = procpool.Workqueue("secwq", max_workers=2)
@@ -167,7 +167,7 @@ def test_files_procpool_creates_are_private_regular_files() -> None:
         try:
             wq.queue(pow, 2, 2).result(timeout=60)
             mine = [n for n in os.listdir(SHM) if n.startswith(f"{idtable.segment_prefix()}{pid}-")]
-            assert pool._table.name in mine and any(idtable.classify(n)[0] == "wq" for n in mine), mine
+            assert pool.table_name in mine and any(idtable.classify(n)[0] == "wq" for n in mine), mine
             for name in mine:
                 st = os.lstat(SHM / name)
                 assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == UID, name
@@ -184,7 +184,7 @@ def test_a_stale_table_of_ours_is_replaced_not_renamed_around(planted: list[Path
         path.write_bytes(bytes(_table_bytes(i, pid)))
         planted.append(path)
     with procpool.WorkerPool(1, 1, title_prefix="kwsec") as pool:
-        assert pool._table.name == idtable.segment_name(pid, pool.id)
+        assert pool.table_name == idtable.segment_name(pid, pool.id)
         _run_items(pool, 2)
 
 
@@ -330,7 +330,7 @@ def _connect(address: str, within: float = 20.0) -> socket.socket:
 
 def test_manager_threads_stay_bounded_under_idle_connections() -> None:
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        address = pool._locks.arb.address
+        address = pool.manager_locks.arb.address
         server = manager.server_pid()
         assert server is not None
         base = _threads(server)
@@ -384,7 +384,7 @@ def test_manager_threads_stay_bounded_under_idle_connections() -> None:
 @needs_root
 def test_manager_closes_connections_of_another_user_at_once() -> None:
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        address = pool._locks.arb.address
+        address = pool.manager_locks.arb.address
         server = manager.server_pid()
         assert server is not None
         base = _threads(server)

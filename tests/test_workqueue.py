@@ -230,7 +230,7 @@ def test_drain_allows_only_chained_queueing(tmp_path):
         wait_until(lambda: os.path.exists(mark), what="item running")
         drainer = threading.Thread(target=wq.drain)
         drainer.start()
-        wait_until(lambda: wq._draining, what="drain under way")
+        wait_until(lambda: wq.draining, what="drain under way")
         with pytest.raises(RuntimeError, match="draining"):
             wq.queue(tasks.square, 1)
         Path(release).touch()
@@ -281,7 +281,7 @@ def test_pool_attributes_validated():
         procpool.WorkerPool(0, 1, nice=40)
     with pytest.raises(TypeError):
         procpool.Workqueue("x", nice=1.5)
-    assert not wqmod._pools
+    assert not wqmod.live_pools()
 
 
 def test_equal_attributes_share_one_pool():
@@ -295,14 +295,14 @@ def test_equal_attributes_share_one_pool():
         assert len({id(a.pool), id(c.pool), id(d.pool)}) == 3
         assert a.queue(tasks.square, 2).result(10) == 4
         a.destroy()
-        assert not a.pool._closed.is_set()  # b still uses it
+        assert not a.pool.closed  # b still uses it
         assert b.queue(tasks.square, 3).result(10) == 9
     finally:
         for wq in (a, b, c, d):
             wq.destroy()
     for wq in (a, b, c, d):
-        assert wq.pool._closed.is_set()
-    assert not wqmod._pools
+        assert wq.pool.closed
+    assert not wqmod.live_pools()
 
 
 def test_titles_name_the_workqueue(tmp_path):
@@ -339,7 +339,7 @@ def test_workqueue_arguments_validated():
         procpool.Workqueue("zero", max_active=0)
     with pytest.raises(ValueError, match="4096"):
         procpool.Workqueue("cpu", cpus={4096})
-    assert not wqmod._pools
+    assert not wqmod.live_pools()
 
 
 def test_apply_attrs_moves_new_items_and_releases_the_old_pool(tmp_path):
@@ -354,9 +354,9 @@ def test_apply_attrs_moves_new_items_and_releases_the_old_pool(tmp_path):
         (old_worker,) = [w.pid for w in old.workers()]
         wq.apply_attrs(nice=4, cpus={cpu})
         new = wq.pool
-        assert new is not old and (0, None) in wqmod._pools and (4, frozenset({cpu})) in wqmod._pools
+        assert new is not old and (0, None) in wqmod.live_pools() and (4, frozenset({cpu})) in wqmod.live_pools()
         # The old pool keeps its reference while our item runs there.
-        assert not old._closed.is_set()
+        assert not old.closed
         assert psutil.Process(old_worker).is_running()
         Path(release).touch()
         assert running.result(10) == old_worker
@@ -365,13 +365,13 @@ def test_apply_attrs_moves_new_items_and_releases_the_old_pool(tmp_path):
             assert psutil.Process(pid).nice() == min(19, base + 4)
             assert psutil.Process(pid).cpu_affinity() == [cpu]
         # Its last item finished: the reference is dropped, the pool closes, its workers exit.
-        wait_until(old._closed.is_set, what="old pool closed")
+        wait_until(lambda: old.closed, what="old pool closed")
         wait_until(lambda: not alive(old_worker), what="old worker gone")
-        assert (0, None) not in wqmod._pools
+        assert (0, None) not in wqmod.live_pools()
         wq.apply_attrs(nice=4, cpus={cpu})  # the same attributes: nothing changes
         assert wq.pool is new
-    assert new._closed.is_set()
-    assert not wqmod._pools
+    assert new.closed
+    assert not wqmod.live_pools()
     with pytest.raises(RuntimeError, match="destroyed"):
         wq.apply_attrs(nice=1)
 
@@ -386,18 +386,18 @@ def test_apply_attrs_keeps_a_pool_other_workqueues_use():
         a.apply_attrs(nice=2)  # nothing of a's in flight: the reference is dropped at once
         assert a.pool is not old
         assert a.queue(tasks.square, 4).result(10) == 16
-        assert not old._closed.is_set()  # b still uses it
+        assert not old.closed  # b still uses it
         assert b.queue(tasks.square, 5).result(10) == 25
         niced = a.pool
         a.apply_attrs()  # back to the shared pool
         assert a.pool is old
-        wait_until(lambda: (2, None) not in wqmod._pools, what="nice=2 pool released")
-        wait_until(niced._closed.is_set, what="nice=2 pool closed")  # torn down off this thread
+        wait_until(lambda: (2, None) not in wqmod.live_pools(), what="nice=2 pool released")
+        wait_until(lambda: niced.closed, what="nice=2 pool closed")  # torn down off this thread
     finally:
         a.destroy()
         b.destroy()
-    assert old._closed.is_set()
-    assert not wqmod._pools
+    assert old.closed
+    assert not wqmod.live_pools()
 
 
 def test_apply_attrs_while_items_run_loses_nothing():
@@ -409,11 +409,11 @@ def test_apply_attrs_while_items_run_loses_nothing():
             used.append(wq.pool)
             time.sleep(0.01)
         assert [w.result(20) for w in works] == list(range(60))
-        wait_until(lambda: set(wqmod._pools) == {wq._key}, what="only the current pool referenced")
-        wait_until(lambda: wqmod._pools[wq._key][1] == 1, what="one reference on the current pool")
-    assert not wqmod._pools
+        wait_until(lambda: set(wqmod.live_pools()) == {wq.pool_key}, what="only the current pool referenced")
+        wait_until(lambda: wqmod.live_pools()[wq.pool_key] == 1, what="one reference on the current pool")
+    assert not wqmod.live_pools()
     for pool in used:  # the replaced ones close on teardown threads of their own
-        wait_until(pool._closed.is_set, what=f"pool u{pool.id} closed")
+        wait_until(lambda p=pool: p.closed, what=f"pool u{pool.id} closed")
 
 
 def test_ps_lists_the_workqueues_of_each_pool(capsys):
