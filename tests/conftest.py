@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import psutil
 import pytest
@@ -16,11 +17,14 @@ import pytest
 from procpool.idtable import SHM_DIR, segment_prefix
 
 TITLE_PREFIXES = ("kworker/", "ptest")
+T = TypeVar("T")
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``pred`` until it is truthy; fail after ``timeout`` s. For facts that the OS only
-    shows asynchronously (a process exiting, a title changing), never to wait out a race."""
+def wait_until(pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", *, interval: float = 0.01) -> T:
+    """Poll ``pred`` every ``interval`` s until it is truthy, and return its value; fail after
+    ``timeout`` s. For facts that the OS only shows asynchronously (a process exiting, a title
+    changing), never to wait out a race. A costly ``pred`` (one that runs ``procpool ps``) polls
+    less often."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -28,7 +32,15 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (no process has it now, unless the
+    kernel reuses it: pids wrap slowly, and the tests that use one tolerate that)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def title_of(pid: int) -> str | None:

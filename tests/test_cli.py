@@ -11,6 +11,7 @@ owner pid of the run it started, or by a title prefix unique to the test.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,11 +23,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
-from conftest import wait_until
+from conftest import dead_pid, title_of, wait_until
 
 from procpool import cli, idtable
 
@@ -36,23 +37,13 @@ UID = os.getuid()
 #: Upper bound for any one condition; generous because two xdist workers share two cores.
 WAIT = 20.0
 
-T = TypeVar("T")
+
+#: wait_until for conditions read through ``procpool ps`` (a subprocess each): polled less often.
+wait_ps = functools.partial(wait_until, timeout=WAIT, interval=0.05)
 
 SUMMARY_ITEMS = re.compile(r"items\s+(\d+) total: (\d+) done, (\d+) failed, (\d+) cancelled")
 SUMMARY_WORKERS = re.compile(r"workers\s+(\d+) created, (\d+) destroyed, (\d+) lost")
 PROGRESS_WORKERS = re.compile(r"\] u\d+ workers (\d+) ")
-
-
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = WAIT, interval: float = 0.05) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Run:
@@ -145,13 +136,6 @@ def settled_pool(owner_pid: int, nr_workers: int) -> Callable[[], dict[str, Any]
     return check
 
 
-def title_of(pid: int) -> str | None:
-    try:
-        return " ".join(psutil.Process(pid).cmdline()).strip()
-    except psutil.Error:
-        return None
-
-
 def processes_titled(prefix: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
@@ -195,10 +179,10 @@ def test_run_grows_shrinks_and_ends_by_itself(start: Callable[..., Run], tmp_pat
         env=env_with(PYTHONPATH=str(tmp_path / "mods"), PROCPOOL_TEST_RELEASE=str(release), PROCPOOL_TEST_BURST="24"),
     )  # fmt: skip
     try:
-        wait_for(lambda: progress_shows(run, 4), "the first burst on 4 workers")
+        wait_ps(lambda: progress_shows(run, 4), what="the first burst on 4 workers")
         Path(f"{release}-0").touch()
-        wait_for(lambda: progress_shows(run, 4, 2), "the shrink to 2 in the pause")
-        wait_for(lambda: progress_shows(run, 4, 2, 4), "the regrowth to 4 in the second burst")
+        wait_ps(lambda: progress_shows(run, 4, 2), what="the shrink to 2 in the pause")
+        wait_ps(lambda: progress_shows(run, 4, 2, 4), what="the regrowth to 4 in the second burst")
     finally:
         for burst in range(2):
             Path(f"{release}-{burst}").touch()
@@ -267,7 +251,7 @@ def test_ps_shows_the_running_pool_and_its_workers(start: Callable[..., Run]) ->
         "run", "--tasks", "100000", "--task-ms", "50", "--bursts", "1", "--min-workers", "3",
         "--max-workers", "3", "--quiet",
     )  # fmt: skip
-    pool = wait_for(settled_pool(run.pid, 3), "3 titled workers in procpool ps")
+    pool = wait_ps(settled_pool(run.pid, 3), what="3 titled workers in procpool ps")
     assert pool["stale"] is False and pool["owner_alive"] is True
     assert pool["table"] == f"procpool-{UID}-{run.pid}-{pool['pool']}"
     assert "procpool.cli" in pool["owner_cmdline"]
@@ -283,7 +267,7 @@ def test_ps_shows_the_running_pool_and_its_workers(start: Callable[..., Run]) ->
         assert run.pid in ancestors
     # Items complete: some worker's counter moves while we watch.
     before = sum(w["items_done"] for w in workers)
-    wait_for(lambda: sum(w["items_done"] for w in pool_of(run.pid)["workers"]) > before, "items_done to grow")
+    wait_ps(lambda: sum(w["items_done"] for w in pool_of(run.pid)["workers"]) > before, what="items_done to grow")
 
     text = cli_output("ps")
     assert text.returncode == 0, text.stderr
@@ -302,13 +286,14 @@ def test_signal_tears_down_cleanly(start: Callable[..., Run], sig: signal.Signal
         "run", "--tasks", "100000", "--task-ms", "50", "--bursts", "1", "--max-workers", "3",
         "--title-prefix", prefix, "--linger-dying", "0.3", "--quiet",
     )  # fmt: skip
-    pool = wait_for(settled_pool(run.pid, 3), "3 titled workers in procpool ps")
+    pool = wait_ps(settled_pool(run.pid, 3), what="3 titled workers in procpool ps")
     assert all(w["title"] == f"{prefix}/u{pool['pool']}:{w['id']}" for w in pool["workers"])
     family = psutil.Process(run.pid).children(recursive=True)  # fork server, manager, tracker, workers
     assert {w["pid"] for w in pool["workers"]} <= {p.pid for p in family}
     # Some item done before the signal, so the summary has all three kinds to add up.
-    wait_for(lambda: sum(w["items_done"] for w in (pool_of(run.pid) or {"workers": []})["workers"]) > 0,
-             "an item done")  # fmt: skip
+    wait_ps(
+        lambda: sum(w["items_done"] for w in (pool_of(run.pid) or {"workers": []})["workers"]) > 0, what="an item done"
+    )
 
     run.proc.send_signal(sig)
     assert run.wait() == code, run.err
@@ -318,8 +303,10 @@ def test_signal_tears_down_cleanly(start: Callable[..., Run], sig: signal.Signal
     assert total == 100000 and done > 0 and cancelled > 0 and done + failed + cancelled == total
     assert re.search(r"teardown\s+\d+\.\d ms", out)
     # Nothing of the run outlives it: no worker (live or dying), no helper, no table.
-    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
-             "every process of the run to exit")  # fmt: skip
+    wait_ps(
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family),
+        what="every process of the run to exit",
+    )
     assert processes_titled(prefix) == []
     assert list(SHM.glob(f"procpool-{UID}-{run.pid}-*")) == []
 
@@ -499,12 +486,6 @@ def test_progress_refreshes_in_place_on_a_terminal(tmp_path: Path) -> None:
 # -- procpool ps -------------------------------------------------------------------------------------
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def _write_stale_table(path: Path, pool_id: int, owner: int, worker_pid: int) -> None:
     # Written byte by byte with the id table's on-disk format: a stale table is one whose
     # owner and resource tracker both died, which a test cannot arrange politely.
@@ -515,7 +496,7 @@ def _write_stale_table(path: Path, pool_id: int, owner: int, worker_pid: int) ->
 
 
 def test_ps_marks_stale_tables_and_skips_unreadable_ones() -> None:
-    dead = _dead_pid()
+    dead = dead_pid()
     stale = SHM / f"procpool-{UID}-{dead}-99"
     empty = SHM / f"procpool-{UID}-{dead}-97"  # no header at all
     garbage = SHM / f"procpool-{UID}-{dead}-98"  # sized, but no magic
@@ -562,7 +543,7 @@ def test_ps_marks_stale_tables_and_skips_unreadable_ones() -> None:
 def test_ps_skips_a_segment_that_vanished(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     # A pool closing between the directory listing and the attach: the name is listed, the
     # file is gone. ps must carry on (in-process: the race cannot be timed from outside).
-    gone = f"procpool-{UID}-{_dead_pid()}-0"
+    gone = f"procpool-{UID}-{dead_pid()}-0"
     monkeypatch.setattr(idtable, "list_segments", lambda: [gone])
     assert cli.main(["ps", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"pools": [], "skipped": []}
@@ -605,7 +586,7 @@ def test_ps_shows_dying_workers_until_reaped_and_the_helpers(start: Callable[...
         dying = [w for w in pool["workers"] if w["state"] == "dying" and w["detached"] and w["title"]]
         return (pool, dying[0]) if dying else None
 
-    pool, w = wait_for(a_detached_dying_worker, "a dying worker that freed its id, in ps --json", timeout=60)
+    pool, w = wait_ps(a_detached_dying_worker, what="a dying worker that freed its id, in ps --json", timeout=60)
     assert w["title"] == "kworker/dying" and w["alive"] is True and w["pool_known"] is True
     helpers = {h["role"]: h for h in pool["helpers"]}
     assert set(helpers) == {"spawner", "manager"}, pool["helpers"]
@@ -633,7 +614,7 @@ def test_ps_filters(start: Callable[..., Run], tmp_path: Path, user_module: str)
             PYTHONPATH=str(tmp_path / "mods"), PROCPOOL_TEST_RELEASE=str(tmp_path / "release"), PROCPOOL_TEST_BURST="4"
         ),
     )  # fmt: skip
-    pool = wait_for(lambda: ps_owner(run.pid), "the workqueue's pool in ps")
+    pool = wait_ps(lambda: ps_owner(run.pid), what="the workqueue's pool in ps")
     assert ps_owner(run.pid, "--workqueue", "filterwq")["pool"] == pool["pool"]
     assert ps_owner(run.pid, "--workqueue", "no-such-wq") is None
     assert ps_owner(run.pid, "--pool", f"u{pool['pool']}")["pool"] == pool["pool"]
@@ -653,7 +634,7 @@ def test_monitor_json_counters_move_on_a_live_pool(start: Callable[..., Run]) ->
     run = start(
         "run", "--tasks", "100000", "--task-ms", "20", "--bursts", "1", "--max-workers", "2", "--quiet",
     )  # fmt: skip
-    wait_for(lambda: (p := ps_owner(run.pid)) and p["counters"]["done"] > 0, "the pool's first items done")
+    wait_ps(lambda: (p := ps_owner(run.pid)) and p["counters"]["done"] > 0, what="the pool's first items done")
     res = _monitor("-i", "0.2", "-n", "3", "--json", "--owner", str(run.pid))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -680,7 +661,7 @@ def test_monitor_text_lists_pools_and_workqueues(start: Callable[..., Run], tmp_
             PYTHONPATH=str(tmp_path / "mods"), PROCPOOL_TEST_RELEASE=str(tmp_path / "release"), PROCPOOL_TEST_BURST="4"
         ),
     )  # fmt: skip
-    wait_for(lambda: (p := ps_owner(run.pid)) and p["workqueues"], "the workqueue in ps")
+    wait_ps(lambda: (p := ps_owner(run.pid)) and p["workqueues"], what="the workqueue in ps")
     res = _monitor("-i", "0.2", "-n", "3", "--owner", str(run.pid))
     assert res.returncode == 0, res.stderr
     # Not a terminal: one plain block per interval, no escape sequences.
@@ -694,7 +675,7 @@ def test_monitor_text_lists_pools_and_workqueues(start: Callable[..., Run], tmp_
 
 
 def test_monitor_without_pools_and_bad_usage() -> None:
-    res = _monitor("-i", "0.05", "-n", "2", "--owner", str(_dead_pid()))
+    res = _monitor("-i", "0.05", "-n", "2", "--owner", str(dead_pid()))
     assert res.returncode == 0 and res.stdout.count("no procpool pools running") == 2, res
     for args, message in (
         (["-n", "0"], "argument -n/--count: must be >= 1, got 0"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from conftest import dead_pid, wait_until
 
 import procpool
 from procpool import idtable, manager
@@ -40,12 +40,6 @@ PS = [sys.executable, "-m", "procpool.cli", "ps"]
 PS_LIMIT = 2.0
 
 needs_root = pytest.mark.skipif(UID != 0, reason="plants files of another uid: needs root to chown and setuid")
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _ps(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -193,7 +187,7 @@ def test_a_stale_table_of_ours_is_replaced_not_renamed_around(planted: list[Path
 
 @needs_root
 def test_ps_skips_every_hostile_file_and_ends_in_time(tmp_path: Path, planted: list[Path]) -> None:
-    dead = _dead_pid()
+    dead = dead_pid()
     pre = f"{idtable.segment_prefix()}{dead}-"
     hostile: dict[str, str] = {}  # name -> what its skip reason must mention
 
@@ -234,7 +228,7 @@ def test_ps_skips_every_hostile_file_and_ends_in_time(tmp_path: Path, planted: l
         (json.dumps({"name": "w"}), "not a list"),
         ("[{", "JSONDecodeError"),
     ]:
-        other = _dead_pid()
+        other = dead_pid()
         write(f"{idtable.segment_prefix()}{other}-0", bytes(_table_bytes(0, other)), "")
         del hostile[f"{idtable.segment_prefix()}{other}-0"]
         write(idtable.wq_segment_name(other), data.encode(), why)
@@ -269,7 +263,7 @@ def test_ps_escapes_control_characters_in_worker_titles(planted: list[Path]) -> 
     evil = "kw\x1b]0;owned\x07"
     proc = subprocess.Popen([evil, "60"], executable=shutil.which("sleep"))
     try:
-        dead = _dead_pid()
+        dead = dead_pid()
         path = SHM / f"{idtable.segment_prefix()}{dead}-0"
         path.write_bytes(bytes(_table_bytes(0, dead, worker_pid=proc.pid)))
         planted.append(path)

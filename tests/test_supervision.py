@@ -15,7 +15,7 @@ import time
 
 import pytest
 import tasks
-from conftest import assert_books_add_up, assert_program_left_nothing, run_program, wait_until
+from conftest import alive, assert_books_add_up, assert_program_left_nothing, run_program, wait_until
 
 import procpool
 
@@ -180,7 +180,7 @@ def test_a_failing_teardown_step_still_tears_everything_down():
     with pytest.raises(procpool.PoolBroken, match="teardown failed") as info:
         close_within(pool)
     assert isinstance(info.value.__cause__, procpool.FaultInjected)
-    wait_until(lambda: not any(map(_alive, pids)), what="the workers gone")
+    wait_until(lambda: not any(map(alive, pids)), what="the workers gone")
     assert_books_add_up(pool.stats())
     close_within(pool)  # idempotent: a second close returns
 
@@ -230,9 +230,3 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     close_within(pool)
     assert time.monotonic() - t0 < CLOSE_BOUND
     assert_books_add_up(pool.stats())
-
-
-def _alive(pid: int) -> bool:
-    from conftest import alive
-
-    return alive(pid)
