@@ -152,7 +152,7 @@ class ExitsOnUnpickle:
         return (os._exit, (7,))
 
 
-# -- for test_workqueue.py ---------------------------------------------------------------------
+# -- for the test_workqueue_*.py files -------------------------------------------------------
 
 
 def record_span(log_dir: str, name, seconds: float):
