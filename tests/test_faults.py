@@ -306,9 +306,7 @@ HANDLER_SCRIPT = textwrap.dedent(
 def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
     script = tmp_path / "handler.py"
     script.write_text(HANDLER_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         os.kill(pids[0], signal.SIGTERM)

@@ -86,9 +86,10 @@ def _plant(paths: list[Path], name: str, kind: str, target: Path | None = None, 
 
 def _table_bytes(pool_id: int, owner: int, capacity: int = 2, worker_pid: int = 0, **over: object) -> bytearray:
     """A table in the on-disk format, with any header field overridden (a forgery)."""
-    h = dict(
-        magic=idtable.MAGIC, version=idtable.VERSION, pool=pool_id, owner=owner, cap=capacity, t0=time.time()
-    ) | over
+    h = (
+        dict(magic=idtable.MAGIC, version=idtable.VERSION, pool=pool_id, owner=owner, cap=capacity, t0=time.time())
+        | over
+    )
     buf = bytearray(idtable.HEADER_SIZE + idtable.SLOT_SIZE * capacity)
     idtable._HEADER.pack_into(buf, 0, h["magic"], h["version"], h["pool"], h["owner"], h["cap"], 0, 0, h["t0"])
     if worker_pid and capacity:
