@@ -286,6 +286,11 @@ class IdTable:
         struct.pack_into("<I", self._buf, _OFF_COMPLETED, completed + 1)
 
     @property
+    def completion_waiting(self) -> int:
+        """For tests and tools: the waiting flag of the detach completion (1 once a teardown waits)."""
+        return struct.unpack_from("<I", self._buf, _OFF_WAITING)[0]
+
+    @property
     def completions(self) -> int:
         """How many times the detach completion was completed (invariant 4: at most once)."""
         return struct.unpack_from("<I", self._buf, _OFF_COMPLETED)[0]

@@ -61,7 +61,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
 from .arbiter import Arbiter, Reaper, Wakeup, send_items
@@ -83,6 +83,9 @@ from .idtable import MAX_WORKERS, IdTable, capacity_for
 from .spawner import resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
+
+if TYPE_CHECKING:  # the Manager's machinery is loaded by the first pool, not on import
+    from .manager import PoolLocks
 
 __all__ = ["MAX_WORKERS", "SPIN", "WorkerPool"]
 
@@ -487,12 +490,31 @@ class WorkerPool:
         self._arbiter.wakeup.wake()
 
     @property
-    def _faults(self) -> dict:
-        return self.fault_spec
-
-    @property
     def _table(self) -> IdTable | None:
         return self._books.table
+
+    # -- for tests and tools -----------------------------------------------------------------
+
+    @property
+    def manager_locks(self) -> PoolLocks:
+        """For tests and tools: the pool's Manager locks (attach, arb), as its workers share them."""
+        return self._locks
+
+    @property
+    def id_table(self) -> IdTable:
+        """For tests and tools: the pool's shared-memory id table (what ``procpool ps`` reads)."""
+        assert self._books.table is not None
+        return self._books.table
+
+    @property
+    def closed(self) -> bool:
+        """For tests and tools: True once teardown finished (every worker gone)."""
+        return self._teardown.closed.is_set()
+
+    @property
+    def arbiter_alive(self) -> bool:
+        """For tests and tools: whether the arbiter thread is running."""
+        return self._arbiter.thread.is_alive()
 
     @property
     def _closed(self) -> threading.Event:
@@ -509,7 +531,3 @@ class WorkerPool:
     @property
     def _lock(self) -> Any:
         return self._books.lock
-
-    @property
-    def _workers(self) -> dict[int, Worker]:
-        return self._books.workers

@@ -108,6 +108,12 @@ def get_pool(key: tuple, max_workers: int | None) -> WorkerPool:
         return entry[0]
 
 
+def live_pools() -> dict[tuple, int]:
+    """For tests and tools: the registry's pools now, attributes key (nice, cpus) -> references."""
+    with _registry_lock:
+        return {key: entry[1] for key, entry in _pools.items()}
+
+
 def put_pool(key: tuple, pool: WorkerPool, wait: bool = True) -> None:
     """Drop a reference; the last one closes the pool through its normal teardown (outside R,
     so teardown of one pool never holds up workqueues of other attributes). ``wait=False``
@@ -648,6 +654,26 @@ class Workqueue:
                 mayday=self._mayday,
                 rescued=self._rescued,
             )
+
+    # -- hooks for tests and tools ---------------------------------------------------------------
+
+    @property
+    def pool_key(self) -> tuple:
+        """For tests and tools: the attributes (nice, cpus) of the pool new items go to, its registry key."""
+        with self._lock:
+            return self._key
+
+    @property
+    def rescuer_pool(self) -> WorkerPool | None:
+        """For tests and tools: the rescuer's own pool (None without rescuer=True)."""
+        with self._lock:
+            return self._rescuer_pool
+
+    @property
+    def draining(self) -> bool:
+        """For tests and tools: whether a drain() is under way."""
+        with self._lock:
+            return self._draining > 0
 
     def _entry(self) -> dict[str, Any]:
         """This workqueue as the segment shows it to ``procpool ps``: attributes, the pools it

@@ -4,11 +4,18 @@ plugin: ``procpool_leaks = true`` in pyproject.toml (see procpool.pytest_plugin)
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -18,11 +25,16 @@ os.environ.setdefault("PROCPOOL_DEBUG_LOCKS", "1")  # assert_held checks the hol
 from procpool.idtable import SHM_DIR, segment_prefix
 
 TITLE_PREFIXES = ("kworker/", "ptest")
+T = TypeVar("T")
 
 
-def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``pred`` until it is truthy; fail after ``timeout`` s. For facts that the OS only
-    shows asynchronously (a process exiting, a title changing), never to wait out a race."""
+def wait_until(
+    pred: Callable[[], T | None], timeout: float = 10.0, what: str = "condition", *, interval: float = 0.01
+) -> T:
+    """Poll ``pred`` every ``interval`` s until it is truthy, and return its value; fail after
+    ``timeout`` s. For facts that the OS only shows asynchronously (a process exiting, a title
+    changing), never to wait out a race. A costly ``pred`` (one that runs ``procpool ps``) polls
+    less often."""
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -30,7 +42,15 @@ def wait_until(pred: Callable[[], object], timeout: float = 10.0, what: str = "c
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (no process has it now, unless the
+    kernel reuses it: pids wrap slowly, and the tests that use one tolerate that)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def title_of(pid: int) -> str | None:
@@ -147,3 +167,188 @@ def pytest_configure(config: pytest.Config) -> None:
             "procpool's pytest plugin with procpool_leaks = true must be active for this suite "
             "(pip install -e '.[test]' registers it)"
         )
+
+
+# -- the procpool command (test_cli_*.py) -------------------------------------------------------
+# ``procpool run`` runs in a subprocess (its own session, so cleanup can reach its whole process
+# group); what it does is checked through ``procpool ps --json`` in another process, through
+# psutil, and through /dev/shm, never through the pool object itself. Tests run in parallel
+# under pytest-xdist, so other tests' pools are on the machine at the same time (and the
+# machine's own kernel ``kworker`` threads): every check filters by the owner pid of the run it
+# started, or by a title prefix unique to the test.
+
+#: ``python -m procpool.cli``: the command as a program of its own.
+CLI = [sys.executable, "-m", "procpool.cli"]
+SHM = Path(SHM_DIR)
+UID = os.getuid()
+#: Upper bound for any one condition; generous because two xdist workers share two cores.
+WAIT = 20.0
+#: wait_until for conditions read through ``procpool ps`` (a subprocess each): polled less often.
+wait_ps = functools.partial(wait_until, timeout=WAIT, interval=0.05)
+SUMMARY_ITEMS = re.compile(r"items\s+(\d+) total: (\d+) done, (\d+) failed, (\d+) cancelled")
+SUMMARY_WORKERS = re.compile(r"workers\s+(\d+) created, (\d+) destroyed, (\d+) lost")
+PROGRESS_WORKERS = re.compile(r"\] u\d+ workers (\d+) ")
+
+
+class Run:
+    """A ``procpool`` subprocess whose output goes to files (a pipe could fill and block it)."""
+
+    def __init__(self, args: list[str], tmp: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        tag = uuid.uuid4().hex[:8]
+        self.out_path = tmp / f"out-{tag}.txt"
+        self.err_path = tmp / f"err-{tag}.txt"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                CLI + args, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True, text=True
+            )
+        self.pid = self.proc.pid
+        self.killed = False
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.proc.wait(timeout)
+
+    def cleanup(self) -> None:
+        """Stop it the polite way, then the hard way; the hard way leaves its shm to us."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.killed = True
+        if self.killed:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # the session we created: forkserver, workers, manager
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+            for seg in SHM.glob(f"procpool-{UID}-{self.pid}-*"):
+                seg.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    """Start ``procpool`` subprocesses; every one is stopped at the end, pass or fail."""
+    runs: list[Run] = []
+
+    def _start(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Run:
+        run = Run(list(args), tmp_path, env, cwd)
+        runs.append(run)
+        return run
+
+    yield _start
+    for run in runs:
+        run.cleanup()
+
+
+def cli_output(*args: str, env: dict[str, str] | None = None, timeout: float = WAIT) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def ps_json() -> list[dict[str, Any]]:
+    """The pools ``procpool ps --json`` lists (its "skipped" list is other tests' business)."""
+    res = cli_output("ps", "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)["pools"]
+
+
+def pool_of(owner_pid: int) -> dict[str, Any] | None:
+    pools = [p for p in ps_json() if p["owner_pid"] == owner_pid]
+    assert len(pools) <= 1, pools
+    return pools[0] if pools else None
+
+
+def settled_pool(owner_pid: int, nr_workers: int) -> Callable[[], dict[str, Any] | None]:
+    """A predicate: the run's pool as ps shows it, once it has ``nr_workers`` titled workers."""
+
+    def check() -> dict[str, Any] | None:
+        pool = pool_of(owner_pid)
+        if pool is None or len(pool["workers"]) != nr_workers:
+            return None
+        # "starting" slots may still carry the fork server's command line as their title.
+        if any(w["state"] not in ("idle", "busy") for w in pool["workers"]):
+            return None
+        return pool
+
+    return check
+
+
+def processes_titled(prefix: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        title = title_of(proc.pid)
+        if title is not None and title.startswith(prefix):
+            found.append(proc)
+    return found
+
+
+def summary_items(out: str) -> tuple[int, int, int, int]:
+    m = SUMMARY_ITEMS.search(out)
+    assert m, f"no items summary in:\n{out}"
+    total, done, failed, cancelled = map(int, m.groups())
+    return total, done, failed, cancelled
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+USER_MODULE = """
+import os
+import time
+
+
+def record(i):
+    # One file per item, holding the pid that ran it.
+    with open(os.path.join(os.environ["PROCPOOL_TEST_OUT"], str(i)), "w") as f:
+        f.write(str(os.getpid()))
+    return i
+
+
+def held(i):
+    # Wait until the test releases this item's burst: PROCPOOL_TEST_RELEASE-<burst>.
+    path = os.environ["PROCPOOL_TEST_RELEASE"] + "-" + str(i // int(os.environ["PROCPOOL_TEST_BURST"]))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.005)
+    return i
+
+
+def flaky(i):
+    if i % 4 == 0:
+        raise ValueError(f"bad item {i}")
+    return i
+
+
+not_callable = 42
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path: Path) -> str:
+    name = f"cli_user_{uuid.uuid4().hex[:8]}"
+    moddir = tmp_path / "mods"
+    moddir.mkdir()
+    (moddir / f"{name}.py").write_text(USER_MODULE)
+    (moddir / "cli_broken_mod.py").write_text("raise RuntimeError('broken at import')\n")
+    return name
+
+
+def ps_owner(owner_pid: int, *extra: str) -> dict[str, Any] | None:
+    """The pool of program ``owner_pid`` as ``procpool ps --json --owner PID`` lists it."""
+    res = cli_output("ps", "--json", "--owner", str(owner_pid), *extra)
+    assert res.returncode == 0, res.stderr
+    pools = json.loads(res.stdout)["pools"]
+    assert all(p["owner_pid"] == owner_pid for p in pools), pools  # the filter filters
+    return pools[0] if pools else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 
 def square(x: int) -> int:
@@ -152,7 +153,7 @@ class ExitsOnUnpickle:
         return (os._exit, (7,))
 
 
-# -- for test_workqueue.py ---------------------------------------------------------------------
+# -- for the test_workqueue_*.py files -------------------------------------------------------
 
 
 def record_span(log_dir: str, name, seconds: float):
@@ -224,7 +225,7 @@ def configure_logging_to(queue, lock, counter) -> None:
     _SHARED = (lock, counter)
 
 
-_SHARED = None
+_SHARED: Any = None  # (lock, counter), set in each worker by its initializer
 
 
 def log_and_count(i: int) -> int:
@@ -237,7 +238,7 @@ def log_and_count(i: int) -> int:
     return os.getpid()
 
 
-_QUEUE = None
+_QUEUE: Any = None  # set in each worker by remember_queue
 
 
 def remember_queue(queue) -> None:

@@ -44,9 +44,7 @@ def pid_when_file(path: str) -> int:
 
 
 def cluster(**kwargs) -> LocalCluster:
-    return LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", **kwargs
-    )
+    return LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", **kwargs)
 
 
 def dask_worker_pid(client: Client) -> int:

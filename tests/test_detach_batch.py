@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import threading
 
 import pytest
 from conftest import assert_program_left_nothing, run_program, title_of, wait_until
 
-from procpool import idtable, manager
+from procpool import manager
 from procpool.idtable import DYING, FREE, IdTable
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +40,7 @@ class Replies:
 
 
 def _waiting(table: IdTable) -> int:
-    return struct.unpack_from("<I", table._buf, idtable._OFF_WAITING)[0]
+    return table.completion_waiting
 
 
 @pytest.fixture
@@ -118,7 +117,7 @@ def _close_while_holding_attach(pool) -> tuple[threading.Thread, dict[int, int]]
     pids = {w.id: w.pid for w in pool.workers()}
     closer = threading.Thread(target=pool.close)
     closer.start()
-    wait_until(lambda: all(pool._table.slot(wid).state == DYING for wid in pids), what="all workers dying")
+    wait_until(lambda: all(pool.id_table.slot(wid).state == DYING for wid in pids), what="all workers dying")
     wait_until(lambda: all(title_of(p) == "kworker/dying" for p in pids.values()), what="dying titles")
     return closer, pids
 
@@ -129,20 +128,20 @@ from conftest import alive, wait_until
 from test_detach_batch import _close_while_holding_attach
 pool = procpool.WorkerPool(min_workers=4, max_workers=4)
 assert all(w.pid for w in pool.workers())
-pool._locks.attach.acquire()
+pool.manager_locks.attach.acquire()
 released = False
 try:
     closer, pids = _close_while_holding_attach(pool)
     os.kill(pids[2], signal.SIGKILL)
     wait_until(lambda: not alive(pids[2]), what="victim gone")
-    pool._locks.attach.release()
+    pool.manager_locks.attach.release()
     released = True
     closer.join(20)
     assert not closer.is_alive()
 finally:
     if not released:
-        pool._locks.attach.release()
-print(json.dumps({"completions": pool.completions, "broken": pool._locks.attach.broken,
+        pool.manager_locks.attach.release()
+print(json.dumps({"completions": pool.completions, "broken": pool.manager_locks.attach.broken,
                   "alive": [p for p in pids.values() if alive(p)], "workers": pool.stats().nr_workers}))
 """
 
@@ -167,7 +166,7 @@ from procpool.idtable import FREE
 from test_detach_batch import _waiting
 pool = procpool.WorkerPool(min_workers=3, max_workers=3, faults="detach.before_lock@0=stop,detach.after@0=stop")
 pid0 = next(w.pid for w in pool.workers() if w.id == 0)
-table = pool._table
+table = pool.id_table
 closer = threading.Thread(target=pool.close)
 closer.start()
 r = {}
@@ -194,7 +193,7 @@ finally:
             break
         time.sleep(0.05)
 closer.join(30)
-r.update(closed=not closer.is_alive(), completions=pool.completions, broken=pool._locks.attach.broken,
+r.update(closed=not closer.is_alive(), completions=pool.completions, broken=pool.manager_locks.attach.broken,
          gone=not alive(pid0))
 print(json.dumps(r))
 """

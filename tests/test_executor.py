@@ -419,7 +419,7 @@ def test_remote_traceback_is_the_standard_librarys_class():
         err = ex.submit(tasks.fail, "nope").exception(timeout=T)
     assert isinstance(err.__cause__, cf.process._RemoteTraceback)
     assert issubclass(type(err.__cause__), cf.process._RemoteTraceback)
-    assert 'in fail\n    raise ValueError(msg)' in err.__cause__.tb
+    assert "in fail\n    raise ValueError(msg)" in err.__cause__.tb
 
 
 def test_max_workers_zero_says_what_the_standard_library_says():

@@ -100,7 +100,7 @@ def test_worker_killed_holding_the_manager_lock_does_not_block_the_next_one():
     t0 = time.monotonic()
     pool.close()
     assert time.monotonic() - t0 < 10
-    assert pool._locks.attach.broken >= 1  # the next acquirer took the lock over from the dead owner
+    assert pool.manager_locks.attach.broken >= 1  # the next acquirer took the lock over from the dead owner
     assert pool.completions == 1
     assert not any(alive(p) for p in pids)
 
@@ -115,7 +115,7 @@ def _hold_attach_lock_and_close(pool) -> tuple[threading.Thread, dict[int, int]]
     pids = {w.id: w.pid for w in pool.workers()}
     closer = threading.Thread(target=pool.close)
     closer.start()
-    wait_until(lambda: (pool._locks.attach.owner() or (0,))[0] == pids[0], what="worker 0 holds the attach lock")
+    wait_until(lambda: (pool.manager_locks.attach.owner() or (0,))[0] == pids[0], what="worker 0 holds the attach lock")
     wait_until(
         lambda: all(title_of(pid) == "kworker/dying" for wid, pid in pids.items() if wid), what="the others dying"
     )
@@ -138,7 +138,7 @@ def test_workers_queued_to_detach_survive_a_sigkill_in_the_queue(victim, hold):
     os.kill(pids[victim], signal.SIGKILL)
     closer.join(20)
     assert not closer.is_alive()
-    assert pool._locks.attach.broken == (1 if victim == 0 else 0)  # taken over only from a dead holder
+    assert pool.manager_locks.attach.broken == (1 if victim == 0 else 0)  # taken over only from a dead holder
     # Once at most; 0 when the parent, freeing the dead worker's id, was the last to detach
     # before the teardown looked (then nothing was left to wait for).
     assert pool.completions <= 1
@@ -177,7 +177,7 @@ def test_creation_failure_is_retried_after_a_cooldown():
         fut = pool.submit(tasks.square, 2)
         time.sleep(0.3)
         assert not fut.done() and pool.stats().nr_workers == 0
-        pool._faults.clear()  # the OS "recovers"
+        pool.fault_spec.clear()  # the OS "recovers"
         assert fut.result(timeout=5) == 4
     finally:
         pool.close()
@@ -306,9 +306,7 @@ HANDLER_SCRIPT = textwrap.dedent(
 def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
     script = tmp_path / "handler.py"
     script.write_text(HANDLER_SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         os.kill(pids[0], signal.SIGTERM)

@@ -53,7 +53,7 @@ PROGRAM = textwrap.dedent(
         while pool.stats().nr_busy < busy and time.monotonic() < deadline:
             time.sleep(0.01)
         print(json.dumps({
-            "spawner": spawner._spawner.pid,
+            "spawner": spawner.spawner_pid(),
             "manager": manager.server_pid(),
             "workers": [w.pid for w in pool.workers()],
             "busy": pool.stats().nr_busy,
@@ -162,7 +162,7 @@ def test_spawner_and_manager_outlive_a_group_signal_the_program_survives(tmp_pat
             if __name__ == "__main__":
                 signal.signal(signal.SIGTERM, lambda *a: None)
                 with procpool.WorkerPool(min_workers=1, max_workers=2) as pool:
-                    print(json.dumps([spawner._spawner.pid, manager.server_pid(),
+                    print(json.dumps([spawner.spawner_pid(), manager.server_pid(),
                                       pool.workers()[0].pid]), flush=True)
                     first = pool.workers()[0].pid
                     sys.stdin.readline()
@@ -341,7 +341,7 @@ def test_spawner_and_manager_hold_no_descriptor_of_the_program(tmp_path):
                 mine = sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in (r, w, s.fileno()))
                 with procpool.WorkerPool(min_workers=1) as pool:
                     pool.submit(abs, 1).result(timeout=30)
-                    print(json.dumps([mine, spawner._spawner.pid, manager.server_pid(),
+                    print(json.dumps([mine, spawner.spawner_pid(), manager.server_pid(),
                                       [x.pid for x in pool.workers()]]), flush=True)
                     sys.stdin.readline()
             """

@@ -65,7 +65,7 @@ def test_ini_option_and_off_by_default(pytester: pytest.Pytester) -> None:
     pytester.makeini(GRACE + "procpool_leaks = true\n")
     on = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
     on.assert_outcomes(passed=3, errors=1)
-    (pid, table, me), = _leak_lines(on)
+    ((pid, table, me),) = _leak_lines(on)
     out = on.stdout.str()
     assert f"worker process pid {pid} title" in out
     assert f"file /dev/shm/{table}" in out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import threading
 import time
 
@@ -12,7 +11,6 @@ import tasks
 from conftest import alive, live_titles, named_workers, title_of, wait_until
 
 import procpool
-from procpool import idtable
 from procpool.idtable import IdTable
 
 
@@ -79,8 +77,7 @@ def test_completion_completes_exactly_once_while_workers_die_during_teardown():
 
 def completion_installed(table: IdTable) -> bool:
     """Read from the pool's id table in /dev/shm: does a teardown wait on the detach completion?"""
-    (waiting,) = struct.unpack_from("<I", table._buf, idtable._OFF_WAITING)
-    return bool(waiting)
+    return bool(table.completion_waiting)
 
 
 def test_close_wait_false_returns_at_once_and_finishes_in_the_background():

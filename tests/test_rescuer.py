@@ -17,13 +17,13 @@ from procpool import faults
 def _refuse_new_workers(wq: procpool.Workqueue) -> None:
     """From now on the OS "refuses" every new worker of ``wq``'s (fresh, empty) pool."""
     assert wq.pool.stats().nr_workers == 0
-    wq.pool._faults.update(faults.parse("create.start=raise"))
+    wq.pool.fault_spec.update(faults.parse("create.start=raise"))
 
 
 def test_rescuer_runs_items_when_no_worker_can_be_created():
     wq = procpool.Workqueue("resc-test", rescuer=True)
     try:
-        rescuer_pid = wq._rescuer_pool.workers()[0].pid
+        rescuer_pid = wq.rescuer_pool.workers()[0].pid
         # The title is set by the new process itself: wait for it to show.
         wait_until(lambda: title_of(rescuer_pid) == "kworker/R-resc-test", what="the rescuer's title")
         _refuse_new_workers(wq)
@@ -37,7 +37,7 @@ def test_rescuer_runs_items_when_no_worker_can_be_created():
         assert s.rescued == 5 and s.mayday > 0 and s.completed == 5
         assert wq.pool.stats().nr_workers == 0  # every item ran on the rescuer
     finally:
-        wq.pool._faults.clear()
+        wq.pool.fault_spec.clear()
         wq.destroy()
     assert not alive(rescuer_pid)  # torn down with the workqueue
 
@@ -51,10 +51,10 @@ def test_without_rescuer_no_progress_until_creation_works():
         assert not any(w.done() for w in works)
         s = wq.stats()
         assert s.mayday == 0 and s.rescued == 0
-        wq.pool._faults.clear()  # the OS "recovers"; the pool retries after its cooldown
+        wq.pool.fault_spec.clear()  # the OS "recovers"; the pool retries after its cooldown
         assert [w.result(timeout=10) for w in works] == [0, 1, 4]
     finally:
-        wq.pool._faults.clear()
+        wq.pool.fault_spec.clear()
         wq.destroy()
 
 
@@ -74,7 +74,7 @@ def test_rescuer_title_must_be_valid():
 def test_rescuer_follows_apply_attrs():
     wq = procpool.Workqueue("resc-attrs", rescuer=True)
     try:
-        old_pid = wq._rescuer_pool.workers()[0].pid
+        old_pid = wq.rescuer_pool.workers()[0].pid
         wait_until(lambda: title_of(old_pid) == "kworker/R-resc-attrs", what="the first rescuer's title")
         assert psutil.Process(old_pid).nice() == 0
         wq.apply_attrs(nice=3)
@@ -93,5 +93,5 @@ def test_rescuer_follows_apply_attrs():
         assert wq.queue(tasks.pid_and, 5).result(timeout=10) == (new.pid, 5)
         assert wq.stats().rescued == 1
     finally:
-        wq.pool._faults.clear()
+        wq.pool.fault_spec.clear()
         wq.destroy()

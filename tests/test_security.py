@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
+from conftest import dead_pid, wait_until
 
 import procpool
 from procpool import idtable, manager
@@ -40,12 +40,6 @@ PS = [sys.executable, "-m", "procpool.cli", "ps"]
 PS_LIMIT = 2.0
 
 needs_root = pytest.mark.skipif(UID != 0, reason="plants files of another uid: needs root to chown and setuid")
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _ps(*args: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -92,9 +86,10 @@ def _plant(paths: list[Path], name: str, kind: str, target: Path | None = None, 
 
 def _table_bytes(pool_id: int, owner: int, capacity: int = 2, worker_pid: int = 0, **over: object) -> bytearray:
     """A table in the on-disk format, with any header field overridden (a forgery)."""
-    h = dict(
-        magic=idtable.MAGIC, version=idtable.VERSION, pool=pool_id, owner=owner, cap=capacity, t0=time.time()
-    ) | over
+    h = (
+        dict(magic=idtable.MAGIC, version=idtable.VERSION, pool=pool_id, owner=owner, cap=capacity, t0=time.time())
+        | over
+    )
     buf = bytearray(idtable.HEADER_SIZE + idtable.SLOT_SIZE * capacity)
     idtable._HEADER.pack_into(buf, 0, h["magic"], h["version"], h["pool"], h["owner"], h["cap"], 0, 0, h["t0"])
     if worker_pid and capacity:
@@ -129,7 +124,7 @@ def test_names_planted_by_another_user_are_never_followed(kind: str, tmp_path: P
         else:
             _plant(planted, name, kind)
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        table = pool._table.name
+        table = pool.table_name
         assert table.startswith(idtable.segment_name(pid, pool.id) + "-"), table  # another name
         _run_items(pool)
         wq = procpool.Workqueue("secwq", max_workers=2)
@@ -167,7 +162,7 @@ def test_files_procpool_creates_are_private_regular_files() -> None:
         try:
             wq.queue(pow, 2, 2).result(timeout=60)
             mine = [n for n in os.listdir(SHM) if n.startswith(f"{idtable.segment_prefix()}{pid}-")]
-            assert pool._table.name in mine and any(idtable.classify(n)[0] == "wq" for n in mine), mine
+            assert pool.table_name in mine and any(idtable.classify(n)[0] == "wq" for n in mine), mine
             for name in mine:
                 st = os.lstat(SHM / name)
                 assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == UID, name
@@ -184,7 +179,7 @@ def test_a_stale_table_of_ours_is_replaced_not_renamed_around(planted: list[Path
         path.write_bytes(bytes(_table_bytes(i, pid)))
         planted.append(path)
     with procpool.WorkerPool(1, 1, title_prefix="kwsec") as pool:
-        assert pool._table.name == idtable.segment_name(pid, pool.id)
+        assert pool.table_name == idtable.segment_name(pid, pool.id)
         _run_items(pool, 2)
 
 
@@ -193,7 +188,7 @@ def test_a_stale_table_of_ours_is_replaced_not_renamed_around(planted: list[Path
 
 @needs_root
 def test_ps_skips_every_hostile_file_and_ends_in_time(tmp_path: Path, planted: list[Path]) -> None:
-    dead = _dead_pid()
+    dead = dead_pid()
     pre = f"{idtable.segment_prefix()}{dead}-"
     hostile: dict[str, str] = {}  # name -> what its skip reason must mention
 
@@ -234,7 +229,7 @@ def test_ps_skips_every_hostile_file_and_ends_in_time(tmp_path: Path, planted: l
         (json.dumps({"name": "w"}), "not a list"),
         ("[{", "JSONDecodeError"),
     ]:
-        other = _dead_pid()
+        other = dead_pid()
         write(f"{idtable.segment_prefix()}{other}-0", bytes(_table_bytes(0, other)), "")
         del hostile[f"{idtable.segment_prefix()}{other}-0"]
         write(idtable.wq_segment_name(other), data.encode(), why)
@@ -269,7 +264,7 @@ def test_ps_escapes_control_characters_in_worker_titles(planted: list[Path]) -> 
     evil = "kw\x1b]0;owned\x07"
     proc = subprocess.Popen([evil, "60"], executable=shutil.which("sleep"))
     try:
-        dead = _dead_pid()
+        dead = dead_pid()
         path = SHM / f"{idtable.segment_prefix()}{dead}-0"
         path.write_bytes(bytes(_table_bytes(0, dead, worker_pid=proc.pid)))
         planted.append(path)
@@ -330,7 +325,7 @@ def _connect(address: str, within: float = 20.0) -> socket.socket:
 
 def test_manager_threads_stay_bounded_under_idle_connections() -> None:
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        address = pool._locks.arb.address
+        address = pool.manager_locks.arb.address
         server = manager.server_pid()
         assert server is not None
         base = _threads(server)
@@ -384,7 +379,7 @@ def test_manager_threads_stay_bounded_under_idle_connections() -> None:
 @needs_root
 def test_manager_closes_connections_of_another_user_at_once() -> None:
     with procpool.WorkerPool(1, 2, title_prefix="kwsec") as pool:
-        address = pool._locks.arb.address
+        address = pool.manager_locks.arb.address
         server = manager.server_pid()
         assert server is not None
         base = _threads(server)

@@ -171,4 +171,3 @@ PoolMachine.TestCase.settings = settings(
     print_blob=True,
 )
 test_any_sequence_ends_every_item_and_leaves_nothing = PoolMachine.TestCase
-

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import tasks
-from conftest import assert_books_add_up, assert_program_left_nothing, run_program, wait_until
+from conftest import alive, assert_books_add_up, assert_program_left_nothing, run_program, wait_until
 
 import procpool
 
@@ -77,7 +77,7 @@ for r in range(rounds):
     futs = [pool.submit(tasks.sleep_then, 0.001, i) for i in range(300)]
     while sum(f.done() for f in futs) < 50:
         time.sleep(0.001)
-    os.kill(spawner._spawner.pid, signal.SIGKILL)  # every worker's status pipe closes at once
+    os.kill(spawner.spawner_pid(), signal.SIGKILL)  # every worker's status pipe closes at once
     for i, f in enumerate(futs):
         exc = f.exception(timeout=30)
         if exc is None:
@@ -129,7 +129,7 @@ t0 = time.monotonic()
 pool.close()
 st = pool.stats()
 print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
-                  "replaced": pool._locks.replaced, "completions": pool.completions,
+                  "replaced": pool.manager_locks.replaced, "completions": pool.completions,
                   "close_s": time.monotonic() - t0, "first": first}))
 """
 
@@ -161,7 +161,7 @@ def test_close_ends_while_creation_keeps_failing(how, expected):
     pool = procpool.WorkerPool(min_workers=0, max_workers=2, faults="create.after_alloc=raise")
     fut = pool.submit(tasks.square, 2)
     wait_until(lambda: pool.creation_stalled_for() > 0, what="creation failing")
-    assert pool._arbiter_thread.is_alive()  # a creation failure is never more than that
+    assert pool.arbiter_alive  # a creation failure is never more than that
     close_within(pool, **how)
     if expected == "cancelled":
         assert fut.cancelled()
@@ -180,7 +180,7 @@ def test_a_failing_teardown_step_still_tears_everything_down():
     with pytest.raises(procpool.PoolBroken, match="teardown failed") as info:
         close_within(pool)
     assert isinstance(info.value.__cause__, procpool.FaultInjected)
-    wait_until(lambda: not any(map(_alive, pids)), what="the workers gone")
+    wait_until(lambda: not any(map(alive, pids)), what="the workers gone")
     assert_books_add_up(pool.stats())
     close_within(pool)  # idempotent: a second close returns
 
@@ -224,15 +224,9 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     pool = procpool.WorkerPool(min_workers=1, max_workers=1, faults="arbiter.loop=raise")
     fut = pool.submit(tasks.forever)
     pool._wake()
-    wait_until(lambda: not pool._arbiter_thread.is_alive(), what="the arbiter gone")
+    wait_until(lambda: not pool.arbiter_alive, what="the arbiter gone")
     assert isinstance(fut.exception(timeout=10), procpool.PoolBroken)
     t0 = time.monotonic()
     close_within(pool)
     assert time.monotonic() - t0 < CLOSE_BOUND
     assert_books_add_up(pool.stats())
-
-
-def _alive(pid: int) -> bool:
-    from conftest import alive
-
-    return alive(pid)
