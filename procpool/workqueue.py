@@ -51,7 +51,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
-import heapq
 import itertools
 import os
 import threading
@@ -59,8 +58,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
-from concurrent.futures import _base as _futures_base
-from dataclasses import dataclass
 from typing import Any, cast
 
 from .checks import check_attrs, check_name, check_number
@@ -68,14 +65,14 @@ from .foreign import ForeignExecutor
 from .idtable import write_workqueues
 from .pool import WorkerPool
 from .stats import Account
+from .wqrescuer import MAYDAY_INITIAL_TIMEOUT, MAYDAY_INTERVAL, Rescuer, start_rescuer_pool
+from .wqtimer import DelayedTimer
+from .wqwork import Work, WorkqueueStats
+
+__all__ = ["DEFAULT_MAX_ACTIVE", "MAYDAY_INITIAL_TIMEOUT", "MAYDAY_INTERVAL", "Work", "Workqueue", "WorkqueueStats"]
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
 DEFAULT_MAX_ACTIVE = 256
-#: Rescuer (the kernel's MAYDAY_INITIAL_TIMEOUT and MAYDAY_INTERVAL): a workqueue with a
-#: rescuer calls it once its pool has failed to create a worker for this long (seconds) while
-#: its items wait there, then again every MAYDAY_INTERVAL while that lasts.
-MAYDAY_INITIAL_TIMEOUT = 0.010
-MAYDAY_INTERVAL = 0.100
 #: `procpool ps` sees a workqueue's counters at most this long (seconds) after they change.
 PUBLISH_INTERVAL = 0.2
 
@@ -200,50 +197,6 @@ def _destroy_at_exit() -> None:
         wq._destroy_at_exit()
 
 
-@dataclass(frozen=True)
-class WorkqueueStats:
-    """One workqueue's numbers, the kernel's wq_monitor columns and a few of our own."""
-
-    started: int  # items handed to the pool, ever, less those cancelled there unstarted (wq_monitor: total)
-    in_flight: int  # handed to the pool, not finished (infl)
-    completed: int  # of `started`, finished: result, exception, or procpool error
-    max_in_flight: int  # the most ever in flight at once (never above max_active)
-    pending: int  # queued, waiting for room under max_active
-    delayed: int  # waiting for their timer
-    cpu_time: float = 0.0  # seconds of CPU its answered items took in the workers (CPUtime)
-    cpu_intensive: int = 0  # its items marked CPU-intensive (CPUitsv)
-    cm_wakeups: int = 0  # workers concurrency management started for its waiting items (CMW)
-    mayday: int = 0  # mayday calls: the pool could not create a worker while items waited
-    rescued: int = 0  # items the rescuer took back from the pool and ran
-
-
-class Work(Future):
-    """One queued call: a ``concurrent.futures.Future`` the workqueue completes. ``cancel()``
-    goes through the workqueue (the same as ``cancel_work(work)``)."""
-
-    def __init__(self, wq: Workqueue, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.wq = wq  # I
-        self.fn, self.args, self.kwargs = fn, args, kwargs  # I
-        self.seq = -1  # L: queue order, set when it enters the pending queue
-        self.deadline: float | None = None  # L: a delayed item's timer, monotonic; None when not armed
-        self.where = "new"  # L: 'delayed' | 'pending' | 'inflight' | 'cancelling' | 'done'
-        self.pool_future: Future | None = None  # the pool's future once handed to it (set once)
-        self.pool: WorkerPool | None = None  # L: the pool it is handed to, chosen when it goes in flight
-
-    def cancel(self) -> bool:
-        return self.wq.cancel_work(self)
-
-    def _cancel_now(self) -> bool:
-        with self._condition:
-            if self._state == _futures_base.RUNNING:
-                # In flight but taken back out of the pool's worklist before any worker had
-                # it (cancel_work): it never ran, so it may end cancelled. Future.cancel()
-                # refuses a RUNNING future, hence the step back.
-                self._state = _futures_base.PENDING
-        return super().cancel()
-
-
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         check_number("timeout", timeout, minimum=0)
@@ -330,40 +283,35 @@ class Workqueue:
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue
-        self._timer_cv = threading.Condition(self._lock)  # the delayed heap changed
         self._pending: deque[Work] = deque()  # L: queue order
         self._inflight: set[Work] = set()  # L
         # L: queued and not finished (pending + in flight), by seq; the first key is the oldest
         self._active: dict[int, Work] = {}
-        self._delayed: set[Work] = set()  # L
-        self._heap: list[tuple[float, int, Work]] = []  # L: (deadline, tiebreak, work); stale entries skipped
         self._seq = itertools.count()  # L
-        self._tiebreak = itertools.count()  # L
-        self._timer: threading.Thread | None = None  # L: started on the first queue_delayed
+        # I (its state: L): the delayed items and the thread that queues them at their deadline
+        self._timer = DelayedTimer(self._lock, name, self._due, self._submit)
         self._draining = 0  # L: drain() calls under way; only chained queueing is allowed
         self._destroyed = False  # L
         self._started = self._completed = self._max_in_flight = 0  # L
-        self._mayday = self._rescued = 0  # L
         # L: apply_attrs: items in flight per pool (by id), and the pools replaced while they
         # still held items of ours: id -> (key, pool), released when their last item finishes
         self._inflight_on: dict[int, int] = {}
         self._retired: dict[int, tuple[tuple, WorkerPool]] = {}
-        self._rescue_cv = threading.Condition(self._lock)  # items went in flight, new rescuer, or destroyed
-        # The rescuer's one-worker pool: used and replaced only by the rescuer thread (and
-        # closed by destroy() after that thread ended); apply_attrs leaves its successor,
-        # with the new attributes, in _next_rescuer_pool (L).
-        self._rescuer_pool: WorkerPool | None = None
-        self._next_rescuer_pool: WorkerPool | None = None
-        self._rescuer: threading.Thread | None = None  # I
+        self._rescuer: Rescuer | None = None  # I: rescuer=True only (its state: L)
         if rescuer:
             try:
-                self._rescuer_pool = self._start_rescuer_pool(self._key)
+                self._rescuer = Rescuer(
+                    self._lock, name, self._key, self._inflight, self._account, self._finish, _mark_dirty
+                )
             except BaseException:
                 put_pool(self._key, self.pool)
                 raise
-            self._rescuer = threading.Thread(target=self._rescuer_loop, name=f"procpool-rescuer-{name}", daemon=True)
-            self._rescuer.start()
         _register(self)
+
+    @property
+    def _rescuer_pool(self) -> WorkerPool | None:
+        """The rescuer's one-worker pool now in use (None without a rescuer)."""
+        return self._rescuer.pool if self._rescuer is not None else None
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -384,7 +332,7 @@ class Workqueue:
         work = Work(self, fn, args, kwargs)
         with self._lock:
             self._check_may_queue()
-            self._arm(work, delay)
+            self._timer.arm(work, delay)
         return work
 
     def mod_delayed(self, work: Work, delay: float) -> bool:
@@ -400,7 +348,7 @@ class Workqueue:
                 self._changed.notify_all()  # a flush may have waited for it
             elif work.where != "delayed":
                 return False
-            self._arm(work, delay)
+            self._timer.arm(work, delay)
             return True
 
     # -- waiting and cancelling ---------------------------------------------------------------
@@ -433,11 +381,9 @@ class Workqueue:
                 return False
             sends = []
             if work.where == "delayed":
-                self._delayed.discard(work)
-                work.deadline = None  # its heap entry goes stale
+                self._timer.disarm(work)
                 self._enqueue(work)
                 sends = self._pump()
-                self._timer_cv.notify_all()
         self._submit(sends)
         return self.flush_work(work, timeout)
 
@@ -494,7 +440,7 @@ class Workqueue:
                 release = self._leave_inflight(work, ran=False)
                 sends = self._pump()
             else:
-                self._delayed.discard(work)
+                self._timer.delayed.discard(work)
             work.where = "done"
             self._changed.notify_all()
         _mark_dirty()
@@ -528,7 +474,7 @@ class Workqueue:
         with self._lock:
             self._draining += 1
             try:
-                return self._changed.wait_for(lambda: not self._active and not self._delayed, timeout)
+                return self._changed.wait_for(lambda: not self._active and not self._timer.delayed, timeout)
             finally:
                 self._draining -= 1
 
@@ -541,7 +487,7 @@ class Workqueue:
                 return
             self._draining += 1
             try:
-                self._changed.wait_for(lambda: not self._active and not self._delayed)
+                self._changed.wait_for(lambda: not self._active and not self._timer.delayed)
             finally:
                 self._draining -= 1
             if self._destroyed:
@@ -549,20 +495,15 @@ class Workqueue:
             # In the same critical section as the drain's last check: an unchained queue()
             # slipping in between would leave an item behind on a pool about to be closed.
             self._destroyed = True
-            self._timer_cv.notify_all()
-            self._rescue_cv.notify_all()
-            timer = self._timer
+            timer = self._timer.stop()
+            if self._rescuer is not None:
+                self._rescuer.stop()
             key, pool = self._key, self.pool
         _unregister(self)
         if timer is not None and timer is not threading.current_thread():
             timer.join()
         if self._rescuer is not None:
-            # Drained: the rescuer holds no item, only waits for the next mayday.
-            if self._rescuer is not threading.current_thread():
-                self._rescuer.join()
-            for p in (self._rescuer_pool, self._next_rescuer_pool):
-                if p is not None:
-                    p.close(wait=True)
+            self._rescuer.close()  # drained: the rescuer holds no item, only waits for a mayday
         if self._foreign:
             _publish()  # gone from procpool ps (put_pool does this for a pool of ours)
         else:  # a foreign executor is the caller's to shut down
@@ -572,7 +513,7 @@ class Workqueue:
         """Interpreter exit: cancel the delayed items (their timers would hold the exit up),
         let the queued ones finish, destroy."""
         with self._lock:
-            delayed = sorted(self._delayed, key=lambda w: w.deadline or 0.0)
+            delayed = sorted(self._timer.delayed, key=lambda w: w.deadline or 0.0)
         for work in delayed:
             self.cancel_work(work)
         self.destroy()
@@ -594,7 +535,7 @@ class Workqueue:
             if key == self._key:
                 return
         # Outside L: these start processes.
-        rescuer_pool = self._start_rescuer_pool(key) if self._rescuer is not None else None
+        rescuer_pool = start_rescuer_pool(self.name, key) if self._rescuer is not None else None
         try:
             new = get_pool(key, self._max_workers)
         except BaseException:
@@ -609,10 +550,9 @@ class Workqueue:
                 release.append((key, new))  # destroyed meanwhile: undo
                 unused_rescuer = rescuer_pool
             else:
-                if rescuer_pool is not None:
+                if self._rescuer is not None and rescuer_pool is not None:
                     # The rescuer thread switches over between rescues and closes the old one.
-                    unused_rescuer, self._next_rescuer_pool = self._next_rescuer_pool, rescuer_pool
-                    self._rescue_cv.notify_all()
+                    unused_rescuer = self._rescuer.replace(rescuer_pool)
                 old_key, old = self._key, self.pool
                 self._key, self.pool = key, new
                 if self._inflight_on.get(id(old)):
@@ -641,12 +581,12 @@ class Workqueue:
                 completed=self._completed,
                 max_in_flight=self._max_in_flight,
                 pending=len(self._pending),
-                delayed=len(self._delayed),
+                delayed=len(self._timer.delayed),
                 cpu_time=acct.cpu_time,
                 cpu_intensive=acct.cpu_intensive,
                 cm_wakeups=acct.cm_wakeups,
-                mayday=self._mayday,
-                rescued=self._rescued,
+                mayday=self._rescuer.mayday if self._rescuer is not None else 0,
+                rescued=self._rescuer.rescued if self._rescuer is not None else 0,
             )
 
     def _entry(self) -> dict[str, Any]:
@@ -693,8 +633,8 @@ class Workqueue:
         me = threading.current_thread()
         with self._lock:
             pools = [self.pool, *(p for _, p in self._retired.values())]
-            if self._rescuer_pool is not None:
-                pools.append(self._rescuer_pool)
+            if self._rescuer is not None:
+                pools.extend(self._rescuer.pools())
         if any(me is p._arbiter_thread for p in pools):
             raise RuntimeError(
                 f"workqueue {self.name!r}: {what}() from a done-callback would deadlock: callbacks run on "
@@ -712,17 +652,6 @@ class Workqueue:
         work.where = "pending"
         self._pending.append(work)
         self._active[work.seq] = work
-
-    def _arm(self, work: Work, delay: float) -> None:
-        _mark_dirty()
-        work.deadline = time.monotonic() + delay
-        work.where = "delayed"
-        self._delayed.add(work)
-        heapq.heappush(self._heap, (work.deadline, next(self._tiebreak), work))
-        if self._timer is None:
-            self._timer = threading.Thread(target=self._timer_loop, name=f"procpool-wq-{self.name}", daemon=True)
-            self._timer.start()
-        self._timer_cv.notify_all()
 
     def _may_start(self) -> bool:
         """Room for another item under max_active?"""
@@ -744,8 +673,14 @@ class Workqueue:
             _mark_dirty()
             self._max_in_flight = max(self._max_in_flight, len(self._inflight))
             if self._rescuer is not None:
-                self._rescue_cv.notify_all()
+                self._rescuer.kick()
         return out
+
+    def _due(self, works: list[Work]) -> list[Work]:
+        """The timer fired ``works``: queue them in deadline order; returns the pump's take."""
+        for work in works:
+            self._enqueue(work)
+        return self._pump()
 
     def _submit(self, works: list[Work]) -> None:
         """Hand ``works`` to the pool. L not held (pool.submit pickles, and may run callbacks).
@@ -824,92 +759,3 @@ class Workqueue:
         if release is not None:
             put_pool(*release, wait=False)
         self._submit(sends)
-
-    def _timer_loop(self) -> None:
-        """Move delayed items to the queue at their deadline, never before it."""
-        with self._lock:
-            while not self._destroyed:
-                now = time.monotonic()
-                while self._heap and (self._heap[0][2].deadline != self._heap[0][0] or self._heap[0][0] <= now):
-                    deadline, _, work = heapq.heappop(self._heap)
-                    if work.where != "delayed" or work.deadline != deadline:
-                        continue  # stale: re-armed (mod_delayed) or cancelled
-                    self._delayed.discard(work)
-                    work.deadline = None
-                    self._enqueue(work)
-                sends = self._pump()
-                if sends:
-                    self._lock.release()
-                    try:
-                        self._submit(sends)
-                    finally:
-                        self._lock.acquire()
-                    continue
-                wait = self._heap[0][0] - now if self._heap else None
-                self._timer_cv.wait(wait)
-
-    def _start_rescuer_pool(self, key: tuple) -> WorkerPool:
-        """One worker, never culled, titled exactly ``kworker/R-<name>``. L not held."""
-        nice, cpus = key
-        return WorkerPool(1, 1, title=f"kworker/R-{self.name}", nice=nice, cpus=cpus)
-
-    def _rescuer_loop(self) -> None:
-        """The mayday timer and the rescuer (rescuer=True only). While items are in flight,
-        look every MAYDAY_INITIAL_TIMEOUT whether the pool has failed to create a worker for
-        that long; if so (a mayday), take this workqueue's items that no worker started back
-        out of the pool's worklist and run them on the rescuer process, one at a time, in
-        queue order; then look again after MAYDAY_INTERVAL. L not held around pool calls."""
-        assert self._rescuer_pool is not None
-        wait = MAYDAY_INITIAL_TIMEOUT
-        while True:
-            with self._lock:
-                while not self._destroyed and not self._inflight and self._next_rescuer_pool is None:
-                    wait = MAYDAY_INITIAL_TIMEOUT
-                    self._rescue_cv.wait()
-                if not self._destroyed and self._next_rescuer_pool is None:
-                    self._rescue_cv.wait(wait)
-                if self._destroyed:
-                    return
-                old, nxt = self._rescuer_pool, self._next_rescuer_pool
-                if nxt is not None:
-                    self._rescuer_pool, self._next_rescuer_pool = nxt, None
-                futures = [
-                    (w.seq, w.pool_future, w, w.pool)
-                    for w in self._inflight
-                    if w.pool_future is not None and w.pool is not None  # both set together in _pump
-                ]
-            if nxt is not None:
-                # apply_attrs: rescue with the new attributes from now on. Between rescues,
-                # so the old rescuer is idle; its process exits through the usual teardown.
-                assert old is not None
-                old.close(wait=True)
-                continue
-            # Usually one pool; after apply_attrs, items may still wait in the old one too.
-            stalled = {id(p) for _, _, _, p in futures if p.creation_stalled_for() >= MAYDAY_INITIAL_TIMEOUT}
-            if not stalled:
-                wait = MAYDAY_INITIAL_TIMEOUT
-                continue
-            futures.sort(key=lambda t: t[0])
-            # Taken under the pool lock only if still unstarted: no worker can start it after.
-            taken = [w for _, f, w, p in futures if id(p) in stalled and p.take_unstarted(f)]
-            wait = MAYDAY_INTERVAL
-            if not taken:
-                continue
-            with self._lock:
-                self._mayday += 1
-                self._rescued += len(taken)
-            _mark_dirty()
-            for work in taken:
-                self._rescue(work)
-
-    def _rescue(self, work: Work) -> None:
-        """Run ``work`` on the rescuer process and complete it. Rescuer thread, L not held."""
-        assert self._rescuer_pool is not None
-        try:
-            fut = self._rescuer_pool._submit(work.fn, work.args, work.kwargs, None, None, self._account)
-            value, exc = None, fut.exception()
-            if exc is None:
-                value = fut.result()
-        except BaseException as e:  # noqa: BLE001 - unpicklable call, rescuer pool broken: ends the item
-            value, exc = None, e
-        self._finish(work, value, exc)
