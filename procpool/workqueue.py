@@ -38,8 +38,20 @@ drain, destroy, flush_work, cancel_work(sync=True)): the arbiter it would block 
 results, so those raise RuntimeError there instead of hanging.
 
 ``Workqueue(name, executor=EXECUTOR)`` hands its items to any concurrent.futures Executor
-instead of a shared pool (procpool.foreign): the queue, max_active, delayed work, flush,
-drain, cancel and destroy above stay the workqueue's; what needs procpool's pools is refused.
+instead of a shared pool (procpool.foreign; for a Dask cluster, ``client.get_executor()``).
+Everything that is the workqueue's own still holds: ``max_active``, ``ordered``, delayed work
+and ``mod_delayed``, ``flush``, ``flush_work``, ``cancel_work`` (an item the executor has not
+started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it counts
+itself (started, in flight, completed, pending, delayed). What needs procpool's own pools is
+refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
+``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
+CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist there.
+``destroy`` never shuts the executor down: it is the caller's.
+
+The class is a facade over parts with one job each, sharing its lock L: the books (queue,
+in flight, counters, current and retired pools: procpool.wqbooks), the hand-off to the pools
+and the completions (procpool.wqhandoff), the delayed-work timer (procpool.wqtimer), the
+rescuer (procpool.wqrescuer); the pool registry and the statistics publisher are below.
 
 Guards:  L = Workqueue._lock      I = set in __init__, read-only after
          R = _registry_lock (the pool registry and the live workqueues, module level)
@@ -50,14 +62,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
-import itertools
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import CancelledError, Executor
 from typing import Any, cast
 
 from .checks import check_attrs, check_name, check_number
@@ -65,6 +74,8 @@ from .foreign import ForeignExecutor
 from .idtable import write_workqueues
 from .pool import WorkerPool
 from .stats import Account
+from .wqbooks import Books
+from .wqhandoff import Handoff, chained
 from .wqrescuer import MAYDAY_INITIAL_TIMEOUT, MAYDAY_INTERVAL, Rescuer, start_rescuer_pool
 from .wqtimer import DelayedTimer
 from .wqwork import Work, WorkqueueStats
@@ -135,7 +146,26 @@ def _publish() -> None:
         _dirty.clear()  # a change from now on is written by the next call
         with _registry_lock:
             wqs = list(_live)
-        write_workqueues([wq._entry() for wq in wqs])
+        write_workqueues([_segment_entry(wq) for wq in wqs])
+
+
+def _segment_entry(wq: Workqueue) -> dict[str, Any]:
+    """A workqueue as the segment shows it to ``procpool ps``: attributes, the pools it
+    holds (two while apply_attrs waits for items on the old one), and its stats."""
+    stats = dataclasses.asdict(wq.stats())
+    with wq._lock:
+        nice, cpus = wq._key
+        pools = [] if wq._foreign else sorted({p.id for p in wq._books.pools()})
+    return {
+        "name": wq.name,
+        "pools": pools,
+        "max_active": wq.max_active,
+        "ordered": wq.ordered,
+        "nice": nice,
+        "cpus": sorted(cpus) if cpus is not None else None,
+        "rescuer": wq._rescuer is not None,
+        **stats,
+    }
 
 
 def _mark_dirty() -> None:
@@ -197,12 +227,25 @@ def _destroy_at_exit() -> None:
         wq._destroy_at_exit()
 
 
+def _release_later(held: tuple[tuple, WorkerPool]) -> None:
+    """Drop a pool reference without waiting for a last one's teardown."""
+    put_pool(*held, wait=False)
+
+
+def _max_active(ordered: bool, max_active: int | None) -> int:
+    """The items in flight at a time that ``ordered`` and ``max_active`` ask for, checked."""
+    if ordered:
+        if max_active not in (None, 1):
+            raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")
+        return 1
+    max_active = DEFAULT_MAX_ACTIVE if max_active is None else max_active
+    check_number("max_active", max_active, minimum=1, integer=True)
+    return max_active
+
+
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         check_number("timeout", timeout, minimum=0)
-
-
-_chained = threading.local()  # .wq: the workqueue whose item's completion this thread runs
 
 
 def _refuse_for_foreign(name: str, nice: int, cpus: set[int] | None, max_workers: int | None, rescuer: bool) -> None:
@@ -233,15 +276,7 @@ class Workqueue:
     runs this workqueue's waiting items one at a time when the pool cannot create workers.
 
     ``executor``: run the items on any ``concurrent.futures.Executor`` instead of procpool's
-    pools (for a Dask cluster, ``client.get_executor()``; see procpool.foreign). Everything that
-    is the workqueue's own still holds: ``max_active``, ``ordered``, delayed work and
-    ``mod_delayed``, ``flush``, ``flush_work``, ``cancel_work`` (an item the executor has not
-    started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it
-    counts itself (started, in flight, completed, pending, delayed). What needs procpool's own
-    pools is refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
-    ``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
-    CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist
-    there. ``destroy`` never shuts the executor down: it is the caller's.
+    pools; the module docstring says what holds there and what is refused.
     """
 
     def __init__(
@@ -257,56 +292,56 @@ class Workqueue:
         executor: Executor | None = None,
     ) -> None:
         check_name("name", name)
-        if ordered:
-            if max_active not in (None, 1):
-                raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")
-            max_active = 1
-        elif max_active is None:
-            max_active = DEFAULT_MAX_ACTIVE
-        check_number("max_active", max_active, minimum=1, integer=True)
+        max_active = _max_active(ordered, max_active)
         self.name = name  # I
         self.max_active = max_active  # I
         self.ordered = ordered  # I
-        self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
+        key = check_attrs(nice, cpus)
         self._max_workers = max_workers  # I
         self._foreign = executor is not None  # I: items run on a foreign executor (procpool.foreign)
-        # L: where new items go (apply_attrs changes it).
-        self.pool: WorkerPool
         if executor is not None:
             _refuse_for_foreign(name, nice, cpus, max_workers, rescuer)
             # Duck-typed: a ForeignExecutor has the part of WorkerPool a workqueue uses.
-            self.pool = cast("WorkerPool", ForeignExecutor(executor))
+            pool = cast("WorkerPool", ForeignExecutor(executor))
         else:
-            self.pool = get_pool(self._key, max_workers)
+            pool = get_pool(key, max_workers)
+        # I (its state: L): the queue, what is in flight on which pool, the counters
+        self._books = Books(key, pool, max_active, _mark_dirty)
         self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
         self._owner_pid = os.getpid()  # I
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue
-        self._pending: deque[Work] = deque()  # L: queue order
-        self._inflight: set[Work] = set()  # L
-        # L: queued and not finished (pending + in flight), by seq; the first key is the oldest
-        self._active: dict[int, Work] = {}
-        self._seq = itertools.count()  # L
+        # I: hands pumped items to their pools, completes them
+        self._handoff = Handoff(
+            self, name, self._lock, self._changed, self._books, self._account, self._pump, _release_later
+        )
+        self._submit = self._handoff.submit  # I
+        self._finish = self._handoff.finish  # I
         # I (its state: L): the delayed items and the thread that queues them at their deadline
         self._timer = DelayedTimer(self._lock, name, self._due, self._submit)
         self._draining = 0  # L: drain() calls under way; only chained queueing is allowed
         self._destroyed = False  # L
-        self._started = self._completed = self._max_in_flight = 0  # L
-        # L: apply_attrs: items in flight per pool (by id), and the pools replaced while they
-        # still held items of ours: id -> (key, pool), released when their last item finishes
-        self._inflight_on: dict[int, int] = {}
-        self._retired: dict[int, tuple[tuple, WorkerPool]] = {}
         self._rescuer: Rescuer | None = None  # I: rescuer=True only (its state: L)
         if rescuer:
             try:
                 self._rescuer = Rescuer(
-                    self._lock, name, self._key, self._inflight, self._account, self._finish, _mark_dirty
+                    self._lock, name, key, self._books.inflight, self._account, self._finish, _mark_dirty
                 )
             except BaseException:
-                put_pool(self._key, self.pool)
+                put_pool(key, pool)
                 raise
         _register(self)
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The pool new items go to (apply_attrs changes it)."""
+        return self._books.pool
+
+    @property
+    def _key(self) -> tuple:
+        """(nice, cpus): the pool attributes, the registry key of ``pool``."""
+        return self._books.key
 
     @property
     def _rescuer_pool(self) -> WorkerPool | None:
@@ -321,7 +356,7 @@ class Workqueue:
         work = Work(self, fn, args, kwargs)
         with self._lock:
             self._check_may_queue()
-            self._enqueue(work)
+            self._books.enqueue(work)
             sends = self._pump()
         self._submit(sends)
         return work
@@ -343,8 +378,7 @@ class Workqueue:
         with self._lock:
             if work.where == "pending":
                 # Taken back from the queue under L, so the pump cannot start it meanwhile.
-                self._pending.remove(work)
-                del self._active[work.seq]
+                self._books.unqueue(work)
                 self._changed.notify_all()  # a flush may have waited for it
             elif work.where != "delayed":
                 return False
@@ -382,7 +416,7 @@ class Workqueue:
             sends = []
             if work.where == "delayed":
                 self._timer.disarm(work)
-                self._enqueue(work)
+                self._books.enqueue(work)
                 sends = self._pump()
         self._submit(sends)
         return self.flush_work(work, timeout)
@@ -404,7 +438,7 @@ class Workqueue:
             # cancelled while it runs. In the pool's worklist the pool's lock decides between
             # this and a worker taking it (take_unstarted, like the rescuer).
             if work.where == "pending":
-                self._pending.remove(work)
+                self._books.pending.remove(work)
             elif work.where == "delayed":
                 work.deadline = None  # its heap entry goes stale
             elif (
@@ -434,17 +468,17 @@ class Workqueue:
         with self._lock:
             # Only now off the books: a flusher woken here finds the Work already cancelled.
             if was == "pending":
-                del self._active[work.seq]
+                del self._books.active[work.seq]
             elif was == "inflight":
-                del self._active[work.seq]
-                release = self._leave_inflight(work, ran=False)
+                del self._books.active[work.seq]
+                release = self._books.leave_inflight(work, ran=False)
                 sends = self._pump()
             else:
                 self._timer.delayed.discard(work)
             work.where = "done"
             self._changed.notify_all()
         _mark_dirty()
-        self._after_leaving(release, sends)
+        self._handoff.after_leaving(release, sends)
         return cancelled
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -457,10 +491,10 @@ class Workqueue:
             # Flush racing a requeue: a mark, not "until empty". An item queued while we wait
             # (a completion chaining another, a timer firing) gets a later seq and does not
             # hold us, so a steady stream of requeues cannot starve a flusher.
-            mark = next(self._seq) - 1
+            mark = next(self._books.seq) - 1
 
             def done() -> bool:
-                oldest = next(iter(self._active), None)
+                oldest = next(iter(self._books.active), None)
                 return oldest is None or oldest > mark
 
             return self._changed.wait_for(done, timeout)
@@ -474,7 +508,7 @@ class Workqueue:
         with self._lock:
             self._draining += 1
             try:
-                return self._changed.wait_for(lambda: not self._active and not self._timer.delayed, timeout)
+                return self._changed.wait_for(lambda: not self._books.active and not self._timer.delayed, timeout)
             finally:
                 self._draining -= 1
 
@@ -487,7 +521,7 @@ class Workqueue:
                 return
             self._draining += 1
             try:
-                self._changed.wait_for(lambda: not self._active and not self._timer.delayed)
+                self._changed.wait_for(lambda: not self._books.active and not self._timer.delayed)
             finally:
                 self._draining -= 1
             if self._destroyed:
@@ -495,13 +529,12 @@ class Workqueue:
             # In the same critical section as the drain's last check: an unchained queue()
             # slipping in between would leave an item behind on a pool about to be closed.
             self._destroyed = True
-            timer = self._timer.stop()
+            self._timer.stop()
             if self._rescuer is not None:
                 self._rescuer.stop()
             key, pool = self._key, self.pool
         _unregister(self)
-        if timer is not None and timer is not threading.current_thread():
-            timer.join()
+        self._timer.join()
         if self._rescuer is not None:
             self._rescuer.close()  # drained: the rescuer holds no item, only waits for a mayday
         if self._foreign:
@@ -553,16 +586,7 @@ class Workqueue:
                 if self._rescuer is not None and rescuer_pool is not None:
                     # The rescuer thread switches over between rescues and closes the old one.
                     unused_rescuer = self._rescuer.replace(rescuer_pool)
-                old_key, old = self._key, self.pool
-                self._key, self.pool = key, new
-                if self._inflight_on.get(id(old)):
-                    self._retired[id(old)] = (old_key, old)  # released by its last item
-                else:
-                    release.append((old_key, old))
-                # Back to a pool replaced earlier whose items still run: we hold it twice now.
-                again = self._retired.pop(id(new), None)
-                if again is not None:
-                    release.append(again)
+                release = self._books.switch(key, new)
         for k, p in release:
             put_pool(k, p, wait=False)
         if unused_rescuer is not None:
@@ -576,11 +600,7 @@ class Workqueue:
         acct = self._account
         with self._lock:
             return WorkqueueStats(
-                started=self._started,
-                in_flight=len(self._inflight),
-                completed=self._completed,
-                max_in_flight=self._max_in_flight,
-                pending=len(self._pending),
+                **self._books.counts(),
                 delayed=len(self._timer.delayed),
                 cpu_time=acct.cpu_time,
                 cpu_intensive=acct.cpu_intensive,
@@ -588,24 +608,6 @@ class Workqueue:
                 mayday=self._rescuer.mayday if self._rescuer is not None else 0,
                 rescued=self._rescuer.rescued if self._rescuer is not None else 0,
             )
-
-    def _entry(self) -> dict[str, Any]:
-        """This workqueue as the segment shows it to ``procpool ps``: attributes, the pools it
-        holds (two while apply_attrs waits for items on the old one), and its stats."""
-        stats = dataclasses.asdict(self.stats())
-        with self._lock:
-            nice, cpus = self._key
-            pools = [] if self._foreign else sorted({self.pool.id, *(p.id for _, p in self._retired.values())})
-        return {
-            "name": self.name,
-            "pools": pools,
-            "max_active": self.max_active,
-            "ordered": self.ordered,
-            "nice": nice,
-            "cpus": sorted(cpus) if cpus is not None else None,
-            "rescuer": self._rescuer is not None,
-            **stats,
-        }
 
     def __enter__(self) -> Workqueue:
         return self
@@ -623,139 +625,32 @@ class Workqueue:
     def _check_may_queue(self) -> None:
         if self._destroyed:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed")
-        if self._draining and getattr(_chained, "wq", None) is not self:
+        if self._draining and getattr(chained, "wq", None) is not self:
             raise RuntimeError(f"workqueue {self.name!r} is draining: only chained queueing is allowed")
 
     def _check_may_wait(self, what: str) -> None:
         """Refuse to wait on the thread that would have to deliver what we wait for: a
         done-callback runs on a pool's arbiter thread, and blocking it there would wait
         forever. A clear error instead of a hang."""
-        me = threading.current_thread()
         with self._lock:
-            pools = [self.pool, *(p for _, p in self._retired.values())]
+            pools = self._books.pools()
             if self._rescuer is not None:
                 pools.extend(self._rescuer.pools())
-        if any(me is p._arbiter_thread for p in pools):
-            raise RuntimeError(
-                f"workqueue {self.name!r}: {what}() from a done-callback would deadlock: callbacks run on "
-                "the pool's arbiter thread, which delivers the results it would wait for (queue more work "
-                "instead, or wait from another thread)"
-            )
+        self._handoff.refuse_on_arbiter(what, pools)
 
     def _check_mine(self, work: Work) -> None:
         if not isinstance(work, Work) or work.wq is not self:
             raise ValueError(f"{work!r} is not an item of workqueue {self.name!r}")
 
-    def _enqueue(self, work: Work) -> None:
-        _mark_dirty()  # pending changed: every change of a published number marks it
-        work.seq = next(self._seq)
-        work.where = "pending"
-        self._pending.append(work)
-        self._active[work.seq] = work
-
-    def _may_start(self) -> bool:
-        """Room for another item under max_active?"""
-        return bool(self._pending) and len(self._inflight) < self.max_active
-
     def _pump(self) -> list[Work]:
         """Take items off the queue while there is room; the caller submits them outside L."""
-        out = []
-        while self._may_start():
-            work = self._pending.popleft()
-            work.where = "inflight"
-            work.set_running_or_notify_cancel()  # never cancelled while queued: see cancel_work
-            work.pool = self.pool
-            self._inflight_on[id(self.pool)] = self._inflight_on.get(id(self.pool), 0) + 1
-            self._inflight.add(work)
-            out.append(work)
-        if out:
-            self._started += len(out)
-            _mark_dirty()
-            self._max_in_flight = max(self._max_in_flight, len(self._inflight))
-            if self._rescuer is not None:
-                self._rescuer.kick()
+        out = self._books.pump()
+        if out and self._rescuer is not None:
+            self._rescuer.kick()
         return out
 
     def _due(self, works: list[Work]) -> list[Work]:
         """The timer fired ``works``: queue them in deadline order; returns the pump's take."""
         for work in works:
-            self._enqueue(work)
+            self._books.enqueue(work)
         return self._pump()
-
-    def _submit(self, works: list[Work]) -> None:
-        """Hand ``works`` to the pool. L not held (pool.submit pickles, and may run callbacks).
-        A loop, not recursion: each item that fails at once frees a slot for the next."""
-        todo = deque(works)
-        while todo:
-            work = todo.popleft()
-            try:
-                assert work.pool is not None
-                fut = work.pool._submit(work.fn, work.args, work.kwargs, None, self.name, self._account)
-            except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
-                todo.extend(self._complete(work, None, exc))
-                continue
-            work.pool_future = fut
-            fut.add_done_callback(functools.partial(self._on_pool_done, work))
-
-    def _on_pool_done(self, work: Work, fut: Future) -> None:
-        """The pool's future ended (arbiter thread, usually). L not held."""
-        if fut.cancelled():
-            self._finish(work, None, CancelledError(f"the pool of workqueue {self.name!r} cancelled the item"))
-        else:
-            exc = fut.exception()
-            self._finish(work, fut.result() if exc is None else None, exc)
-
-    def _finish(self, work: Work, value: Any, exc: BaseException | None) -> None:
-        self._submit(self._complete(work, value, exc))
-
-    def _complete(self, work: Work, value: Any, exc: BaseException | None) -> list[Work]:
-        """Complete ``work``, then take it off the books; returns what to submit next (the
-        pump's take). L not held.
-
-        The Work is completed *before* it leaves in-flight: a flusher woken by its removal
-        must find it done, and an item chained from its done-callbacks is queued while it
-        still counts, so drain() cannot see the workqueue empty in between."""
-        prev = getattr(_chained, "wq", None)
-        _chained.wq = self
-        try:
-            if exc is None:
-                work.set_result(value)
-            else:
-                work.set_exception(exc)
-        finally:
-            _chained.wq = prev
-        # Cancelled in the pool's worklist (the pool closed with cancel_futures): never ran.
-        ran = work.pool_future is None or not work.pool_future.cancelled()
-        with self._lock:
-            work.where = "done"
-            del self._active[work.seq]
-            release = self._leave_inflight(work, ran)
-            sends = self._pump()
-            self._changed.notify_all()
-        self._after_leaving(release, [])
-        return sends
-
-    def _leave_inflight(self, work: Work, ran: bool = True) -> tuple[tuple, WorkerPool] | None:
-        """``work`` is no longer in flight (finished, or cancelled out of the pool's worklist).
-        Returns a pool apply_attrs replaced, if this was its last item of ours. L held.
-
-        ``ran`` False: it was cancelled before any worker took it, so it is taken back out of
-        ``started`` (counted when it was handed over) and never counted completed."""
-        self._inflight.discard(work)
-        if ran:
-            self._completed += 1
-        else:
-            self._started -= 1
-        _mark_dirty()
-        pool_id = id(work.pool)
-        self._inflight_on[pool_id] -= 1
-        if not self._inflight_on[pool_id]:
-            del self._inflight_on[pool_id]
-            return self._retired.pop(pool_id, None)
-        return None
-
-    def _after_leaving(self, release: tuple[tuple, WorkerPool] | None, sends: list[Work]) -> None:
-        """L not held. Off L and without waiting: this may be the old pool's arbiter thread."""
-        if release is not None:
-            put_pool(*release, wait=False)
-        self._submit(sends)

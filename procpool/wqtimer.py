@@ -65,11 +65,17 @@ class DelayedTimer:
         work.deadline = None
         self.cv.notify_all()
 
-    def stop(self) -> threading.Thread | None:
-        """End the thread; returns it for the caller to join with L released. L held."""
+    def stop(self) -> None:
+        """The workqueue is destroyed: the thread ends. L held."""
         self._stopped = True
         self.cv.notify_all()
-        return self._thread
+
+    def join(self) -> None:
+        """After stop(), with L released: wait for the thread to end (unless it is this one)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     def _loop(self) -> None:
         with self._lock:
