@@ -218,13 +218,18 @@ os.register_at_fork(after_in_child=_forget_parents_workqueues)
 @atexit.register
 def _destroy_at_exit() -> None:
     """Registered after procpool.pool's own hook, so it runs first: the pools are still open
-    while the workqueues' queued items finish."""
+    while the workqueues' queued items finish. Each workqueue's delayed items are cancelled
+    (their timers would hold the exit up), the queued ones finish, then it is destroyed."""
     with _registry_lock:
         # Only in the program that made them: a fork of it (os.fork, then sys.exit) inherits
         # the list but not the pools' threads, and would wait forever.
         wqs = [wq for wq in reversed(_live) if wq._owner_pid == os.getpid()]
     for wq in wqs:
-        wq._destroy_at_exit()
+        with wq._lock:
+            delayed = sorted(wq._timer.delayed, key=lambda w: w.deadline or 0.0)
+        for work in delayed:
+            wq.cancel_work(work)
+        wq.destroy()
 
 
 def _release_later(held: tuple[tuple, WorkerPool]) -> None:
@@ -541,15 +546,6 @@ class Workqueue:
             _publish()  # gone from procpool ps (put_pool does this for a pool of ours)
         else:  # a foreign executor is the caller's to shut down
             put_pool(key, pool)
-
-    def _destroy_at_exit(self) -> None:
-        """Interpreter exit: cancel the delayed items (their timers would hold the exit up),
-        let the queued ones finish, destroy."""
-        with self._lock:
-            delayed = sorted(self._timer.delayed, key=lambda w: w.deadline or 0.0)
-        for work in delayed:
-            self.cancel_work(work)
-        self.destroy()
 
     def apply_attrs(self, *, nice: int = 0, cpus: set[int] | None = None) -> None:
         """Switch the workqueue to the pool for attributes (``nice``, ``cpus``), the kernel's
