@@ -38,8 +38,20 @@ drain, destroy, flush_work, cancel_work(sync=True)): the arbiter it would block 
 results, so those raise RuntimeError there instead of hanging.
 
 ``Workqueue(name, executor=EXECUTOR)`` hands its items to any concurrent.futures Executor
-instead of a shared pool (procpool.foreign): the queue, max_active, delayed work, flush,
-drain, cancel and destroy above stay the workqueue's; what needs procpool's pools is refused.
+instead of a shared pool (procpool.foreign; for a Dask cluster, ``client.get_executor()``).
+Everything that is the workqueue's own still holds: ``max_active``, ``ordered``, delayed work
+and ``mod_delayed``, ``flush``, ``flush_work``, ``cancel_work`` (an item the executor has not
+started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it counts
+itself (started, in flight, completed, pending, delayed). What needs procpool's own pools is
+refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
+``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
+CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist there.
+``destroy`` never shuts the executor down: it is the caller's.
+
+The class is a facade over parts with one job each, sharing its lock L: the books (queue,
+in flight, counters, current and retired pools: procpool.wqbooks), the hand-off to the pools
+and the completions (procpool.wqhandoff), the delayed-work timer (procpool.wqtimer), the
+rescuer (procpool.wqrescuer); the pool registry and the statistics publisher are below.
 
 Guards:  L = Workqueue._lock      I = set in __init__, read-only after
          R = _registry_lock (the pool registry and the live workqueues, module level)
@@ -50,17 +62,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import functools
-import heapq
-import itertools
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Executor, Future
-from concurrent.futures import _base as _futures_base
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Executor
 from typing import Any, cast
 
 from .checks import check_attrs, check_name, check_number
@@ -68,14 +74,16 @@ from .foreign import ForeignExecutor
 from .idtable import write_workqueues
 from .pool import WorkerPool
 from .stats import Account
+from .wqbooks import Books
+from .wqhandoff import Handoff, chained
+from .wqrescuer import MAYDAY_INITIAL_TIMEOUT, MAYDAY_INTERVAL, Rescuer, start_rescuer_pool
+from .wqtimer import DelayedTimer
+from .wqwork import Work, WorkqueueStats
+
+__all__ = ["DEFAULT_MAX_ACTIVE", "MAYDAY_INITIAL_TIMEOUT", "MAYDAY_INTERVAL", "Work", "Workqueue", "WorkqueueStats"]
 
 #: The kernel's WQ_DFL_ACTIVE: items of one workqueue in flight at a time, by default.
 DEFAULT_MAX_ACTIVE = 256
-#: Rescuer (the kernel's MAYDAY_INITIAL_TIMEOUT and MAYDAY_INTERVAL): a workqueue with a
-#: rescuer calls it once its pool has failed to create a worker for this long (seconds) while
-#: its items wait there, then again every MAYDAY_INTERVAL while that lasts.
-MAYDAY_INITIAL_TIMEOUT = 0.010
-MAYDAY_INTERVAL = 0.100
 #: `procpool ps` sees a workqueue's counters at most this long (seconds) after they change.
 PUBLISH_INTERVAL = 0.2
 
@@ -144,7 +152,26 @@ def _publish() -> None:
         _dirty.clear()  # a change from now on is written by the next call
         with _registry_lock:
             wqs = list(_live)
-        write_workqueues([wq._entry() for wq in wqs])
+        write_workqueues([_segment_entry(wq) for wq in wqs])
+
+
+def _segment_entry(wq: Workqueue) -> dict[str, Any]:
+    """A workqueue as the segment shows it to ``procpool ps``: attributes, the pools it
+    holds (two while apply_attrs waits for items on the old one), and its stats."""
+    stats = dataclasses.asdict(wq.stats())
+    with wq._lock:
+        nice, cpus = wq._key
+        pools = [] if wq._foreign else sorted({p.id for p in wq._books.pools()})
+    return {
+        "name": wq.name,
+        "pools": pools,
+        "max_active": wq.max_active,
+        "ordered": wq.ordered,
+        "nice": nice,
+        "cpus": sorted(cpus) if cpus is not None else None,
+        "rescuer": wq._rescuer is not None,
+        **stats,
+    }
 
 
 def _mark_dirty() -> None:
@@ -197,65 +224,39 @@ os.register_at_fork(after_in_child=_forget_parents_workqueues)
 @atexit.register
 def _destroy_at_exit() -> None:
     """Registered after procpool.pool's own hook, so it runs first: the pools are still open
-    while the workqueues' queued items finish."""
+    while the workqueues' queued items finish. Each workqueue's delayed items are cancelled
+    (their timers would hold the exit up), the queued ones finish, then it is destroyed."""
     with _registry_lock:
         # Only in the program that made them: a fork of it (os.fork, then sys.exit) inherits
         # the list but not the pools' threads, and would wait forever.
         wqs = [wq for wq in reversed(_live) if wq._owner_pid == os.getpid()]
     for wq in wqs:
-        wq._destroy_at_exit()
+        with wq._lock:
+            delayed = sorted(wq._timer.delayed, key=lambda w: w.deadline or 0.0)
+        for work in delayed:
+            wq.cancel_work(work)
+        wq.destroy()
 
 
-@dataclass(frozen=True)
-class WorkqueueStats:
-    """One workqueue's numbers, the kernel's wq_monitor columns and a few of our own."""
-
-    started: int  # items handed to the pool, ever, less those cancelled there unstarted (wq_monitor: total)
-    in_flight: int  # handed to the pool, not finished (infl)
-    completed: int  # of `started`, finished: result, exception, or procpool error
-    max_in_flight: int  # the most ever in flight at once (never above max_active)
-    pending: int  # queued, waiting for room under max_active
-    delayed: int  # waiting for their timer
-    cpu_time: float = 0.0  # seconds of CPU its answered items took in the workers (CPUtime)
-    cpu_intensive: int = 0  # its items marked CPU-intensive (CPUitsv)
-    cm_wakeups: int = 0  # workers concurrency management started for its waiting items (CMW)
-    mayday: int = 0  # mayday calls: the pool could not create a worker while items waited
-    rescued: int = 0  # items the rescuer took back from the pool and ran
+def _release_later(held: tuple[tuple, WorkerPool]) -> None:
+    """Drop a pool reference without waiting for a last one's teardown."""
+    put_pool(*held, wait=False)
 
 
-class Work(Future):
-    """One queued call: a ``concurrent.futures.Future`` the workqueue completes. ``cancel()``
-    goes through the workqueue (the same as ``cancel_work(work)``)."""
-
-    def __init__(self, wq: Workqueue, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.wq = wq  # I
-        self.fn, self.args, self.kwargs = fn, args, kwargs  # I
-        self.seq = -1  # L: queue order, set when it enters the pending queue
-        self.deadline: float | None = None  # L: a delayed item's timer, monotonic; None when not armed
-        self.where = "new"  # L: 'delayed' | 'pending' | 'inflight' | 'cancelling' | 'done'
-        self.pool_future: Future | None = None  # the pool's future once handed to it (set once)
-        self.pool: WorkerPool | None = None  # L: the pool it is handed to, chosen when it goes in flight
-
-    def cancel(self) -> bool:
-        return self.wq.cancel_work(self)
-
-    def _cancel_now(self) -> bool:
-        with self._condition:
-            if self._state == _futures_base.RUNNING:
-                # In flight but taken back out of the pool's worklist before any worker had
-                # it (cancel_work): it never ran, so it may end cancelled. Future.cancel()
-                # refuses a RUNNING future, hence the step back.
-                self._state = _futures_base.PENDING
-        return super().cancel()
+def _max_active(ordered: bool, max_active: int | None) -> int:
+    """The items in flight at a time that ``ordered`` and ``max_active`` ask for, checked."""
+    if ordered:
+        if max_active not in (None, 1):
+            raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")
+        return 1
+    max_active = DEFAULT_MAX_ACTIVE if max_active is None else max_active
+    check_number("max_active", max_active, minimum=1, integer=True)
+    return max_active
 
 
 def _check_timeout(timeout: float | None) -> None:
     if timeout is not None:
         check_number("timeout", timeout, minimum=0)
-
-
-_chained = threading.local()  # .wq: the workqueue whose item's completion this thread runs
 
 
 def _refuse_for_foreign(name: str, nice: int, cpus: set[int] | None, max_workers: int | None, rescuer: bool) -> None:
@@ -286,15 +287,7 @@ class Workqueue:
     runs this workqueue's waiting items one at a time when the pool cannot create workers.
 
     ``executor``: run the items on any ``concurrent.futures.Executor`` instead of procpool's
-    pools (for a Dask cluster, ``client.get_executor()``; see procpool.foreign). Everything that
-    is the workqueue's own still holds: ``max_active``, ``ordered``, delayed work and
-    ``mod_delayed``, ``flush``, ``flush_work``, ``cancel_work`` (an item the executor has not
-    started, as its ``Future.cancel()`` decides), ``drain``, ``destroy``, and the stats it
-    counts itself (started, in flight, completed, pending, delayed). What needs procpool's own
-    pools is refused with ValueError: ``nice``, ``cpus``, ``max_workers``, ``rescuer`` and
-    ``apply_attrs``; process titles, concurrency management, a row in ``procpool ps`` and the
-    CPU-time columns (``cpu_time``, ``cpu_intensive``, ``cm_wakeups`` stay 0) do not exist
-    there. ``destroy`` never shuts the executor down: it is the caller's.
+    pools; the module docstring says what holds there and what is refused.
     """
 
     def __init__(
@@ -310,66 +303,61 @@ class Workqueue:
         executor: Executor | None = None,
     ) -> None:
         check_name("name", name)
-        if ordered:
-            if max_active not in (None, 1):
-                raise ValueError(f"an ordered workqueue runs one item at a time; max_active={max_active}")
-            max_active = 1
-        elif max_active is None:
-            max_active = DEFAULT_MAX_ACTIVE
-        check_number("max_active", max_active, minimum=1, integer=True)
+        max_active = _max_active(ordered, max_active)
         self.name = name  # I
         self.max_active = max_active  # I
         self.ordered = ordered  # I
-        self._key = check_attrs(nice, cpus)  # L: (nice, cpus), the registry key (apply_attrs changes it)
+        key = check_attrs(nice, cpus)
         self._max_workers = max_workers  # I
         self._foreign = executor is not None  # I: items run on a foreign executor (procpool.foreign)
-        # L: where new items go (apply_attrs changes it).
-        self.pool: WorkerPool
         if executor is not None:
             _refuse_for_foreign(name, nice, cpus, max_workers, rescuer)
             # Duck-typed: a ForeignExecutor has the part of WorkerPool a workqueue uses.
-            self.pool = cast("WorkerPool", ForeignExecutor(executor))
+            pool = cast("WorkerPool", ForeignExecutor(executor))
         else:
-            self.pool = get_pool(self._key, max_workers)
+            pool = get_pool(key, max_workers)
+        # I (its state: L): the queue, what is in flight on which pool, the counters
+        self._books = Books(key, pool, max_active, _mark_dirty)
         self._account = Account(_mark_dirty)  # I: what the pools count for this workqueue
         self._owner_pid = os.getpid()  # I
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an item finished or left the queue
-        self._timer_cv = threading.Condition(self._lock)  # the delayed heap changed
-        self._pending: deque[Work] = deque()  # L: queue order
-        self._inflight: set[Work] = set()  # L
-        # L: queued and not finished (pending + in flight), by seq; the first key is the oldest
-        self._active: dict[int, Work] = {}
-        self._delayed: set[Work] = set()  # L
-        self._heap: list[tuple[float, int, Work]] = []  # L: (deadline, tiebreak, work); stale entries skipped
-        self._seq = itertools.count()  # L
-        self._tiebreak = itertools.count()  # L
-        self._timer: threading.Thread | None = None  # L: started on the first queue_delayed
+        # I: hands pumped items to their pools, completes them
+        self._handoff = Handoff(
+            self, name, self._lock, self._changed, self._books, self._account, self._pump, _release_later
+        )
+        self._submit = self._handoff.submit  # I
+        self._finish = self._handoff.finish  # I
+        # I (its state: L): the delayed items and the thread that queues them at their deadline
+        self._timer = DelayedTimer(self._lock, name, self._due, self._submit)
         self._draining = 0  # L: drain() calls under way; only chained queueing is allowed
         self._destroyed = False  # L
-        self._started = self._completed = self._max_in_flight = 0  # L
-        self._mayday = self._rescued = 0  # L
-        # L: apply_attrs: items in flight per pool (by id), and the pools replaced while they
-        # still held items of ours: id -> (key, pool), released when their last item finishes
-        self._inflight_on: dict[int, int] = {}
-        self._retired: dict[int, tuple[tuple, WorkerPool]] = {}
-        self._rescue_cv = threading.Condition(self._lock)  # items went in flight, new rescuer, or destroyed
-        # The rescuer's one-worker pool: used and replaced only by the rescuer thread (and
-        # closed by destroy() after that thread ended); apply_attrs leaves its successor,
-        # with the new attributes, in _next_rescuer_pool (L).
-        self._rescuer_pool: WorkerPool | None = None
-        self._next_rescuer_pool: WorkerPool | None = None
-        self._rescuer: threading.Thread | None = None  # I
+        self._rescuer: Rescuer | None = None  # I: rescuer=True only (its state: L)
         if rescuer:
             try:
-                self._rescuer_pool = self._start_rescuer_pool(self._key)
+                self._rescuer = Rescuer(
+                    self._lock, name, key, self._books.inflight, self._account, self._finish, _mark_dirty
+                )
             except BaseException:
-                put_pool(self._key, self.pool)
+                put_pool(key, pool)
                 raise
-            self._rescuer = threading.Thread(target=self._rescuer_loop, name=f"procpool-rescuer-{name}", daemon=True)
-            self._rescuer.start()
         _register(self)
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The pool new items go to (apply_attrs changes it)."""
+        return self._books.pool
+
+    @property
+    def _key(self) -> tuple:
+        """(nice, cpus): the pool attributes, the registry key of ``pool``."""
+        return self._books.key
+
+    @property
+    def _rescuer_pool(self) -> WorkerPool | None:
+        """The rescuer's one-worker pool now in use (None without a rescuer)."""
+        return self._rescuer.pool if self._rescuer is not None else None
 
     # -- queueing ----------------------------------------------------------------------------
 
@@ -379,7 +367,7 @@ class Workqueue:
         work = Work(self, fn, args, kwargs)
         with self._lock:
             self._check_may_queue()
-            self._enqueue(work)
+            self._books.enqueue(work)
             sends = self._pump()
         self._submit(sends)
         return work
@@ -390,7 +378,7 @@ class Workqueue:
         work = Work(self, fn, args, kwargs)
         with self._lock:
             self._check_may_queue()
-            self._arm(work, delay)
+            self._timer.arm(work, delay)
         return work
 
     def mod_delayed(self, work: Work, delay: float) -> bool:
@@ -401,12 +389,11 @@ class Workqueue:
         with self._lock:
             if work.where == "pending":
                 # Taken back from the queue under L, so the pump cannot start it meanwhile.
-                self._pending.remove(work)
-                del self._active[work.seq]
+                self._books.unqueue(work)
                 self._changed.notify_all()  # a flush may have waited for it
             elif work.where != "delayed":
                 return False
-            self._arm(work, delay)
+            self._timer.arm(work, delay)
             return True
 
     # -- waiting and cancelling ---------------------------------------------------------------
@@ -439,11 +426,9 @@ class Workqueue:
                 return False
             sends = []
             if work.where == "delayed":
-                self._delayed.discard(work)
-                work.deadline = None  # its heap entry goes stale
-                self._enqueue(work)
+                self._timer.disarm(work)
+                self._books.enqueue(work)
                 sends = self._pump()
-                self._timer_cv.notify_all()
         self._submit(sends)
         return self.flush_work(work, timeout)
 
@@ -464,7 +449,7 @@ class Workqueue:
             # cancelled while it runs. In the pool's worklist the pool's lock decides between
             # this and a worker taking it (take_unstarted, like the rescuer).
             if work.where == "pending":
-                self._pending.remove(work)
+                self._books.pending.remove(work)
             elif work.where == "delayed":
                 work.deadline = None  # its heap entry goes stale
             elif (
@@ -494,17 +479,17 @@ class Workqueue:
         with self._lock:
             # Only now off the books: a flusher woken here finds the Work already cancelled.
             if was == "pending":
-                del self._active[work.seq]
+                del self._books.active[work.seq]
             elif was == "inflight":
-                del self._active[work.seq]
-                release = self._leave_inflight(work, ran=False)
+                del self._books.active[work.seq]
+                release = self._books.leave_inflight(work, ran=False)
                 sends = self._pump()
             else:
-                self._delayed.discard(work)
+                self._timer.delayed.discard(work)
             work.where = "done"
             self._changed.notify_all()
         _mark_dirty()
-        self._after_leaving(release, sends)
+        self._handoff.after_leaving(release, sends)
         return cancelled
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -517,10 +502,10 @@ class Workqueue:
             # Flush racing a requeue: a mark, not "until empty". An item queued while we wait
             # (a completion chaining another, a timer firing) gets a later seq and does not
             # hold us, so a steady stream of requeues cannot starve a flusher.
-            mark = next(self._seq) - 1
+            mark = next(self._books.seq) - 1
 
             def done() -> bool:
-                oldest = next(iter(self._active), None)
+                oldest = next(iter(self._books.active), None)
                 return oldest is None or oldest > mark
 
             return self._changed.wait_for(done, timeout)
@@ -534,7 +519,7 @@ class Workqueue:
         with self._lock:
             self._draining += 1
             try:
-                return self._changed.wait_for(lambda: not self._active and not self._delayed, timeout)
+                return self._changed.wait_for(lambda: not self._books.active and not self._timer.delayed, timeout)
             finally:
                 self._draining -= 1
 
@@ -547,7 +532,7 @@ class Workqueue:
                 return
             self._draining += 1
             try:
-                self._changed.wait_for(lambda: not self._active and not self._delayed)
+                self._changed.wait_for(lambda: not self._books.active and not self._timer.delayed)
             finally:
                 self._draining -= 1
             if self._destroyed:
@@ -555,33 +540,18 @@ class Workqueue:
             # In the same critical section as the drain's last check: an unchained queue()
             # slipping in between would leave an item behind on a pool about to be closed.
             self._destroyed = True
-            self._timer_cv.notify_all()
-            self._rescue_cv.notify_all()
-            timer = self._timer
+            self._timer.stop()
+            if self._rescuer is not None:
+                self._rescuer.stop()
             key, pool = self._key, self.pool
         _unregister(self)
-        if timer is not None and timer is not threading.current_thread():
-            timer.join()
+        self._timer.join()
         if self._rescuer is not None:
-            # Drained: the rescuer holds no item, only waits for the next mayday.
-            if self._rescuer is not threading.current_thread():
-                self._rescuer.join()
-            for p in (self._rescuer_pool, self._next_rescuer_pool):
-                if p is not None:
-                    p.close(wait=True)
+            self._rescuer.close()  # drained: the rescuer holds no item, only waits for a mayday
         if self._foreign:
             _publish()  # gone from procpool ps (put_pool does this for a pool of ours)
         else:  # a foreign executor is the caller's to shut down
             put_pool(key, pool)
-
-    def _destroy_at_exit(self) -> None:
-        """Interpreter exit: cancel the delayed items (their timers would hold the exit up),
-        let the queued ones finish, destroy."""
-        with self._lock:
-            delayed = sorted(self._delayed, key=lambda w: w.deadline or 0.0)
-        for work in delayed:
-            self.cancel_work(work)
-        self.destroy()
 
     def apply_attrs(self, *, nice: int = 0, cpus: set[int] | None = None) -> None:
         """Switch the workqueue to the pool for attributes (``nice``, ``cpus``), the kernel's
@@ -600,7 +570,7 @@ class Workqueue:
             if key == self._key:
                 return
         # Outside L: these start processes.
-        rescuer_pool = self._start_rescuer_pool(key) if self._rescuer is not None else None
+        rescuer_pool = start_rescuer_pool(self.name, key) if self._rescuer is not None else None
         try:
             new = get_pool(key, self._max_workers)
         except BaseException:
@@ -615,20 +585,10 @@ class Workqueue:
                 release.append((key, new))  # destroyed meanwhile: undo
                 unused_rescuer = rescuer_pool
             else:
-                if rescuer_pool is not None:
+                if self._rescuer is not None and rescuer_pool is not None:
                     # The rescuer thread switches over between rescues and closes the old one.
-                    unused_rescuer, self._next_rescuer_pool = self._next_rescuer_pool, rescuer_pool
-                    self._rescue_cv.notify_all()
-                old_key, old = self._key, self.pool
-                self._key, self.pool = key, new
-                if self._inflight_on.get(id(old)):
-                    self._retired[id(old)] = (old_key, old)  # released by its last item
-                else:
-                    release.append((old_key, old))
-                # Back to a pool replaced earlier whose items still run: we hold it twice now.
-                again = self._retired.pop(id(new), None)
-                if again is not None:
-                    release.append(again)
+                    unused_rescuer = self._rescuer.replace(rescuer_pool)
+                release = self._books.switch(key, new)
         for k, p in release:
             put_pool(k, p, wait=False)
         if unused_rescuer is not None:
@@ -642,20 +602,14 @@ class Workqueue:
         acct = self._account
         with self._lock:
             return WorkqueueStats(
-                started=self._started,
-                in_flight=len(self._inflight),
-                completed=self._completed,
-                max_in_flight=self._max_in_flight,
-                pending=len(self._pending),
-                delayed=len(self._delayed),
+                **self._books.counts(),
+                delayed=len(self._timer.delayed),
                 cpu_time=acct.cpu_time,
                 cpu_intensive=acct.cpu_intensive,
                 cm_wakeups=acct.cm_wakeups,
-                mayday=self._mayday,
-                rescued=self._rescued,
+                mayday=self._rescuer.mayday if self._rescuer is not None else 0,
+                rescued=self._rescuer.rescued if self._rescuer is not None else 0,
             )
-
-    # -- hooks for tests and tools ---------------------------------------------------------------
 
     @property
     def pool_key(self) -> tuple:
@@ -675,24 +629,6 @@ class Workqueue:
         with self._lock:
             return self._draining > 0
 
-    def _entry(self) -> dict[str, Any]:
-        """This workqueue as the segment shows it to ``procpool ps``: attributes, the pools it
-        holds (two while apply_attrs waits for items on the old one), and its stats."""
-        stats = dataclasses.asdict(self.stats())
-        with self._lock:
-            nice, cpus = self._key
-            pools = [] if self._foreign else sorted({self.pool.id, *(p.id for _, p in self._retired.values())})
-        return {
-            "name": self.name,
-            "pools": pools,
-            "max_active": self.max_active,
-            "ordered": self.ordered,
-            "nice": nice,
-            "cpus": sorted(cpus) if cpus is not None else None,
-            "rescuer": self._rescuer is not None,
-            **stats,
-        }
-
     def __enter__(self) -> Workqueue:
         return self
 
@@ -709,233 +645,32 @@ class Workqueue:
     def _check_may_queue(self) -> None:
         if self._destroyed:
             raise RuntimeError(f"workqueue {self.name!r} is destroyed")
-        if self._draining and getattr(_chained, "wq", None) is not self:
+        if self._draining and getattr(chained, "wq", None) is not self:
             raise RuntimeError(f"workqueue {self.name!r} is draining: only chained queueing is allowed")
 
     def _check_may_wait(self, what: str) -> None:
         """Refuse to wait on the thread that would have to deliver what we wait for: a
         done-callback runs on a pool's arbiter thread, and blocking it there would wait
         forever. A clear error instead of a hang."""
-        me = threading.current_thread()
         with self._lock:
-            pools = [self.pool, *(p for _, p in self._retired.values())]
-            if self._rescuer_pool is not None:
-                pools.append(self._rescuer_pool)
-        if any(me is p._arbiter_thread for p in pools):
-            raise RuntimeError(
-                f"workqueue {self.name!r}: {what}() from a done-callback would deadlock: callbacks run on "
-                "the pool's arbiter thread, which delivers the results it would wait for (queue more work "
-                "instead, or wait from another thread)"
-            )
+            pools = self._books.pools()
+            if self._rescuer is not None:
+                pools.extend(self._rescuer.pools())
+        self._handoff.refuse_on_arbiter(what, pools)
 
     def _check_mine(self, work: Work) -> None:
         if not isinstance(work, Work) or work.wq is not self:
             raise ValueError(f"{work!r} is not an item of workqueue {self.name!r}")
 
-    def _enqueue(self, work: Work) -> None:
-        _mark_dirty()  # pending changed: every change of a published number marks it
-        work.seq = next(self._seq)
-        work.where = "pending"
-        self._pending.append(work)
-        self._active[work.seq] = work
-
-    def _arm(self, work: Work, delay: float) -> None:
-        _mark_dirty()
-        work.deadline = time.monotonic() + delay
-        work.where = "delayed"
-        self._delayed.add(work)
-        heapq.heappush(self._heap, (work.deadline, next(self._tiebreak), work))
-        if self._timer is None:
-            self._timer = threading.Thread(target=self._timer_loop, name=f"procpool-wq-{self.name}", daemon=True)
-            self._timer.start()
-        self._timer_cv.notify_all()
-
-    def _may_start(self) -> bool:
-        """Room for another item under max_active?"""
-        return bool(self._pending) and len(self._inflight) < self.max_active
-
     def _pump(self) -> list[Work]:
         """Take items off the queue while there is room; the caller submits them outside L."""
-        out = []
-        while self._may_start():
-            work = self._pending.popleft()
-            work.where = "inflight"
-            work.set_running_or_notify_cancel()  # never cancelled while queued: see cancel_work
-            work.pool = self.pool
-            self._inflight_on[id(self.pool)] = self._inflight_on.get(id(self.pool), 0) + 1
-            self._inflight.add(work)
-            out.append(work)
-        if out:
-            self._started += len(out)
-            _mark_dirty()
-            self._max_in_flight = max(self._max_in_flight, len(self._inflight))
-            if self._rescuer is not None:
-                self._rescue_cv.notify_all()
+        out = self._books.pump()
+        if out and self._rescuer is not None:
+            self._rescuer.kick()
         return out
 
-    def _submit(self, works: list[Work]) -> None:
-        """Hand ``works`` to the pool. L not held (pool.submit pickles, and may run callbacks).
-        A loop, not recursion: each item that fails at once frees a slot for the next."""
-        todo = deque(works)
-        while todo:
-            work = todo.popleft()
-            try:
-                assert work.pool is not None
-                fut = work.pool._submit(work.fn, work.args, work.kwargs, None, self.name, self._account)
-            except BaseException as exc:  # noqa: BLE001 - unpicklable call, pool broken: ends the item
-                todo.extend(self._complete(work, None, exc))
-                continue
-            work.pool_future = fut
-            fut.add_done_callback(functools.partial(self._on_pool_done, work))
-
-    def _on_pool_done(self, work: Work, fut: Future) -> None:
-        """The pool's future ended (arbiter thread, usually). L not held."""
-        if fut.cancelled():
-            self._finish(work, None, CancelledError(f"the pool of workqueue {self.name!r} cancelled the item"))
-        else:
-            exc = fut.exception()
-            self._finish(work, fut.result() if exc is None else None, exc)
-
-    def _finish(self, work: Work, value: Any, exc: BaseException | None) -> None:
-        self._submit(self._complete(work, value, exc))
-
-    def _complete(self, work: Work, value: Any, exc: BaseException | None) -> list[Work]:
-        """Complete ``work``, then take it off the books; returns what to submit next (the
-        pump's take). L not held.
-
-        The Work is completed *before* it leaves in-flight: a flusher woken by its removal
-        must find it done, and an item chained from its done-callbacks is queued while it
-        still counts, so drain() cannot see the workqueue empty in between."""
-        prev = getattr(_chained, "wq", None)
-        _chained.wq = self
-        try:
-            if exc is None:
-                work.set_result(value)
-            else:
-                work.set_exception(exc)
-        finally:
-            _chained.wq = prev
-        # Cancelled in the pool's worklist (the pool closed with cancel_futures): never ran.
-        ran = work.pool_future is None or not work.pool_future.cancelled()
-        with self._lock:
-            work.where = "done"
-            del self._active[work.seq]
-            release = self._leave_inflight(work, ran)
-            sends = self._pump()
-            self._changed.notify_all()
-        self._after_leaving(release, [])
-        return sends
-
-    def _leave_inflight(self, work: Work, ran: bool = True) -> tuple[tuple, WorkerPool] | None:
-        """``work`` is no longer in flight (finished, or cancelled out of the pool's worklist).
-        Returns a pool apply_attrs replaced, if this was its last item of ours. L held.
-
-        ``ran`` False: it was cancelled before any worker took it, so it is taken back out of
-        ``started`` (counted when it was handed over) and never counted completed."""
-        self._inflight.discard(work)
-        if ran:
-            self._completed += 1
-        else:
-            self._started -= 1
-        _mark_dirty()
-        pool_id = id(work.pool)
-        self._inflight_on[pool_id] -= 1
-        if not self._inflight_on[pool_id]:
-            del self._inflight_on[pool_id]
-            return self._retired.pop(pool_id, None)
-        return None
-
-    def _after_leaving(self, release: tuple[tuple, WorkerPool] | None, sends: list[Work]) -> None:
-        """L not held. Off L and without waiting: this may be the old pool's arbiter thread."""
-        if release is not None:
-            put_pool(*release, wait=False)
-        self._submit(sends)
-
-    def _timer_loop(self) -> None:
-        """Move delayed items to the queue at their deadline, never before it."""
-        with self._lock:
-            while not self._destroyed:
-                now = time.monotonic()
-                while self._heap and (self._heap[0][2].deadline != self._heap[0][0] or self._heap[0][0] <= now):
-                    deadline, _, work = heapq.heappop(self._heap)
-                    if work.where != "delayed" or work.deadline != deadline:
-                        continue  # stale: re-armed (mod_delayed) or cancelled
-                    self._delayed.discard(work)
-                    work.deadline = None
-                    self._enqueue(work)
-                sends = self._pump()
-                if sends:
-                    self._lock.release()
-                    try:
-                        self._submit(sends)
-                    finally:
-                        self._lock.acquire()
-                    continue
-                wait = self._heap[0][0] - now if self._heap else None
-                self._timer_cv.wait(wait)
-
-    def _start_rescuer_pool(self, key: tuple) -> WorkerPool:
-        """One worker, never culled, titled exactly ``kworker/R-<name>``. L not held."""
-        nice, cpus = key
-        return WorkerPool(1, 1, title=f"kworker/R-{self.name}", nice=nice, cpus=cpus)
-
-    def _rescuer_loop(self) -> None:
-        """The mayday timer and the rescuer (rescuer=True only). While items are in flight,
-        look every MAYDAY_INITIAL_TIMEOUT whether the pool has failed to create a worker for
-        that long; if so (a mayday), take this workqueue's items that no worker started back
-        out of the pool's worklist and run them on the rescuer process, one at a time, in
-        queue order; then look again after MAYDAY_INTERVAL. L not held around pool calls."""
-        assert self._rescuer_pool is not None
-        wait = MAYDAY_INITIAL_TIMEOUT
-        while True:
-            with self._lock:
-                while not self._destroyed and not self._inflight and self._next_rescuer_pool is None:
-                    wait = MAYDAY_INITIAL_TIMEOUT
-                    self._rescue_cv.wait()
-                if not self._destroyed and self._next_rescuer_pool is None:
-                    self._rescue_cv.wait(wait)
-                if self._destroyed:
-                    return
-                old, nxt = self._rescuer_pool, self._next_rescuer_pool
-                if nxt is not None:
-                    self._rescuer_pool, self._next_rescuer_pool = nxt, None
-                futures = [
-                    (w.seq, w.pool_future, w, w.pool)
-                    for w in self._inflight
-                    if w.pool_future is not None and w.pool is not None  # both set together in _pump
-                ]
-            if nxt is not None:
-                # apply_attrs: rescue with the new attributes from now on. Between rescues,
-                # so the old rescuer is idle; its process exits through the usual teardown.
-                assert old is not None
-                old.close(wait=True)
-                continue
-            # Usually one pool; after apply_attrs, items may still wait in the old one too.
-            stalled = {id(p) for _, _, _, p in futures if p.creation_stalled_for() >= MAYDAY_INITIAL_TIMEOUT}
-            if not stalled:
-                wait = MAYDAY_INITIAL_TIMEOUT
-                continue
-            futures.sort(key=lambda t: t[0])
-            # Taken under the pool lock only if still unstarted: no worker can start it after.
-            taken = [w for _, f, w, p in futures if id(p) in stalled and p.take_unstarted(f)]
-            wait = MAYDAY_INTERVAL
-            if not taken:
-                continue
-            with self._lock:
-                self._mayday += 1
-                self._rescued += len(taken)
-            _mark_dirty()
-            for work in taken:
-                self._rescue(work)
-
-    def _rescue(self, work: Work) -> None:
-        """Run ``work`` on the rescuer process and complete it. Rescuer thread, L not held."""
-        assert self._rescuer_pool is not None
-        try:
-            fut = self._rescuer_pool._submit(work.fn, work.args, work.kwargs, None, None, self._account)
-            value, exc = None, fut.exception()
-            if exc is None:
-                value = fut.result()
-        except BaseException as e:  # noqa: BLE001 - unpicklable call, rescuer pool broken: ends the item
-            value, exc = None, e
-        self._finish(work, value, exc)
+    def _due(self, works: list[Work]) -> list[Work]:
+        """The timer fired ``works``: queue them in deadline order; returns the pump's take."""
+        for work in works:
+            self._books.enqueue(work)
+        return self._pump()

@@ -136,13 +136,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``procpool`` parser: one sub-parser per command, each built by its own function
+    (``run``, ``ps``, ``monitor``), which also names the module and handler that run it."""
     parser = _Parser(
         prog="procpool",
         description="Process pools modelled on the Linux kernel's workqueue worker pools.",
     )
     parser.add_argument("--version", action=_VersionAction, help="print procpool's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    _add_run(sub)
+    _add_ps(sub)
+    _add_monitor(sub)
+    return parser
 
+
+def _add_run(sub: Any) -> None:
+    """``procpool run``: a pool (or a workqueue) fed a workload in bursts, watched live."""
     run = sub.add_parser(
         "run",
         help="run a pool on a workload and watch it grow and shrink",
@@ -150,7 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
         "timeout, showing live progress; ends when every item ended, at --duration, or on Ctrl-C. The "
         "defaults last about 30 s, to watch with `procpool monitor` or `procpool ps` in another terminal.",
     )
-    g = run.add_argument_group("pool")
+    _run_pool_options(run.add_argument_group("pool"))
+    _run_workload_options(run.add_argument_group("workload"))
+    _run_run_options(run.add_argument_group("run"))
+    run.set_defaults(command_module="run", handler="cmd_run", subparser=run)
+
+
+def _run_pool_options(g: Any) -> None:
+    """``procpool run``'s pool options: size, timeouts, titles, workqueue, start method."""
     g.add_argument(
         "--min-workers",
         type=_int_in(0, MAX_WORKERS),
@@ -201,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the program's spawner process starts when the program runs threads (the spawner then "
         "forks every worker; default forkserver)",
     )
-    g = run.add_argument_group("workload")
+
+
+def _run_workload_options(g: Any) -> None:
+    """``procpool run``'s workload: how many items, how long each, in how many bursts."""
     g.add_argument(
         "--tasks", type=_int_in(0), default=DEFAULT_TASKS, metavar="N", help=f"items to run (default {DEFAULT_TASKS})"
     )
@@ -233,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run FUNCTION(index) from MODULE instead of the built-in items; the summary shows the first "
         "results (module found on PYTHONPATH or in the current directory)",
     )
-    g = run.add_argument_group("run")
+
+
+def _run_run_options(g: Any) -> None:
+    """``procpool run``'s run options: when to stop, how to show progress and the summary."""
     g.add_argument(
         "--duration",
         type=_seconds(positive=True),
@@ -258,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
     g.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    run.set_defaults(command_module="run", handler="cmd_run", subparser=run)
 
+
+def _add_ps(sub: Any) -> None:
+    """``procpool ps``: the pools of this user's programs, read once."""
     ps = sub.add_parser(
         "ps",
         help="list this user's running pools, their workers and helpers",
@@ -276,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps.set_defaults(command_module="ps", handler="cmd_ps", subparser=ps)
 
+
+def _add_monitor(sub: Any) -> None:
+    """``procpool monitor``: every pool and workqueue, sampled live (the kernel's wq_monitor)."""
     mon = sub.add_parser(
         "monitor",
         help="watch every pool and workqueue live (the kernel's wq_monitor)",
@@ -297,7 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     _filters(mon)
     mon.add_argument("--json", action="store_true", help="print one JSON object per line per interval")
     mon.set_defaults(command_module="monitor", handler="cmd_monitor", subparser=mon)
-    return parser
 
 
 def _filters(p: argparse.ArgumentParser) -> None:

@@ -450,106 +450,135 @@ def run_loop(
         waker.wait(max(0.0, min(wakes) - time.monotonic()) if wakes else None)
 
 
-def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _workqueue_conflict(args: argparse.Namespace) -> str | None:
+    """What in ``args`` contradicts the rest: pool options with ``--workqueue`` (its pool is
+    shared), ``--max-active`` without it. None when they agree."""
     from . import DEFAULT_IDLE_TIMEOUT
 
-    prog = "procpool run"
+    if args.workqueue is None:
+        return "--max-active needs --workqueue" if args.max_active is not None else None
+    pool_only = [
+        opt
+        for opt, value, default in (
+            ("--min-workers", args.min_workers, None),
+            ("--idle-timeout", args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+            ("--linger-dying", args.linger_dying, 0.0),
+            ("--title-prefix", args.title_prefix, "kworker"),
+            ("--start-method", args.start_method, None),
+        )
+        if value != default
+    ]
+    if not pool_only:
+        return None
+    return (
+        f"{', '.join(pool_only)} cannot be used with --workqueue (a workqueue's pool is "
+        "shared: kworker titles, no minimum, the default idle timeout; only --max-workers applies)"
+    )
+
+
+class _Submitter:
+    """Hands item ``index`` to the pool, or through the workqueue; keeps the workqueue's items
+    (what stopping early may have to cancel)."""
+
+    def __init__(self, args: argparse.Namespace, fn: Callable[..., Any] | None) -> None:
+        self.fn, self.task_s, self.burn = fn, args.task_ms / 1000.0, args.burn
+        self.pool: WorkerPool | None = None
+        self.wq: Workqueue | None = None
+        self.works: list[Future] = []
+
+    def __call__(self, index: int) -> Future:
+        call = (self.fn, index) if self.fn is not None else (work_item, index, self.task_s, self.burn)
+        if self.wq is None:
+            assert self.pool is not None
+            return self.pool.submit(*call)
+        work = self.wq.queue(*call)
+        self.works.append(work)
+        return work
+
+    def start(self, args: argparse.Namespace) -> WorkerPool:
+        """Start the pool (or the workqueue and its shared pool). ValueError/TypeError: a pool
+        option refused; OSError: the pool could not start."""
+        if args.workqueue is not None:
+            self.wq = Workqueue(args.workqueue, max_active=args.max_active, max_workers=args.max_workers)
+            self.pool = self.wq.pool
+        else:
+            self.pool = WorkerPool(
+                args.min_workers,
+                args.max_workers,
+                args.idle_timeout,
+                title_prefix=args.title_prefix,
+                linger_dying=args.linger_dying,
+                mp_context=args.start_method,
+            )
+        return self.pool
+
+    def stop(self, teardown_timeout: float) -> float:
+        """Cancel what has not run, give what runs ``teardown_timeout``, close; returns the
+        teardown's milliseconds."""
+        assert self.pool is not None
+        t0 = time.monotonic()
+        if self.wq is not None:
+            # Newest first, so that cancelling an item in flight does not let the
+            # workqueue hand the pool a waiting one that is about to be cancelled too.
+            for work in reversed(self.works):
+                if not work.done():
+                    self.wq.cancel_work(work)
+        # Early stop: what has not run yet is cancelled; what runs gets a bounded
+        # wait, then close() kills it (its item fails with TeardownTimeout).
+        self.pool.close(wait=True, cancel_futures=True, timeout=teardown_timeout)
+        if self.wq is not None:
+            self.wq.destroy()  # everything ended: drains at once, drops the (closed) pool
+        return (time.monotonic() - t0) * 1000.0
+
+
+def _announce(out: TextIO, args: argparse.Namespace, pool: WorkerPool, wq: Workqueue | None, feeder: Feeder) -> None:
+    """The first lines: what runs where, and how to watch it."""
+    via = "" if wq is None else f" via workqueue {wq.name} (max_active {wq.max_active})"
+    out.write(
+        f"procpool run: pool u{pool.id} (pid {os.getpid()}, table {pool.table_name}): {args.tasks} items"
+        f" in {len(feeder.sizes)} bursts{via}, workers {pool.min_workers}..{pool.max_workers}, idle"
+        f" timeout {pool.idle_timeout:g}s, pause {feeder.pause:g}s\n"
+        f"procpool run: watch it from another terminal: procpool monitor, or procpool ps --owner"
+        f" {os.getpid()}\n"
+    )
+    out.flush()
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``procpool run``: check the options, start the pool, feed and watch it, stop it, sum up."""
     if args.min_workers is not None and args.min_workers > args.max_workers:
         return usage_error(args, err, f"--min-workers {args.min_workers} is more than --max-workers {args.max_workers}")
     try:
         fn = resolve_func(args.func) if args.func else None
     except UsageError as exc:
         return usage_error(args, err, str(exc))
-    idle_timeout = args.idle_timeout
-    pause = args.pause if args.pause is not None else 1.5 * max(0.0, idle_timeout) + 0.1
+    conflict = _workqueue_conflict(args)
+    if conflict is not None:
+        return usage_error(args, err, conflict)
+    pause = args.pause if args.pause is not None else 1.5 * max(0.0, args.idle_timeout) + 0.1
     interval = args.interval if args.interval is not None else (TTY_INTERVAL if out.isatty() else LOG_INTERVAL)
-    task_s = args.task_ms / 1000.0
-
-    wq: Workqueue | None = None
-    works: list[Future] = []  # with --workqueue: what stopping early may have to cancel
-
-    def submit_one(index: int) -> Future:
-        call = (fn, index) if fn is not None else (work_item, index, task_s, args.burn)
-        if wq is None:
-            return pool.submit(*call)
-        work = wq.queue(*call)
-        works.append(work)
-        return work
-
-    if args.workqueue is not None:
-        pool_only = [
-            opt
-            for opt, value, default in (
-                ("--min-workers", args.min_workers, None),
-                ("--idle-timeout", args.idle_timeout, DEFAULT_IDLE_TIMEOUT),
-                ("--linger-dying", args.linger_dying, 0.0),
-                ("--title-prefix", args.title_prefix, "kworker"),
-                ("--start-method", args.start_method, None),
-            )
-            if value != default
-        ]
-        if pool_only:
-            return usage_error(
-                args,
-                err,
-                f"{', '.join(pool_only)} cannot be used with --workqueue (a workqueue's pool is "
-                "shared: kworker titles, no minimum, the default idle timeout; only --max-workers applies)",
-            )
-    elif args.max_active is not None:
-        return usage_error(args, err, "--max-active needs --workqueue")
-
+    submit = _Submitter(args, fn)
     waker = Waker()
     started = time.monotonic()
     try:
         with SignalRecorder(waker) as signals:
             try:
-                if args.workqueue is not None:
-                    wq = Workqueue(args.workqueue, max_active=args.max_active, max_workers=args.max_workers)
-                    pool = wq.pool
-                else:
-                    pool = WorkerPool(
-                        args.min_workers,
-                        args.max_workers,
-                        idle_timeout,
-                        title_prefix=args.title_prefix,
-                        linger_dying=args.linger_dying,
-                        mp_context=args.start_method,
-                    )
+                pool = submit.start(args)
             except (ValueError, TypeError) as exc:
                 return usage_error(args, err, _as_flags(str(exc)))
             except OSError as exc:
-                err.write(f"{prog}: error: cannot start the pool: {exc}\n")
+                err.write(f"procpool run: error: cannot start the pool: {exc}\n")
                 return EXIT_FAILED
             tally = Tally(waker.wake, keep_results=fn is not None)
-            feeder = Feeder(tally, submit_one, split_bursts(args.tasks, args.bursts), pause)
+            feeder = Feeder(tally, submit, split_bursts(args.tasks, args.bursts), pause)
             if not args.quiet:
-                via = "" if wq is None else f" via workqueue {wq.name} (max_active {wq.max_active})"
-                out.write(
-                    f"procpool run: pool u{pool.id} (pid {os.getpid()}, table {pool.table_name}): {args.tasks} items"
-                    f" in {len(feeder.sizes)} bursts{via}, workers {pool.min_workers}..{pool.max_workers}, idle"
-                    f" timeout {pool.idle_timeout:g}s, pause {pause:g}s\n"
-                    f"procpool run: watch it from another terminal: procpool monitor, or procpool ps --owner"
-                    f" {os.getpid()}\n"
-                )
-                out.flush()
+                _announce(out, args, pool, submit.wq, feeder)
             progress = Progress(out, tty=out.isatty(), interval=interval, quiet=args.quiet, total=feeder.total)
             try:
                 reason, early = run_loop(pool, feeder, progress, waker, signals, args.duration)
             finally:
                 progress.finish()
-                t0 = time.monotonic()
-                if wq is not None:
-                    # Newest first, so that cancelling an item in flight does not let the
-                    # workqueue hand the pool a waiting one that is about to be cancelled too.
-                    for work in reversed(works):
-                        if not work.done():
-                            wq.cancel_work(work)
-                # Early stop: what has not run yet is cancelled; what runs gets a bounded
-                # wait, then close() kills it (its item fails with TeardownTimeout).
-                pool.close(wait=True, cancel_futures=True, timeout=args.teardown_timeout)
-                if wq is not None:
-                    wq.destroy()  # everything ended: drains at once, drops the (closed) pool
-                teardown_ms = (time.monotonic() - t0) * 1000.0
+                teardown_ms = submit.stop(args.teardown_timeout)
             signum = signals.received if early else None
             if signum is None and signals.received is not None:
                 reason += f" (then {signal.Signals(signals.received).name} during teardown)"
@@ -557,11 +586,11 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         waker.close()
     result = RunResult(reason, signum, time.monotonic() - started, teardown_ms)
     if args.json:
-        json.dump(summary(pool, tally, feeder, result, wq), out, indent=2)
+        json.dump(summary(pool, tally, feeder, result, submit.wq), out, indent=2)
         out.write("\n")
         out.flush()
     else:
-        write_summary(out, pool, tally, feeder, result, wq)
+        write_summary(out, pool, tally, feeder, result, submit.wq)
     if signum is not None:
         return 128 + signum
     return EXIT_FAILED if tally.failed else EXIT_OK
