@@ -956,7 +956,7 @@ class PoolLocks:
     locks are replaced by locks of a new server, and the new one is taken: workers started
     from then on carry the new ``attach``; workers attached through the dead server cannot
     take its lock on their way out, so they exit without detaching and the parent frees
-    their ids when it reaps them (``_detach_on_behalf``), under the new lock. (A worker that
+    their ids when it reaps them (``Reaper.detach_on_behalf``), under the new lock. (A worker that
     was inside its critical section when the server died finishes it unguarded: its id slot
     is generation-checked, so the parent's repair of it is safe.) Only the first locks get
     the pool's ``manager.*`` fault points, so an injected Manager death happens once.
