@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -139,6 +140,25 @@ def assert_program_left_nothing(proc: subprocess.Popen, token: str, within: floa
     """No process of that program is left, nor any /dev/shm entry of its pid."""
     wait_until(lambda: not processes_with_token(token), timeout=within, what="every process of the program gone")
     wait_until(lambda: not my_segments(proc.pid), timeout=within, what="its /dev/shm entries gone")
+
+
+def run_bounded(fn: Callable[[], object], bound: float, what: str = "it") -> None:
+    """``fn()`` on a thread of its own: fail the test if it is still running after ``bound``
+    seconds (a hang) rather than hanging the suite; re-raise what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            raised.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    assert not t.is_alive(), f"{what} still running after {bound} s (a hang)"
+    if raised:
+        raise raised[0]
 
 
 def assert_books_add_up(st) -> None:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import hypothesis.strategies as st
 import tasks
-from conftest import assert_books_add_up, my_segments, wait_until, worker_processes
+from conftest import assert_books_add_up, my_segments, run_bounded, wait_until, worker_processes
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -147,20 +146,7 @@ def _kill(pid: int) -> None:
 
 
 def _bounded(fn) -> None:
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            raised.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(BOUND)
-    assert not t.is_alive(), f"still running after {BOUND} s (a hang)"
-    if raised:
-        raise raised[0]
+    run_bounded(fn, BOUND)
 
 
 PoolMachine.TestCase.settings = settings(

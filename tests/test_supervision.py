@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
 import tasks
-from conftest import alive, assert_books_add_up, assert_program_left_nothing, run_program, wait_until
+from conftest import alive, assert_books_add_up, assert_program_left_nothing, run_bounded, run_program, wait_until
 
 import procpool
 
@@ -24,22 +23,8 @@ CLOSE_BOUND = 20.0
 
 
 def close_within(pool, bound: float = CLOSE_BOUND, **kwargs) -> None:
-    """pool.close(**kwargs) on a thread of its own: fail the test if it is still running
-    after ``bound`` seconds (a hang) rather than hanging the suite; re-raise what it raised."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.close(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            raised.append(exc)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound)
-    assert not t.is_alive(), f"close({kwargs}) still running after {bound} s"
-    if raised:
-        raise raised[0]
+    """pool.close(**kwargs), failing the test if it is still running after ``bound`` seconds."""
+    run_bounded(lambda: pool.close(**kwargs), bound, f"close({kwargs})")
 
 
 def ended_with_named_error(fut, *allowed: type[BaseException]) -> BaseException:
