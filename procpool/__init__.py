@@ -66,28 +66,8 @@ _PUBLIC = {
     "Workqueue": "workqueue",
     "WorkqueueStats": "workqueue",
 }
-_SUBMODULES = frozenset(
-    (
-        "calls",
-        "checks",
-        "cli",
-        "concurrency",
-        "errors",
-        "executor",
-        "faults",
-        "frames",
-        "future",
-        "idtable",
-        "manager",
-        "pool",
-        "spawner",
-        "stats",
-        "teardown",
-        "worker",
-        "workqueue",
-    )
-)
-
+# A literal list, not sorted(_PUBLIC): linters and type checkers read __all__ without running
+# the module. The assert keeps the two the same.
 __all__ = [
     "CallNotPicklable",
     "CallNotUnpicklable",
@@ -122,10 +102,24 @@ def __getattr__(name: str) -> object:
         value = getattr(importlib.import_module(f".{mod}", __name__), name)
         globals()[name] = value  # later look-ups are plain attribute reads
         return value
-    if name in _SUBMODULES:
+    if not name.startswith("__") and name.isidentifier() and _is_submodule(name):
         return importlib.import_module(f".{name}", __name__)  # sets the attribute itself
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _is_submodule(name: str) -> bool:
+    """Is there a module or package ``procpool.<name>``? (Read off the package directory, so
+    a new module needs no list of its own here.)"""
+    import os
+
+    here = os.path.dirname(__file__)
+    return os.path.isfile(os.path.join(here, f"{name}.py")) or os.path.isfile(os.path.join(here, name, "__init__.py"))
+
+
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC, *_SUBMODULES})
+    import os
+
+    here = os.path.dirname(__file__)
+    mods = {n.removesuffix(".py") for n in os.listdir(here) if n.endswith(".py") and not n.startswith("__")}
+    mods |= {n for n in os.listdir(here) if os.path.isfile(os.path.join(here, n, "__init__.py"))}
+    return sorted({*globals(), *_PUBLIC, *mods})

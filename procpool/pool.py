@@ -461,7 +461,8 @@ class WorkerPool:
         still run unless ``cancel_futures``. With ``wait``, returns only once every worker
         detached and no process of the pool remains. ``timeout`` bounds the wait for running
         and pending items: after it, pending items fail with PoolClosed, and busy workers get
-        SIGTERM, then SIGKILL, their items failing with TeardownTimeout.
+        SIGTERM, then SIGKILL, their items failing with TeardownTimeout. A teardown step that
+        fails kills what is left, ends the teardown, then raises ``PoolBroken`` (its cause).
         """
         self._teardown.close(wait, cancel_futures=cancel_futures, timeout=timeout)
 

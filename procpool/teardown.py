@@ -82,14 +82,8 @@ class Teardown:
         self.completions_seen = 0  # set from the id table just before it is freed
 
     def close(self, wait: bool = True, *, cancel_futures: bool = False, timeout: float | None = None) -> None:
-        """Tear the pool down (the seed's put_unbound_pool()); idempotent.
-
-        Idle workers are destroyed at once; busy ones finish their item, and pending items
-        still run unless ``cancel_futures``. With ``wait``, returns only once every worker
-        detached and no process of the pool remains. ``timeout`` bounds the wait for running
-        and pending items: after it, pending items fail with PoolClosed, and busy workers get
-        SIGTERM, then SIGKILL, their items failing with TeardownTimeout.
-        """
+        """``WorkerPool.close`` (what it promises is documented there); the steps are in the
+        module docstring."""
         if timeout is not None:
             check_number("timeout", timeout, minimum=0)
         cancelled: list[Item] = []
