@@ -48,8 +48,6 @@ import mmap
 import os
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from .shmfile import OPEN_FLAGS as OPEN_FLAGS
 from .shmfile import (
@@ -68,6 +66,10 @@ from .shmfile import segment_prefix as segment_prefix
 from .wqsegment import is_wq_segment as is_wq_segment
 from .wqsegment import read_wq, wq_segment_name
 from .wqsegment import write_workqueues as write_workqueues
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `procpool ps` starts faster
+if TYPE_CHECKING:
+    from typing import Any
 
 MAGIC = b"PROCPOOL"
 #: 2: the header grew the helper pids and the pool's counters (``PoolCounters``).
@@ -117,28 +119,76 @@ def capacity_for(max_workers: int) -> int:
 MAX_CAPACITY = capacity_for(MAX_WORKERS)
 
 
-@dataclass(frozen=True)
 class PoolCounters:
     """What the parent publishes in its table's header for observers (``procpool monitor``):
     the pids of the program's spawner and Manager server (0: none yet) and the pool's running
     totals. Written by the arbiter once per loop turn, not per event: a few hundred
-    nanoseconds a turn, and an observer sampling every 0.2 s sees at most one turn's lag."""
+    nanoseconds a turn, and an observer sampling every 0.2 s sees at most one turn's lag.
 
-    spawner_pid: int = 0
-    manager_pid: int = 0
-    created: int = 0
-    destroyed: int = 0
-    lost: int = 0
-    killed: int = 0
-    started: int = 0  # items sent to a worker
-    done: int = 0  # items answered (a result or the function's exception)
-    pending: int = 0  # items waiting for a worker
-    cpu_intensive: int = 0
-    cm_wakeups: int = 0
-    cpu_time: float = 0.0
+    The records of this module are plain slotted classes, not dataclasses: ``procpool ps``
+    imports this module, and dataclasses (with inspect) cost it ~8 ms of start-up."""
+
+    #: The fields, in the order of the header's counters.
+    FIELDS = (
+        "spawner_pid",
+        "manager_pid",
+        "created",
+        "destroyed",
+        "lost",
+        "killed",
+        "started",  # items sent to a worker
+        "done",  # items answered (a result or the function's exception)
+        "pending",  # items waiting for a worker
+        "cpu_intensive",
+        "cm_wakeups",
+        "cpu_time",
+    )
+    __slots__ = FIELDS
+
+    def __init__(
+        self,
+        spawner_pid: int = 0,
+        manager_pid: int = 0,
+        created: int = 0,
+        destroyed: int = 0,
+        lost: int = 0,
+        killed: int = 0,
+        started: int = 0,
+        done: int = 0,
+        pending: int = 0,
+        cpu_intensive: int = 0,
+        cm_wakeups: int = 0,
+        cpu_time: float = 0.0,
+    ) -> None:
+        self.spawner_pid = spawner_pid
+        self.manager_pid = manager_pid
+        self.created = created
+        self.destroyed = destroyed
+        self.lost = lost
+        self.killed = killed
+        self.started = started
+        self.done = done
+        self.pending = pending
+        self.cpu_intensive = cpu_intensive
+        self.cm_wakeups = cm_wakeups
+        self.cpu_time = cpu_time
+
+    def values(self) -> tuple[float, ...]:
+        return tuple(getattr(self, f) for f in self.FIELDS)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.FIELDS, self.values(), strict=True))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PoolCounters) and self.values() == other.values()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "PoolCounters(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
 
 
-assert _COUNTERS.size == len(PoolCounters.__dataclass_fields__) * 8
+assert _COUNTERS.size == len(PoolCounters.FIELDS) * 8
 assert _OFF_COUNTERS + _COUNTERS.size <= HEADER_SIZE
 
 
@@ -146,17 +196,22 @@ def segment_name(owner_pid: int, pool_id: int) -> str:
     return f"procpool-{os.getuid()}-{owner_pid}-{pool_id}"
 
 
-@dataclass(frozen=True)
 class Slot:
     """A snapshot of one slot, as read by observers."""
 
-    id: int
-    state: int
-    flags: int
-    pid: int
-    gen: int
-    items_done: int
-    since: float
+    __slots__ = ("id", "state", "flags", "pid", "gen", "items_done", "since")
+
+    def __init__(self, id: int, state: int, flags: int, pid: int, gen: int, items_done: int, since: float) -> None:
+        self.id = id
+        self.state = state
+        self.flags = flags
+        self.pid = pid
+        self.gen = gen
+        self.items_done = items_done
+        self.since = since
+
+    def __repr__(self) -> str:
+        return "Slot(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
     @property
     def state_name(self) -> str:
@@ -349,20 +404,36 @@ class IdTable:
 # -- reading for observers (procpool ps) -------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class TableInfo:
     """A validated snapshot of one id table (see ``read_table``)."""
 
-    name: str
-    pool_id: int
-    owner_pid: int
-    capacity: int
-    created: float
-    slots: list[Slot]  # the allocated ones (state not FREE), by id
-    counters: PoolCounters = field(default_factory=PoolCounters)
-    #: Freed slots that still name their last worker's pid, {pid: id}: a worker that detached
-    #: (its id is free) may still be alive, dying; this is how ``procpool ps`` knows its pool.
-    freed: dict[int, int] = field(default_factory=dict)
+    __slots__ = ("name", "pool_id", "owner_pid", "capacity", "created", "slots", "counters", "freed")
+
+    def __init__(
+        self,
+        name: str,
+        pool_id: int,
+        owner_pid: int,
+        capacity: int,
+        created: float,
+        slots: list[Slot],
+        counters: PoolCounters | None = None,
+        freed: dict[int, int] | None = None,
+    ) -> None:
+        self.name = name
+        self.pool_id = pool_id
+        self.owner_pid = owner_pid
+        self.capacity = capacity
+        self.created = created
+        self.slots = slots  # the allocated ones (state not FREE), by id
+        self.counters = PoolCounters() if counters is None else counters
+        #: Freed slots that still name their last worker's pid, {pid: id}: a worker that
+        #: detached (its id is free) may still be alive, dying; this is how ``procpool ps``
+        #: knows its pool.
+        self.freed = {} if freed is None else freed
+
+    def __repr__(self) -> str:
+        return f"TableInfo(name={self.name!r}, pool_id={self.pool_id}, slots={len(self.slots)})"
 
 
 def read_table(name: str) -> TableInfo:
@@ -387,7 +458,7 @@ def read_table(name: str) -> TableInfo:
     if not finite_time(created):
         raise BadSegment(f"creation time {created!r} is not a time")
     counters = PoolCounters(*_COUNTERS.unpack_from(data, _OFF_COUNTERS))
-    for key, value in vars(counters).items():
+    for key, value in counters.as_dict().items():
         if key.endswith("_pid"):
             if not 0 <= value < PID_LIMIT:
                 raise BadSegment(f"{key.replace('_', ' ')} {value} is not a pid")
@@ -413,14 +484,16 @@ def read_table(name: str) -> TableInfo:
     return TableInfo(name, pool_id, owner_pid, capacity, created, slots, counters, freed)
 
 
-@dataclass
 class Snapshot:
     """What ``procpool ps`` (and any monitor) sees in /dev/shm: the valid tables, each
     program's workqueue entries by owner pid, and (name, reason) for everything skipped."""
 
-    tables: list[TableInfo] = field(default_factory=list)
-    workqueues: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    __slots__ = ("tables", "workqueues", "skipped")
+
+    def __init__(self) -> None:
+        self.tables: list[TableInfo] = []
+        self.workqueues: dict[int, list[dict[str, Any]]] = {}
+        self.skipped: list[tuple[str, str]] = []
 
 
 def read_snapshot(names: list[str] | None = None) -> Snapshot:

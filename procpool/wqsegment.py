@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from .shmfile import (
     SHM_DIR,
@@ -34,6 +33,10 @@ from .shmfile import (
     segment_prefix,
     unlink_name,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `procpool ps` starts faster
+if TYPE_CHECKING:
+    from typing import Any
 
 #: A workqueue segment larger than this is not one of ours (a few hundred bytes per workqueue).
 WQ_MAX_BYTES = 4 << 20

@@ -65,3 +65,12 @@ def test_every_public_name_and_submodule_resolves():
     namespace: dict = {}
     exec("from procpool import *", namespace)
     assert set(procpool.__all__) <= set(namespace)
+
+
+def test_procpool_ps_loads_neither_dataclasses_nor_typing():
+    """``procpool ps`` is a command people run in a loop (watch): dataclasses (with inspect)
+    and typing cost it ~10 ms of a ~60 ms start, so the modules it loads use neither."""
+    code = "import sys\nsys.argv = ['procpool', 'ps', '--json']\nfrom procpool.cli import main\nmain()"
+    loaded = _modules_after(code)
+    assert "procpool.cli.ps" in loaded and "procpool.idtable" in loaded
+    assert not {"dataclasses", "typing", "inspect"} & loaded, {"dataclasses", "typing", "inspect"} & loaded

@@ -23,7 +23,10 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `procpool ps` starts faster
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 EXIT_OK = 0
 EXIT_FAILED = 1

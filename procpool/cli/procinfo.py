@@ -9,9 +9,12 @@ procpool.idtable), so a pid is only believed when the process it names fits.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import psutil
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `procpool ps` starts faster
+if TYPE_CHECKING:
+    from typing import Any
 
 #: psutil derives a process's start time from the boot time, which /proc gives in whole
 #: seconds; allow that much before calling an owner that started after its table "recycled".

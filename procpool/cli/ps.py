@@ -25,11 +25,14 @@ import json
 import re
 import time
 from collections.abc import Iterable
-from typing import Any, TextIO
 
 from ..idtable import FLAG_DIE, SHM_DIR, TableInfo, read_snapshot
 from . import procinfo
 from .procinfo import printable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `procpool ps` starts faster
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 #: ``procpool ps`` cuts longer titles in its text table (not in --json).
 TITLE_WIDTH = 60
@@ -94,7 +97,7 @@ def describe_pool(table: TableInfo, kids: dict[int, dict[str, Any]] | None = Non
         "owner_cmdline": procinfo.process_title(table.owner_pid) if alive else None,
         "capacity": table.capacity,
         "created": table.created,
-        "counters": {k: v for k, v in vars(c).items() if not k.endswith("_pid")},
+        "counters": {k: v for k, v in c.as_dict().items() if not k.endswith("_pid")},
         "helpers": [],
         "workers": workers,
         "_helper_pids": (c.spawner_pid, c.manager_pid),
