@@ -140,6 +140,22 @@ def proxy_drop_connection(proxy: Any) -> None:
         pass
 
 
+def proxy_owns_reference(proxy: Any) -> None:
+    """``proxy`` was made with ``incref=False`` for an object whose server already counts a
+    reference for it (made in the same request that created the object): give it the decref
+    on collection that its own incref would have registered, without that round trip."""
+    from multiprocessing import util
+    from multiprocessing.managers import BaseProxy
+
+    proxy._idset.add(proxy._id)
+    proxy._close = util.Finalize(
+        proxy,
+        BaseProxy._decref,
+        args=(proxy._token, proxy._authkey, None, proxy._tls, proxy._idset, proxy._Client),
+        exitpriority=10,
+    )
+
+
 def proxy_token(proxy: Any) -> Any:
     """The ``Token`` (type id, address, object id) a proxy refers to."""
     return proxy._token

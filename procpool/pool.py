@@ -76,7 +76,7 @@ from .config import CPU_INTENSIVE_THRESHOLD, SPIN, PoolConfig
 from .config import KEEP_IDLE as KEEP_IDLE
 from .config import MAX_IDLE_WORKERS_RATIO as MAX_IDLE_WORKERS_RATIO
 from .creation import CREATE_COOLDOWN as CREATE_COOLDOWN
-from .creation import Creator
+from .creation import FIRST_BATCH, Creator
 from .errors import ItemCancelled
 from .future import new_future
 from .idtable import MAX_WORKERS, IdTable, capacity_for
@@ -214,6 +214,8 @@ class WorkerPool:
         except BaseException:
             self._abort_init()
             raise
+        # The filler first: the arbiter's own fill() passes wait for it to be gone.
+        self._creator.start_filler(self._wake)
         self._arbiter.thread.start()
         _live_pools.add(self)
 
@@ -228,7 +230,7 @@ class WorkerPool:
         # M attach: id allocation and freeing, and the detach completion's state
         from .manager import PoolLocks  # the Manager's machinery: loaded by the first pool
 
-        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I
+        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I (named, made below)
         completion = self._ctx.Pipe(duplex=False)
         reaper = Reaper(
             self.id, books, self.fault_spec, self._locks, completion[1], Wakeup(), selectors.DefaultSelector()
@@ -240,9 +242,15 @@ class WorkerPool:
         cm = ConcurrencyManagement(books, creator.create_workers, lambda: creator.retry_at)
         self._arbiter = arbiter = Arbiter(self.id, books, self.fault_spec, reaper, creator, cm)
         self._teardown = Teardown(self.id, books, arbiter, creator, self._locks, completion, self._unlist)
-        creator.create_workers(cfg.min_workers)
-        if len(books.workers) < cfg.min_workers:
-            raise OSError(f"procpool: could not start {cfg.min_workers} workers") from creator.error
+        # The first workers are forked before the Manager starts (if this is the program's
+        # first pool), so that they start while it does; the filler starts the rest of
+        # min_workers once the constructor returned (Creator.create_first, start_filler).
+        first = min(cfg.min_workers, FIRST_BATCH)
+        creator.create_first(first)
+        if len(books.workers) < first:
+            raise OSError(f"procpool: could not start {first} workers") from creator.error
+        _faults.hit(self.fault_spec, "create.before_locks")
+        self._locks.start()
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""

@@ -237,6 +237,9 @@ class Spawner:
 
     @staticmethod
     def _fork(ours: socket.socket, theirs: socket.socket) -> _ForkedSpawner:
+        # Read before the fork: a program that dies right after it would make the spawner's
+        # getppid() a reaper's pid, and the spawner would clean up after the wrong program.
+        program = os.getpid()
         pid = os.fork()
         if pid == 0:  # the spawner: never returns into the program's code
             try:
@@ -251,7 +254,7 @@ class Spawner:
                 # docstring: "Helpers hold only what they need").
                 _let_go_of(_open_fds() - {0, 1, 2, theirs.fileno()})
                 _compat.forget_program_helpers()
-                _spawner_loop(theirs, os.getppid())
+                _spawner_loop(theirs, program)
             finally:
                 os._exit(1)
         theirs.close()
@@ -272,13 +275,14 @@ class Spawner:
                 self._lost = True
                 raise
 
-    def start_manager(self, alive_fd: int, host: ServerHost) -> tuple[Any, int]:
-        """Have the spawner fork the program's Manager server with ``host``; returns its
-        address and pid. ``alive_fd`` is the read end of a pipe only the program writes to:
+    def start_manager(self, alive_fd: int, host: ServerHost, address: str) -> tuple[Any, int]:
+        """Have the spawner fork the program's Manager server with ``host``, listening at
+        ``address`` (chosen by the program, so that it can name the server's locks before it
+        exists); returns its address and pid. ``alive_fd`` is the read end of a pipe only the program writes to:
         the server exits when it reads EOF there, i.e. when the program is gone, whatever
         became of us. ``host`` travels as a reference (a class): the spawner loads the
         Manager's module then, and never imports it itself (no import cycle)."""
-        answer = self._request(pickle.dumps(("manager", host, None), pickle.HIGHEST_PROTOCOL), [alive_fd])
+        answer = self._request(pickle.dumps(("manager", host, address), pickle.HIGHEST_PROTOCOL), [alive_fd])
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -420,8 +424,9 @@ class ServerHost(Protocol):
     ``ManagerHost``, handed to it by reference in the "manager" request: the spawner never
     imports the Manager's module itself, so the two modules form no import cycle)."""
 
-    def start(self, alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
-        """Fork the server; its (address, pid) and the spawner's end of the handover channel."""
+    def start(self, alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket]:
+        """Fork the server listening at ``address``; its (address, pid) and the spawner's end
+        of the handover channel."""
         ...
 
     def stop(self) -> None:
@@ -530,19 +535,19 @@ class _SpawnerState:
             return False
         kind, specs, sys_path, *more = pickle.loads(payload)
         if kind == "manager":
-            self.start_manager(specs, fds[0])
+            self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         else:
             inherited = fds[len(fds) - more[0] :] if more and more[0] else []
             self.spawn(specs, sys_path, fds, inherited)
         return True
 
-    def start_manager(self, host: ServerHost, alive_fd: int) -> None:
+    def start_manager(self, host: ServerHost, alive_fd: int, address: str) -> None:
         answer: Any
         try:
             # The Manager closes every descriptor of ours it inherits (they are the
             # spawner's, not its own).
             spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
-            answer, self.handover = host.start(alive_fd, spawner_fds)
+            answer, self.handover = host.start(alive_fd, spawner_fds, address)
             self.host = host
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc

@@ -25,6 +25,8 @@ import psutil
 import pytest
 from conftest import alive, my_segments, title_of, wait_until
 
+from procpool.creation import FIRST_BATCH
+
 pytestmark = pytest.mark.timeout(120)
 
 GONE_WITHIN = 1.0
@@ -207,7 +209,8 @@ BATCH = textwrap.dedent(
     """
     import procpool
     if __name__ == "__main__":
-        # The spawner stops itself (SIGSTOP) with the 64 workers forked, before its answer.
+        # The spawner stops itself (SIGSTOP) with the constructor's first batch of workers
+        # forked, before its answer: before the program asked for its Manager.
         pool = procpool.WorkerPool(min_workers=64, max_workers=64, faults="spawner.answer=stop")
         pool.submit(abs, -1).result(timeout=60)
     """
@@ -229,7 +232,8 @@ def test_program_killed_before_the_spawners_answer_still_gets_its_cleanup(tmp_pa
 
         spawner = wait_until(stopped_spawner, timeout=60, what="the spawner stopped before its answer")
         helpers = [spawner.pid, *(c.pid for c in spawner.children())]
-        assert len(helpers) >= 1 + 64  # the spawner, its 64 workers (and the Manager)
+        # The spawner and the first batch of workers; no Manager yet: it starts after them.
+        assert len(helpers) == 1 + FIRST_BATCH, [title_of(p) for p in helpers]
         assert my_segments(proc.pid)
         proc.kill()
         proc.wait(timeout=60)
