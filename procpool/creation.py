@@ -2,15 +2,21 @@
 
 ::
 
-   create_workers(n)   [arbiter thread (growth, fill), or __init__ before the arbiter starts]
-      M arb ─► no_create? stop ─► M attach: alloc n ids ─► spawner forks them (one request)
-      L: adopt each (selector, books) and put it to work ─► send its first items
+   create_first(n)     [__init__, before the pool's locks exist: see its docstring]
+      alloc n ids (no M attach: nobody else can reach the table yet) ─► spawner forks them
+      ─► adopt each ─► (then PoolLocks.start: the Manager, if the program has none yet)
+   create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
+      M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
+      ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
+      work ─► send its first items ─► release M arb
       any failure ─► creation_failed(): ids back, retry after CREATE_COOLDOWN; a closing pool
                      with no worker whose creation failed twice fails its waiting items
 
-The cooldown fields are A (written by the creating thread only); ``failing_since`` is also
-read, without a lock, by ``stalled_for`` from callers' threads (one float: a racy read only
-sees the old or the new value).
+The cooldown fields are written by the creating threads: the arbiter, and the filler while
+it runs (it ends at its first failure). Their writes take turns under M arb, but for a
+failure to reach the Manager at all; each field is one value, so a racy write or read only
+sees the old or the new one, and a cooldown set by either thread holds back both.
+``failing_since`` is also read, without a lock, by ``stalled_for`` from callers' threads.
 """
 
 from __future__ import annotations
@@ -135,17 +141,26 @@ class Creator:
         ids go back, and creation is retried after a cooldown (``creation_failed``).
 
         LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
-        for the ids; starts processes holding only M arb; takes L to adopt them.
+        for the ids; starts processes holding only M arb; takes L (under M arb) to adopt them.
         """
         if n <= 0:
             return 0
         table = self.books.table
         assert table is not None
+        b = self.books
         started: list[Worker] = []
         ids: list[tuple[int, int]] = []
+        adopted = False
         try:
             with self.locks.held("arb"):
                 if self.no_create:
+                    return 0
+                # Two threads create (the arbiter, the filler while it runs): M arb makes them
+                # take turns, and the workers of a turn are on the books before it ends, so the
+                # next one counts them and max_workers holds.
+                with b.lock:
+                    n = min(n, b.cfg.max_workers - len(b.workers))
+                if n <= 0:
                     return 0
                 with self.locks.held("attach"):
                     for _ in range(n):
@@ -166,11 +181,14 @@ class Creator:
                     self.creation_failed([r[0] for r in refused], refused[0][1])
                 if started:
                     self.failing_since = None
+                adopted = True
+                self._put_to_work(started)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             self.creation_failed([i for i in ids if i not in {(w.id, w.gen) for w in started}], exc)
             if not started:
                 return 0
-        self._put_to_work(started)
+        if not adopted:
+            self._put_to_work(started)
         return len(started)
 
     def _put_to_work(self, started: list[Worker]) -> None:

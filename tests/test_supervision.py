@@ -186,6 +186,21 @@ def test_min_workers_beyond_the_first_batch_start_behind_the_constructor():
     assert pool.stats().created == n
 
 
+def test_growth_and_the_filler_together_never_pass_max_workers():
+    # Work waits while the filler still starts min_workers: growth creates too, in turns
+    # with the filler under M arb, each counting the other's workers.
+    n = 20
+    pool = procpool.WorkerPool(min_workers=n, max_workers=n)
+    try:
+        futs = [pool.submit(tasks.sleep_then, 0.05, i) for i in range(3 * n)]
+        assert [f.result(timeout=60) for f in futs] == list(range(3 * n))
+        wait_until(lambda: pool.stats().nr_workers == n, timeout=30, what=f"{n} workers")
+        assert pool.stats().created == n  # none died: every worker ever created is still there
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
+
+
 def test_close_right_after_the_constructor_stops_the_filler():
     # Teardown takes M arb: the filler's next batch finds no_create and stops; whatever it
     # forked before is torn down with the rest.
