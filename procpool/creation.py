@@ -228,7 +228,9 @@ class Creator:
             _faults.hit(self.faults, "create.after_alloc")
             for wid, _gen in ids:
                 _faults.hit(self.faults, "create.start", wid)
-            started, refused = self.start_processes(ids)
+            # A Manager to come: the spawner keeps these workers' Manager connections until it
+            # forks it next (procpool.spawner), so that they too detach in batches.
+            started, refused = self.start_processes(ids, self.locks.manager_follows)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             refused = [(i, exc) for i in ids]
         for (wid, gen), exc in refused:
@@ -237,7 +239,7 @@ class Creator:
         self._put_to_work(started)
 
     def start_processes(
-        self, ids: list[tuple[int, int]]
+        self, ids: list[tuple[int, int]], manager_follows: bool = False
     ) -> tuple[list[Worker], list[tuple[tuple[int, int], BaseException]]]:
         """Have the spawner fork one worker per (id, gen), in one request. M arb held, or the
         constructor's first batch (create_first). Returns the workers started, and the ids the
@@ -269,7 +271,11 @@ class Creator:
         ]
         try:
             results = get_spawner(self.ctx, self.allow_fork).spawn(
-                specs, [(work[0], result[1]) for work, result in pairs], self.completion_fd, self.init_fds()
+                specs,
+                [(work[0], result[1]) for work, result in pairs],
+                self.completion_fd,
+                self.init_fds(),
+                manager_follows,
             )
         except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)

@@ -900,18 +900,19 @@ def _same_address(a: str | bytes, b: str | bytes) -> bool:
     return os.fsencode(a) == os.fsencode(b)
 
 
-def plan_address() -> str:
+def plan_address() -> tuple[str, bool]:
     """The address of the program's Manager server as it will be when a pool's locks are
-    made: the live one's, or the one the next server started will listen at. A pool names
-    its locks with it before the server exists (PoolLocks), so that workers forked while the
-    server starts already carry them. No Manager contact, no process started."""
+    made: the live one's, or the one the next server started will listen at; and whether it
+    is the latter (no server yet). A pool names its locks with it before the server exists
+    (PoolLocks), so that workers forked while the server starts already carry them. No
+    Manager contact, no process started."""
     global _planned
     with _manager_lock:
         if _manager is not None and _manager_pid == os.getpid():
-            return os.fsdecode(_manager.address)
+            return os.fsdecode(_manager.address), False
         if not _planned.startswith(f"\0procpool-manager-{os.getpid()}-"):
             _planned = _new_address()
-        return _planned
+        return _planned, True
 
 
 def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
@@ -953,12 +954,9 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
         raise
     finally:
         os.close(alive_r)
+    # Not connected here: its first request is the first pool's locks (make_locks), one
+    # handshake instead of two; a server that does not answer it is replaced then.
     m = _Manager(address=address, authkey=bytes(current_process().authkey))
-    try:
-        m.connect()
-    except BaseException:
-        os.close(alive_w)
-        raise
     if _manager_alive_w >= 0 and _manager_pid == os.getpid():
         os.close(_manager_alive_w)  # a dead server's: nobody reads it any more
     _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
@@ -1055,7 +1053,8 @@ class PoolLocks:
         self._guard = threading.Lock()  # guards arb, attach and replaced (the swap, not the locks' use)
         self.replaced = 0
         self._first_faults = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}  # I
-        self.arb, self.attach = self._plan(plan_address())
+        address, self.manager_follows = plan_address()  # I: no server yet, start() starts it
+        self.arb, self.attach = self._plan(address)
 
     def _plan(self, address: str) -> tuple[ManagerLock, ManagerLock]:
         return (

@@ -293,24 +293,38 @@ class Spawner:
         conn_fds: list[tuple[int, int]],
         completion_fd: int,
         inherited: list[int] = (),  # type: ignore[assignment]
+        manager_follows: bool = False,
     ) -> list[WorkerProcess | BaseException]:
         """Fork one worker per spec; ``conn_fds[i]`` (the read end of its work pipe, the
         write end of its result pipe) become worker i's channel; every worker also gets the
         ``inherited`` descriptors (its pool's initargs', at most MAX_INHERITED), as
-        ``spec.inherited_fds``. Returns a handle, or the exception that refused it, per spec."""
+        ``spec.inherited_fds``. ``manager_follows``: the program has no Manager yet and asks
+        this spawner for one next; the workers get their Manager connections all the same,
+        handed over when the server is forked (``_SpawnerState.pending``). Returns a handle,
+        or the exception that refused it, per spec."""
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
-                specs[start : start + MAX_BATCH], conn_fds[start : start + MAX_BATCH], completion_fd, list(inherited)
+                specs[start : start + MAX_BATCH],
+                conn_fds[start : start + MAX_BATCH],
+                completion_fd,
+                list(inherited),
+                manager_follows,
             )
         return out
 
     def _spawn_batch(
-        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int, inherited: list[int]
+        self,
+        specs: list[Any],
+        conn_fds: list[tuple[int, int]],
+        completion_fd: int,
+        inherited: list[int],
+        manager_follows: bool,
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
-            payload = pickle.dumps(("spawn", specs, list(sys.path), len(inherited)), pickle.HIGHEST_PROTOCOL)
+            request = ("spawn", specs, list(sys.path), len(inherited), manager_follows)
+            payload = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
             fds = [completion_fd]
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
@@ -474,6 +488,11 @@ class _SpawnerState:
         # when we did not fork it (a replacement spawner): workers then connect themselves.
         self.handover: socket.socket | None = None
         self.host: ServerHost | None = None  # how we forked the Manager server, if we did
+        # The server's ends of the Manager connections of workers forked before we forked the
+        # server (the program's first pool forks its first workers first): handed over as
+        # soon as it exists, closed if it fails to start (those workers then connect the
+        # stock way, or find no Manager: either way no request of theirs waits unserved).
+        self.pending: list[int] = []
         self.pdeathsig = _pdeathsig_setter()
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
@@ -538,7 +557,7 @@ class _SpawnerState:
             self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         else:
             inherited = fds[len(fds) - more[0] :] if more and more[0] else []
-            self.spawn(specs, sys_path, fds, inherited)
+            self.spawn(specs, sys_path, fds, inherited, bool(more[1:] and more[1]))
         return True
 
     def start_manager(self, host: ServerHost, alive_fd: int, address: str) -> None:
@@ -546,21 +565,25 @@ class _SpawnerState:
         try:
             # The Manager closes every descriptor of ours it inherits (they are the
             # spawner's, not its own).
-            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
+            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.pending, *self.status_w.values()]
             answer, self.handover = host.start(alive_fd, spawner_fds, address)
             self.host = host
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
         os.close(alive_fd)
+        pending, self.pending = self.pending, []
+        self._hand_over(pending)  # (a no-op without a server)
+        close_quietly(pending)
         _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
 
-    def _manager_pairs(self, n: int) -> list[int]:
+    def _manager_pairs(self, n: int, follows: bool) -> list[int]:
         """A Manager connection per worker (both ends, flat), to hand over to the server (see
-        procpool.manager); none when we have no server or are out of descriptors (these
-        workers then connect the stock way)."""
+        procpool.manager); none when we have no server and none follows (``follows``: the
+        program asks us for one next), or are out of descriptors (these workers then connect
+        the stock way)."""
         ours: list[int] = []
         try:
-            for _ in range(n if self.handover is not None else 0):
+            for _ in range(n if self.handover is not None or follows else 0):
                 a, b = socket.socketpair()
                 ours += [a.detach(), b.detach()]
         except OSError:
@@ -568,11 +591,13 @@ class _SpawnerState:
             ours = []
         return ours
 
-    def spawn(self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int]) -> None:
+    def spawn(
+        self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int], follows: bool = False
+    ) -> None:
         """Fork one worker per spec; answer a pid, or the exception that refused it, per spec."""
         completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
         answer: list[int | BaseException] = []
-        ours = self._manager_pairs(len(specs))
+        ours = self._manager_pairs(len(specs), follows)
         given: list[int] = []  # the server's ends of the workers that were forked
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
@@ -588,8 +613,11 @@ class _SpawnerState:
             answer.append(pid)
             if ours:
                 given.append(ours[2 * i + 1])
-        self._hand_over(given)
-        close_quietly(ours)
+        if self.handover is None:
+            self.pending += given  # kept open until the server is forked (start_manager)
+        else:
+            self._hand_over(given)
+        close_quietly(fd for fd in ours if fd not in self.pending)
         live = set(self.status_w.values())
         close_quietly(fd for fd in fds if fd not in live)
         if specs:
@@ -611,6 +639,7 @@ class _SpawnerState:
         keep = {rx, tx, completion_fd, mgr, *inherited}
         spec.inherited_fds = inherited
         extra = [self.handover.fileno()] if self.handover is not None else []
+        extra += self.pending
         spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *extra, *self.status_w.values()]
         close_quietly(fd for fd in spawner_fds + request_fds if fd not in keep)
         _child(spec, rx, tx, completion_fd, sys_path, mgr)
