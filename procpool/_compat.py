@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 
 def run_exit_finalizers() -> None:
@@ -150,10 +150,22 @@ def proxy_owns_reference(proxy: Any) -> None:
     proxy._idset.add(proxy._id)
     proxy._close = util.Finalize(
         proxy,
-        BaseProxy._decref,
+        cast(Any, BaseProxy)._decref,
         args=(proxy._token, proxy._authkey, None, proxy._tls, proxy._idset, proxy._Client),
         exitpriority=10,
     )
+
+
+def manager_request(address: Any, authkey: bytes, method: str, args: tuple) -> Any:
+    """One request to a Manager server on a connection of its own (the stock ``dispatch``):
+    what ``BaseManager._create`` does for ``create``, for a method of our server."""
+    from multiprocessing import connection, managers
+
+    conn = connection.Client(address, authkey=authkey)
+    try:
+        return cast(Any, managers).dispatch(conn, None, method, args)
+    finally:
+        conn.close()
 
 
 def proxy_token(proxy: Any) -> Any:

@@ -233,9 +233,9 @@ class Creator:
             started, refused = self.start_processes(ids, self.locks.manager_follows)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             refused = [(i, exc) for i in ids]
-        for (wid, gen), exc in refused:
+        for (wid, gen), why in refused:
             table.free(wid, gen)  # unlocked, as allocated
-            self.error = exc
+            self.error = why
         self._put_to_work(started)
 
     def start_processes(

@@ -522,7 +522,7 @@ class _Server(Server):
                     raise ValueError(f"create_locks: {ident!r} exists already")
             for ident, obj in made:
                 exposed = {name for name in dir(obj) if name[0] != "_" and callable(getattr(obj, name))}
-                self.id_to_obj[ident] = (obj, exposed, None)
+                cast(Any, self.id_to_obj)[ident] = (obj, exposed, None)
                 self.id_to_refcount[ident] = 1
 
     def accepter(self) -> None:
@@ -895,6 +895,11 @@ def _new_address() -> str:
     return f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
 
 
+def _address_of(m: _Manager) -> str:
+    """A Manager's address as a str (its server reports an abstract name as bytes)."""
+    return os.fsdecode(cast(Any, m.address))
+
+
 def _same_address(a: str | bytes, b: str | bytes) -> bool:
     """Addresses of Unix sockets compared (a server reports its abstract name as bytes)."""
     return os.fsencode(a) == os.fsencode(b)
@@ -909,7 +914,7 @@ def plan_address() -> tuple[str, bool]:
     global _planned
     with _manager_lock:
         if _manager is not None and _manager_pid == os.getpid():
-            return os.fsdecode(_manager.address), False
+            return _address_of(_manager), False
         if not _planned.startswith(f"\0procpool-manager-{os.getpid()}-"):
             _planned = _new_address()
         return _planned, True
@@ -989,7 +994,7 @@ def server_pid() -> int | None:
 
 def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
     """A new lock on the program's Manager (started if need be)."""
-    lock = planned_lock(get_manager(ctx, allow_fork).address, name)
+    lock = planned_lock(_address_of(get_manager(ctx, allow_fork)), name)
     make_locks([lock], fault_spec)
     return lock
 
@@ -1011,16 +1016,13 @@ def make_locks(locks: list[ManagerLock], fault_spec: faults.Spec | None = None) 
     """Make the planned ``locks`` (all at one server's address) in one request: one
     connection and handshake for all of them, where a stock proxy pays three per object
     (create, incref, decref). Each proxy then owns the reference the server counted."""
-    from multiprocessing.managers import dispatch
+    from multiprocessing import current_process
 
     if not locks:
         return
     tokens = [_compat.proxy_token(lock._proxy) for lock in locks]
-    conn = connection.Client(tokens[0].address, authkey=bytes(locks[0]._proxy._authkey))
-    try:
-        dispatch(conn, None, "create_locks", ([t.id for t in tokens], fault_spec))
-    finally:
-        conn.close()
+    authkey = bytes(current_process().authkey)
+    _compat.manager_request(tokens[0].address, authkey, "create_locks", ([t.id for t in tokens], fault_spec))
     for lock in locks:
         _compat.proxy_owns_reference(lock._proxy)
 
@@ -1070,7 +1072,7 @@ class PoolLocks:
         parent reaps them, as for workers of a dead server). A server that dies meanwhile is
         replaced once, as on any later request. Raises what starting the server or reaching
         it raised."""
-        address = get_manager(self._ctx, self._allow_fork).address
+        address = _address_of(get_manager(self._ctx, self._allow_fork))
         with self._guard:
             if not _same_address(self.arb.address, address):
                 self.arb, self.attach = self._plan(address)
@@ -1084,7 +1086,7 @@ class PoolLocks:
             self.replaced += 1
 
     def _new(self) -> tuple[ManagerLock, ManagerLock]:
-        arb, attach = self._plan(get_manager(self._ctx, self._allow_fork).address)
+        arb, attach = self._plan(_address_of(get_manager(self._ctx, self._allow_fork)))
         make_locks([arb, attach])
         return arb, attach
 
