@@ -205,6 +205,19 @@ class Creator:
         for w, items in sends:
             self.send(w, items)
 
+    def start_first(self) -> None:
+        """The constructor's start: its first batch of workers (``create_first``), then the
+        pool's locks (PoolLocks.start: the program's Manager is started now if it has none,
+        while those workers start). The filler starts the rest of min_workers after the
+        constructor. Raises OSError if the first batch could not start, or what making the
+        locks raised."""
+        first = min(self.books.cfg.min_workers, FIRST_BATCH)
+        self.create_first(first)
+        if len(self.books.workers) < first:
+            raise OSError(f"procpool: could not start {first} workers") from self.error
+        _faults.hit(self.faults, "create.before_locks")
+        self.locks.start()
+
     def create_first(self, n: int) -> None:
         """The constructor's first batch, forked before the pool's locks exist: the Manager
         starts after (PoolLocks.start), while these workers start. Their ids are allocated

@@ -76,7 +76,7 @@ from .config import CPU_INTENSIVE_THRESHOLD, SPIN, PoolConfig
 from .config import KEEP_IDLE as KEEP_IDLE
 from .config import MAX_IDLE_WORKERS_RATIO as MAX_IDLE_WORKERS_RATIO
 from .creation import CREATE_COOLDOWN as CREATE_COOLDOWN
-from .creation import FIRST_BATCH, Creator
+from .creation import Creator
 from .errors import ItemCancelled
 from .future import new_future
 from .idtable import MAX_WORKERS, IdTable, capacity_for
@@ -242,15 +242,7 @@ class WorkerPool:
         cm = ConcurrencyManagement(books, creator.create_workers, lambda: creator.retry_at)
         self._arbiter = arbiter = Arbiter(self.id, books, self.fault_spec, reaper, creator, cm)
         self._teardown = Teardown(self.id, books, arbiter, creator, self._locks, completion, self._unlist)
-        # The first workers are forked before the Manager starts (if this is the program's
-        # first pool), so that they start while it does; the filler starts the rest of
-        # min_workers once the constructor returned (Creator.create_first, start_filler).
-        first = min(cfg.min_workers, FIRST_BATCH)
-        creator.create_first(first)
-        if len(books.workers) < first:
-            raise OSError(f"procpool: could not start {first} workers") from creator.error
-        _faults.hit(self.fault_spec, "create.before_locks")
-        self._locks.start()
+        creator.start_first()  # the first workers, then the locks (docs/design.md "Pool start")
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""
