@@ -164,9 +164,9 @@ def test_spawner_and_manager_outlive_a_group_signal_the_program_survives(tmp_pat
             if __name__ == "__main__":
                 signal.signal(signal.SIGTERM, lambda *a: None)
                 with procpool.WorkerPool(min_workers=1, max_workers=2) as pool:
-                    print(json.dumps([spawner.spawner_pid(), manager.server_pid(),
-                                      pool.workers()[0].pid]), flush=True)
+                    # Read before the print: the test kills this worker once it has the line.
                     first = pool.workers()[0].pid
+                    print(json.dumps([spawner.spawner_pid(), manager.server_pid(), first]), flush=True)
                     sys.stdin.readline()
                     deadline = time.monotonic() + 30  # until the pool saw its worker's death
                     while first in [w.pid for w in pool.workers()] and time.monotonic() < deadline:
