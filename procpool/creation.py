@@ -41,7 +41,7 @@ CREATE_COOLDOWN = 1.0
 #: a filler thread starts the rest behind them, FILL_BATCH per spawner request (``fill``),
 #: so that a program's first item does not wait for the fork of every worker of a large pool.
 FIRST_BATCH = 4
-FILL_BATCH = 8
+FILL_BATCH = 32
 
 
 class Creator:
