@@ -135,11 +135,11 @@ multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
 class WorkerPool:
     """A pool of worker processes with asynchronous worker destruction.
 
-    ``min_workers`` processes start at once and the pool never culls below them; a submit that
-    finds no idle worker starts another, up to ``max_workers``; idle workers beyond "2 idle
-    plus 1 per 4 busy" are destroyed once idle for ``idle_timeout`` seconds. Destroying a
-    worker never waits for it: the worker detaches itself on its way out, and only ``close``
-    waits, once, for the last one to leave.
+    ``min_workers`` processes start at once (the constructor returns with FIRST_BATCH up, a thread
+    starts the rest: ``Creator.start_first``) and are never culled; a submit that finds no idle
+    worker starts another, up to ``max_workers``; idle workers beyond "2 idle plus 1 per 4 busy"
+    are destroyed once idle for ``idle_timeout`` seconds. Destroying a worker never waits for it:
+    the worker detaches itself on its way out, and only ``close`` waits, once, for the last one.
 
     ``max_workers`` is at most ``MAX_WORKERS`` (4096; see procpool.idtable for why).
 
