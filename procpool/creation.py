@@ -77,9 +77,10 @@ class Creator:
         # racily by the arbiter: min_workers not all started yet (see fill)
         self.filling = books.cfg.min_workers > FIRST_BATCH
         self.filler: threading.Thread | None = None  # I (set once by start_filler)
-        self.retry_at = 0.0  # A: creation cooldown after the OS refused a process
-        self.error: BaseException | None = None  # A: why the last creation failed
-        # A (written), read racily by stalled_for: when creation started failing (first
+        # These three: written by the creating threads (module docstring), one value each
+        self.retry_at = 0.0  # creation cooldown after the OS refused a process
+        self.error: BaseException | None = None  # why the last creation failed
+        # (also read racily by stalled_for) when creation started failing (first
         # failure of a row with no success), or None
         self.failing_since: float | None = None
 
