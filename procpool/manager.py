@@ -974,8 +974,8 @@ def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
     than ``address``'s, False if that server is still alive (the failure was something else:
     out of descriptors, say) or no new one could be started."""
     with _manager_lock:
-        if _manager is not None and _manager_pid == os.getpid() and _manager.address != address:
-            return True  # replaced already, by another pool
+        if _manager is not None and _manager_pid == os.getpid() and not _same_address(_address_of(_manager), address):
+            return True  # replaced already, by another pool (a lock names its address as a str)
         if _manager is not None and _manager_pid == os.getpid() and owner_alive(_server):
             return False
         try:

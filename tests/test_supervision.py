@@ -297,3 +297,22 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     close_within(pool)
     assert time.monotonic() - t0 < CLOSE_BOUND
     assert_books_add_up(pool.stats())
+
+
+def test_a_live_manager_is_not_taken_for_replaced_by_its_locks_address():
+    # A pool's locks name the server's address as the program planned it (a str); the server
+    # reports its abstract name as bytes. Both are the same server: asked to replace it while
+    # it lives, the program must say no (the failure was something else), not "replaced".
+    from procpool import manager
+    from procpool.spawner import resolve_context
+
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+    try:
+        server = manager.server_pid()
+        address = pool.manager_locks.attach.address
+        assert isinstance(address, str)
+        assert manager.replace_dead_manager(resolve_context(None), True, address) is False
+        assert manager.server_pid() == server and alive(server)
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+    finally:
+        close_within(pool)
