@@ -178,6 +178,29 @@ def raw_signal() -> Any:
     return importlib.import_module("_signal")  # (no stub: typeshed knows only ``signal``)
 
 
+def start_manager_server(manager: Any, initializer: Callable[..., None], initargs: tuple) -> Any:
+    """``BaseManager.start`` without its wait for the server's address: fork the server
+    process and return at once the read end (a Connection) on which the server sends its
+    address once it listens. The spawner forks the program's Manager so and goes on forking
+    workers while the server starts; the program reads that end before its first request
+    (EOF there: the server died first). The manager object keeps the process (``_process``,
+    as after ``start``) for ``manager_process``."""
+    from multiprocessing import connection
+
+    reader, writer = connection.Pipe(duplex=False)
+    args = (manager._registry, manager._address, manager._authkey, manager._serializer, writer, initializer, initargs)
+    manager._process = manager._ctx.Process(target=type(manager)._run_server, args=args)
+    manager._process.name = f"{type(manager).__name__}-server"
+    try:
+        manager._process.start()
+    except BaseException:
+        reader.close()
+        raise
+    finally:
+        writer.close()
+    return reader
+
+
 def proxy_token(proxy: Any) -> Any:
     """The ``Token`` (type id, address, object id) a proxy refers to."""
     return proxy._token

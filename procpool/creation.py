@@ -2,9 +2,9 @@
 
 ::
 
-   create_first(n)     [__init__, before the pool's locks exist: see its docstring]
-      alloc n ids (no M attach: nobody else can reach the table yet) ─► spawner forks them
-      ─► adopt each ─► (then PoolLocks.start: the Manager, if the program has none yet)
+   start_first()       [__init__] PoolLocks.begin (a new Manager starts, not waited for)
+      ─► create_first: alloc n ids (no M attach: nobody else can reach the table yet)
+      ─► spawner forks them ─► adopt each ─► PoolLocks.start (wait for the Manager, locks)
    create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
       M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
       ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
@@ -207,12 +207,14 @@ class Creator:
             self.send(w, items)
 
     def start_first(self) -> None:
-        """The constructor's start: its first batch of workers (``create_first``), then the
-        pool's locks (PoolLocks.start: the program's Manager is started now if it has none,
-        while those workers start). The filler starts the rest of min_workers after the
-        constructor. Raises OSError if the first batch could not start, or what making the
-        locks raised."""
+        """The constructor's start: the program's Manager server started if it has none, not
+        waited for (PoolLocks.begin); its first batch of workers forked while the server
+        starts (``create_first``); then the pool's locks (PoolLocks.start: waits until the
+        server listens). The filler starts the rest of min_workers after the constructor.
+        Raises OSError if the first batch could not start, or what starting the Manager or
+        making the locks raised."""
         first = min(self.books.cfg.min_workers, FIRST_BATCH)
+        self.locks.begin()  # the Manager starts (if the program has none) while they fork
         self.create_first(first)
         if len(self.books.workers) < first:
             raise OSError(f"procpool: could not start {first} workers") from self.error
@@ -220,8 +222,8 @@ class Creator:
         self.locks.start()
 
     def create_first(self, n: int) -> None:
-        """The constructor's first batch, forked before the pool's locks exist: the Manager
-        starts after (PoolLocks.start), while these workers start. Their ids are allocated
+        """The constructor's first batch, forked before the pool's locks exist (while the
+        Manager server starts, if the program had none). Their ids are allocated
         without M attach, which is safe here and only here: until the constructor returns, no
         other thread or process can reach this pool's id table (no worker of it exists yet,
         the arbiter has not started), so nothing allocates or frees an id meanwhile; the
@@ -242,9 +244,7 @@ class Creator:
             _faults.hit(self.faults, "create.after_alloc")
             for wid, _gen in ids:
                 _faults.hit(self.faults, "create.start", wid)
-            # A Manager to come: the spawner keeps these workers' Manager connections until it
-            # forks it next (procpool.spawner), so that they too detach in batches.
-            started, refused = self.start_processes(ids, self.locks.manager_follows)
+            started, refused = self.start_processes(ids)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             refused = [(i, exc) for i in ids]
         for (wid, gen), why in refused:
@@ -253,7 +253,7 @@ class Creator:
         self._put_to_work(started)
 
     def start_processes(
-        self, ids: list[tuple[int, int]], manager_follows: bool = False
+        self, ids: list[tuple[int, int]]
     ) -> tuple[list[Worker], list[tuple[tuple[int, int], BaseException]]]:
         """Have the spawner fork one worker per (id, gen), in one request. M arb held, or the
         constructor's first batch (create_first). Returns the workers started, and the ids the
@@ -289,7 +289,6 @@ class Creator:
                 [(work[0], result[1]) for work, result in pairs],
                 self.completion_fd,
                 self.init_fds(),
-                manager_follows,
             )
         except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)

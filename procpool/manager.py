@@ -840,10 +840,11 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
 _servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
 
 
-def start_server(alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket]:
+def start_server(alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket, int]:
     """In the spawner: fork a Manager server listening at ``address`` (a fork of a
-    single-threaded process is safe). Returns its (address, pid) and the spawner's end of the
-    handover channel."""
+    single-threaded process is safe), without waiting for it to listen. Returns its (address,
+    pid), the spawner's end of the handover channel, and the descriptor on which the server
+    says it listens (for the program: ``wait_manager_ready``)."""
     import multiprocessing
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -851,14 +852,18 @@ def start_server(alive_fd: int, close_fds: list[int], address: str) -> tuple[tup
 
     m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
     try:
-        m.start(initializer=_server_init, initargs=(alive_fd, [*close_fds, ours.fileno()], theirs.fileno()))
+        initargs = (alive_fd, [*close_fds, ours.fileno()], theirs.fileno())
+        ready = _compat.start_manager_server(m, _server_init, initargs)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     _servers.append(m)
-    return (m.address, _compat.manager_process(m).pid), ours
+    try:
+        return (address, _compat.manager_process(m).pid), ours, os.dup(ready.fileno())
+    finally:
+        ready.close()
 
 
 def stop_servers() -> None:
@@ -882,9 +887,11 @@ class ManagerHost:
 _manager: _Manager | None = None
 _manager_pid = 0
 _planned = ""  # the address of the next Manager server this program starts (see plan_address)
+_manager_ready: connection.Connection | None = None  # the started server says here it listens
 _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
 _server: Owner = (0, 0.0)  # the Manager server process of this program's Manager: (pid, start time)
-_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w, _server, _planned
+# guards _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
+_manager_lock = threading.Lock()
 
 
 def _new_address() -> str:
@@ -938,7 +945,7 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
 
 def _start_manager(ctx: Any, allow_fork: bool) -> None:
     """_manager_lock held. Listens at the planned address (plan_address), once."""
-    global _manager, _manager_pid, _manager_alive_w, _server, _planned
+    global _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
     from multiprocessing import current_process
 
     address = _planned if _planned.startswith(f"\0procpool-manager-{os.getpid()}-") else _new_address()
@@ -949,7 +956,7 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost, address)
+                address, pid, ready = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost, address)
                 break
             except (EOFError, OSError):
                 if attempt:
@@ -965,7 +972,26 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
     if _manager_alive_w >= 0 and _manager_pid == os.getpid():
         os.close(_manager_alive_w)  # a dead server's: nobody reads it any more
     _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
+    if _manager_ready is not None:
+        _manager_ready.close()  # a server that died before it listened
+    _manager_ready = connection.Connection(ready, writable=False)
     _server = _identify(pid)
+
+
+def wait_manager_ready() -> None:
+    """Wait until the program's newly started Manager server listens (it sends its address
+    on the pipe ``_start_manager`` was given): before the program's first request to it. The
+    server started while the program did something else (forked a pool's first workers).
+    Bounded: a server that dies first closes the pipe, and this raises EOFError (LOST)."""
+    global _manager_ready
+    with _manager_lock:
+        ready, _manager_ready = _manager_ready, None
+        if ready is None or _manager_pid != os.getpid():
+            return
+        try:
+            ready.recv()
+        finally:
+            ready.close()
 
 
 def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
@@ -1020,6 +1046,7 @@ def make_locks(locks: list[ManagerLock], fault_spec: faults.Spec | None = None) 
 
     if not locks:
         return
+    wait_manager_ready()
     tokens = [_compat.proxy_token(lock._proxy) for lock in locks]
     authkey = bytes(current_process().authkey)
     _compat.manager_request(tokens[0].address, authkey, "create_locks", ([t.id for t in tokens], fault_spec))
@@ -1041,11 +1068,12 @@ class PoolLocks:
     is generation-checked, so the parent's repair of it is safe.) Only the first locks get
     the pool's ``manager.*`` fault points, so an injected Manager death happens once.
 
-    Two steps, so that a pool's first workers can be forked while the Manager starts: the
+    Steps, so that a pool's first workers can be forked while the Manager starts: the
     constructor only *names* the locks (no Manager contact: ``plan_address``, where the
-    program's server is or will be); ``start`` then has them made (starting the server if the
-    program has none yet), both in one request. Workers forked in between carry the named
-    attach lock and use it only on their way out, which comes after ``start``.
+    program's server is or will be); ``begin`` has the spawner fork the server if the program
+    has none, without waiting for it; ``start`` waits until it listens and has both locks
+    made in one request. Workers forked in between carry the named attach lock and use it
+    only on their way out, which comes after ``start``.
     """
 
     def __init__(self, ctx: Any, allow_fork: bool, pool_id: int, fault_spec: faults.Spec) -> None:
@@ -1084,6 +1112,12 @@ class PoolLocks:
                     raise
             self.arb, self.attach = self._new()
             self.replaced += 1
+
+    def begin(self) -> None:
+        """Start the program's Manager server if it has none, without waiting for it to listen
+        (``start`` waits): the pool's first workers are forked meanwhile."""
+        if self.manager_follows:
+            get_manager(self._ctx, self._allow_fork)
 
     def _new(self) -> tuple[ManagerLock, ManagerLock]:
         arb, attach = self._plan(_address_of(get_manager(self._ctx, self._allow_fork)))

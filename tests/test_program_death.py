@@ -210,7 +210,8 @@ BATCH = textwrap.dedent(
     import procpool
     if __name__ == "__main__":
         # The spawner stops itself (SIGSTOP) with the constructor's first batch of workers
-        # forked, before its answer: before the program asked for its Manager.
+        # forked, before its answer; the Manager, forked just before them, may still be
+        # starting (the program has not waited for it yet).
         pool = procpool.WorkerPool(min_workers=64, max_workers=64, faults="spawner.answer=stop")
         pool.submit(abs, -1).result(timeout=60)
     """
@@ -232,8 +233,8 @@ def test_program_killed_before_the_spawners_answer_still_gets_its_cleanup(tmp_pa
 
         spawner = wait_until(stopped_spawner, timeout=60, what="the spawner stopped before its answer")
         helpers = [spawner.pid, *(c.pid for c in spawner.children())]
-        # The spawner and the first batch of workers; no Manager yet: it starts after them.
-        assert len(helpers) == 1 + FIRST_BATCH, [title_of(p) for p in helpers]
+        # The spawner, its Manager and the first batch of workers.
+        assert len(helpers) == 2 + FIRST_BATCH, [title_of(p) for p in helpers]
         assert my_segments(proc.pid)
         proc.kill()
         proc.wait(timeout=60)
