@@ -222,7 +222,7 @@ def sockets(pid):
     fds = os.listdir(f"/proc/{pid}/fd")
     return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in fds if fd.isdigit())
 
-# The program's first pool forks its first workers before the Manager exists, then more
+# The program's first pool forks its first workers while its Manager starts, then more
 # behind the constructor once it does: each one is born with its handed-over connection.
 pool = procpool.WorkerPool(min_workers=FIRST_BATCH + 2, max_workers=FIRST_BATCH + 2)
 assert procpool.manager.server_pid() is not None
@@ -235,7 +235,7 @@ print(json.dumps({"sockets": r, "broken": pool.manager_locks.attach.broken}))
 """
 
 
-def test_workers_forked_before_the_manager_detach_in_batches_too():
+def test_workers_forked_while_the_manager_starts_detach_in_batches_too():
     proc, token = run_program(FIRST_WORKERS)
     assert proc.returncode == 0, proc.err
     r = json.loads(proc.out)
