@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 
 def run_exit_finalizers() -> None:
@@ -138,6 +138,67 @@ def proxy_drop_connection(proxy: Any) -> None:
         del proxy._tls.connection
     except AttributeError:
         pass
+
+
+def proxy_owns_reference(proxy: Any) -> None:
+    """``proxy`` was made with ``incref=False`` for an object whose server already counts a
+    reference for it (made in the same request that created the object): give it the decref
+    on collection that its own incref would have registered, without that round trip."""
+    from multiprocessing import util
+    from multiprocessing.managers import BaseProxy
+
+    proxy._idset.add(proxy._id)
+    proxy._close = util.Finalize(
+        proxy,
+        cast(Any, BaseProxy)._decref,
+        args=(proxy._token, proxy._authkey, None, proxy._tls, proxy._idset, proxy._Client),
+        exitpriority=10,
+    )
+
+
+def manager_request(address: Any, authkey: bytes, method: str, args: tuple) -> Any:
+    """One request to a Manager server on a connection of its own (the stock ``dispatch``):
+    what ``BaseManager._create`` does for ``create``, for a method of our server."""
+    from multiprocessing import connection, managers
+
+    conn = connection.Client(address, authkey=authkey)
+    try:
+        return cast(Any, managers).dispatch(conn, None, method, args)
+    finally:
+        conn.close()
+
+
+def raw_signal() -> Any:
+    """CPython's C module under ``signal`` (``_signal``): the same functions without the
+    enum wrapping of every argument and result, which costs microseconds a call. A worker
+    resets every signal's handler on its first steps (``procs.reset_signals``): through
+    ``signal`` that was ~0.3 ms of each worker's start, through this ~3 µs."""
+    import importlib
+
+    return importlib.import_module("_signal")  # (no stub: typeshed knows only ``signal``)
+
+
+def start_manager_server(manager: Any, initializer: Callable[..., None], initargs: tuple) -> Any:
+    """``BaseManager.start`` without its wait for the server's address: fork the server
+    process and return at once the read end (a Connection) on which the server sends its
+    address once it listens. The spawner forks the program's Manager so and goes on forking
+    workers while the server starts; the program reads that end before its first request
+    (EOF there: the server died first). The manager object keeps the process (``_process``,
+    as after ``start``) for ``manager_process``."""
+    from multiprocessing import connection
+
+    reader, writer = connection.Pipe(duplex=False)
+    args = (manager._registry, manager._address, manager._authkey, manager._serializer, writer, initializer, initargs)
+    manager._process = manager._ctx.Process(target=type(manager)._run_server, args=args)
+    manager._process.name = f"{type(manager).__name__}-server"
+    try:
+        manager._process.start()
+    except BaseException:
+        reader.close()
+        raise
+    finally:
+        writer.close()
+    return reader
 
 
 def proxy_token(proxy: Any) -> Any:

@@ -333,6 +333,7 @@ class Arbiter:
         if self.faults:
             _faults.hit(self.faults, "arbiter.loop")
         self.contain("_maybe_sample", self.cm.maybe_sample)
+        self.contain("_fill", self.creator.fill)  # min_workers, once the filler thread is gone
         self.contain("_grow", self.cm.grow)
         self.contain("_cull_idle", self.cull_idle)
         self.contain("_kill_overdue", self.kill_overdue)
@@ -438,8 +439,11 @@ class Arbiter:
         b = self.books
         with b.lock:
             waits = []
-            if b.worklist and self.creator.retry_at > now:
+            filling = self.creator.filling and not self.creator.filler_running()
+            if (b.worklist or filling) and self.creator.retry_at > now:
                 waits.append(self.creator.retry_at - now)
+            elif filling:
+                waits.append(0.0)
             if b.idle and b.policy.too_many_workers():
                 waits.append(b.idle[0].idle_since + b.cfg.idle_timeout - now)
             if b.deadlines:

@@ -2,20 +2,27 @@
 
 ::
 
-   create_workers(n)   [arbiter thread, or __init__ before the arbiter starts]
-      M arb ─► no_create? stop ─► M attach: alloc n ids ─► spawner forks them (one request)
-      L: adopt each (selector, books) and put it to work ─► send its first items
+   start_first()       [__init__] PoolLocks.begin (a new Manager starts, not waited for)
+      ─► create_first: alloc n ids (no M attach: nobody else can reach the table yet)
+      ─► spawner forks them ─► adopt each ─► PoolLocks.start (wait for the Manager, locks)
+   create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
+      M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
+      ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
+      work ─► send its first items ─► release M arb
       any failure ─► creation_failed(): ids back, retry after CREATE_COOLDOWN; a closing pool
                      with no worker whose creation failed twice fails its waiting items
 
-The cooldown fields are A (written by the creating thread only); ``failing_since`` is also
-read, without a lock, by ``stalled_for`` from callers' threads (one float: a racy read only
-sees the old or the new value).
+The cooldown fields are written by the creating threads: the arbiter, and the filler while
+it runs (it ends at its first failure). Their writes take turns under M arb, but for a
+failure to reach the Manager at all; each field is one value, so a racy write or read only
+sees the old or the new one, and a cooldown set by either thread holds back both.
+``failing_since`` is also read, without a lock, by ``stalled_for`` from callers' threads.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -30,6 +37,11 @@ from .spawner import get_spawner
 
 #: After the OS refuses a new process, wait this long before trying again (kernel: 1 s).
 CREATE_COOLDOWN = 1.0
+#: The constructor starts this many of ``min_workers`` itself and returns once they are up;
+#: a filler thread starts the rest behind them, FILL_BATCH per spawner request (``fill``),
+#: so that a program's first item does not wait for the fork of every worker of a large pool.
+FIRST_BATCH = 4
+FILL_BATCH = 32
 
 
 class Creator:
@@ -61,9 +73,14 @@ class Creator:
         self.adopt = adopt  # I: registers a new worker with the arbiter's selector (L held)
         self.send = send  # I
         self.no_create = False  # M arb: teardown passed the point of no return
-        self.retry_at = 0.0  # A: creation cooldown after the OS refused a process
-        self.error: BaseException | None = None  # A: why the last creation failed
-        # A (written), read racily by stalled_for: when creation started failing (first
+        # Written by the thread that fills (the filler while it runs, then the arbiter), read
+        # racily by the arbiter: min_workers not all started yet (see fill)
+        self.filling = books.cfg.min_workers > FIRST_BATCH
+        self.filler: threading.Thread | None = None  # I (set once by start_filler)
+        # These three: written by the creating threads (module docstring), one value each
+        self.retry_at = 0.0  # creation cooldown after the OS refused a process
+        self.error: BaseException | None = None  # why the last creation failed
+        # (also read racily by stalled_for) when creation started failing (first
         # failure of a row with no success), or None
         self.failing_since: float | None = None
 
@@ -75,6 +92,48 @@ class Creator:
                 return 0.0
         return max(0.0, time.monotonic() - since)
 
+    def start_filler(self, wake: Callable[[], None]) -> None:
+        """Start the rest of ``min_workers`` behind the constructor's first batch, in a
+        thread of its own: the arbiter must not wait for forks while the first workers'
+        results come in. The thread ends when the pool has had min_workers at once, when it
+        closes, or at the first creation failure: the arbiter then goes on after the cooldown
+        (``wake``s it, whose next pass calls ``fill``)."""
+        if not self.filling:
+            return
+
+        def run() -> None:
+            try:
+                while self.filling and time.monotonic() >= self.retry_at:
+                    self.fill()
+            finally:
+                wake()
+
+        self.filler = threading.Thread(target=run, name=f"procpool-filler-{self.pool_id}", daemon=True)
+        self.filler.start()
+
+    def filler_running(self) -> bool:
+        return self.filler is not None and self.filler.is_alive()
+
+    def fill(self) -> None:
+        """Start up to FILL_BATCH more of ``min_workers``: the filler thread's step, and the
+        arbiter's once that thread is gone (after a creation failure: retried after the
+        cooldown). A closing pool stops."""
+        if not self.filling or time.monotonic() < self.retry_at:
+            return
+        if self.filler_running() and threading.current_thread() is not self.filler:
+            return
+        b = self.books
+        with b.lock:
+            missing = 0 if b.closing else b.cfg.min_workers - len(b.workers)
+        if missing <= 0:
+            self.filling = False
+            return
+        made = self.create_workers(min(missing, FILL_BATCH))
+        if self.no_create or (not made and time.monotonic() >= self.retry_at):
+            # Closing; or no id to be had (the table full of dying workers), which is no
+            # failure: growth starts workers as work needs them from here.
+            self.filling = False
+
     def create_workers(self, n: int) -> int:
         """Start up to ``n`` workers and put them to work. Returns how many started.
 
@@ -83,17 +142,26 @@ class Creator:
         ids go back, and creation is retried after a cooldown (``creation_failed``).
 
         LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
-        for the ids; starts processes holding only M arb; takes L to adopt them.
+        for the ids; starts processes holding only M arb; takes L (under M arb) to adopt them.
         """
         if n <= 0:
             return 0
         table = self.books.table
         assert table is not None
+        b = self.books
         started: list[Worker] = []
         ids: list[tuple[int, int]] = []
+        adopted = False
         try:
             with self.locks.held("arb"):
                 if self.no_create:
+                    return 0
+                # Two threads create (the arbiter, the filler while it runs): M arb makes them
+                # take turns, and the workers of a turn are on the books before it ends, so the
+                # next one counts them and max_workers holds.
+                with b.lock:
+                    n = min(n, b.cfg.max_workers - len(b.workers))
+                if n <= 0:
                     return 0
                 with self.locks.held("attach"):
                     for _ in range(n):
@@ -109,14 +177,19 @@ class Creator:
                         failed, ids = ids[i:], ids[:i]
                         self.creation_failed(failed, exc)
                         break
-                started = self.start_processes(ids)
+                started, refused = self.start_processes(ids)
+                if refused:
+                    self.creation_failed([r[0] for r in refused], refused[0][1])
                 if started:
                     self.failing_since = None
+                adopted = True
+                self._put_to_work(started)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             self.creation_failed([i for i in ids if i not in {(w.id, w.gen) for w in started}], exc)
             if not started:
                 return 0
-        self._put_to_work(started)
+        if not adopted:
+            self._put_to_work(started)
         return len(started)
 
     def _put_to_work(self, started: list[Worker]) -> None:
@@ -133,10 +206,60 @@ class Creator:
         for w, items in sends:
             self.send(w, items)
 
-    def start_processes(self, ids: list[tuple[int, int]]) -> list[Worker]:
-        """Have the spawner fork one worker per (id, gen), in one request. M arb held."""
+    def start_first(self) -> None:
+        """The constructor's start: the program's Manager server started if it has none, not
+        waited for (PoolLocks.begin); its first batch of workers forked while the server
+        starts (``create_first``); then the pool's locks (PoolLocks.start: waits until the
+        server listens). The filler starts the rest of min_workers after the constructor.
+        Raises OSError if the first batch could not start, or what starting the Manager or
+        making the locks raised."""
+        first = min(self.books.cfg.min_workers, FIRST_BATCH)
+        self.locks.begin()  # the Manager starts (if the program has none) while they fork
+        self.create_first(first)
+        if len(self.books.workers) < first:
+            raise OSError(f"procpool: could not start {first} workers") from self.error
+        _faults.hit(self.faults, "create.before_locks")
+        self.locks.start()
+
+    def create_first(self, n: int) -> None:
+        """The constructor's first batch, forked before the pool's locks exist (while the
+        Manager server starts, if the program had none). Their ids are allocated
+        without M attach, which is safe here and only here: until the constructor returns, no
+        other thread or process can reach this pool's id table (no worker of it exists yet,
+        the arbiter has not started), so nothing allocates or frees an id meanwhile; the
+        workers forked here free theirs on their way out, which comes after the constructor,
+        under the lock. A failure leaves ``error`` set and fewer workers on the books."""
+        table = self.books.table
+        assert table is not None
+        # The spawner first, outside the failure handling: one that cannot start is the
+        # program's error (NOT_BOOTSTRAPPED), raised as is; and from now on a program that
+        # dies has a spawner to unlink its id table.
+        get_spawner(self.ctx, self.allow_fork)
+        ids: list[tuple[int, int]] = []
+        started: list[Worker] = []
+        refused: list[tuple[tuple[int, int], BaseException]] = []
+        try:
+            while len(ids) < n and (got := table.alloc()) is not None:
+                ids.append(got)
+            _faults.hit(self.faults, "create.after_alloc")
+            for wid, _gen in ids:
+                _faults.hit(self.faults, "create.start", wid)
+            started, refused = self.start_processes(ids)
+        except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
+            refused = [(i, exc) for i in ids]
+        for (wid, gen), why in refused:
+            table.free(wid, gen)  # unlocked, as allocated
+            self.error = why
+        self._put_to_work(started)
+
+    def start_processes(
+        self, ids: list[tuple[int, int]]
+    ) -> tuple[list[Worker], list[tuple[tuple[int, int], BaseException]]]:
+        """Have the spawner fork one worker per (id, gen), in one request. M arb held, or the
+        constructor's first batch (create_first). Returns the workers started, and the ids the
+        spawner refused with why (the caller gives those back)."""
         if not ids:
-            return []
+            return [], []
         table = self.books.table
         assert table is not None
         cfg = self.books.cfg
@@ -162,7 +285,10 @@ class Creator:
         ]
         try:
             results = get_spawner(self.ctx, self.allow_fork).spawn(
-                specs, [(work[0], result[1]) for work, result in pairs], self.completion_fd, self.init_fds()
+                specs,
+                [(work[0], result[1]) for work, result in pairs],
+                self.completion_fd,
+                self.init_fds(),
             )
         except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)
@@ -181,9 +307,7 @@ class Creator:
                 continue
             table.set_pid(wid, res.pid)
             started.append(Worker(wid, gen, res, parent_end, parent_rend, FrameReader(parent_rend.fileno())))
-        if refused:
-            self.creation_failed([r[0] for r in refused], refused[0][1])
-        return started
+        return started, refused
 
     def creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
         """The OS (or a fault point, or a Manager that is gone) refused new workers: give the

@@ -25,12 +25,16 @@ Points (worker side unless marked parent):
 ``detach.after``            after detaching, before exiting (id free, process alive)
 ``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
 ``create.start``            parent: just before one worker process is started
+``create.before_locks``     parent: the constructor's first workers forked, before the pool's
+                            locks are made (and the program's first Manager started)
 ``teardown.before_wait``    parent: completion installed, before waiting on it
 ``reap``                    parent: a worker's exit seen, before its books are settled
 ``arbiter.loop``            parent: the arbiter's loop itself, outside any handler (a
                             ``raise`` there is a failure of the loop's machinery)
 ``manager.acquire``         Manager server: a lock request arrived (``kill``/``exit`` end the
                             server; a replacement Manager is never injected again)
+``manager.create``          Manager server: a new pool's locks are being made (its first
+                            workers run already; ``kill``/``exit`` end the server)
 ``spawner.answer``          spawner: a batch of workers forked, before it answers the program
 ==========================  ==============================================================
 
@@ -58,10 +62,12 @@ POINTS = frozenset(
         "detach.after",
         "create.after_alloc",
         "create.start",
+        "create.before_locks",
         "teardown.before_wait",
         "reap",
         "arbiter.loop",
         "manager.acquire",
+        "manager.create",
         "spawner.answer",
     }
 )

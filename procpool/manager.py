@@ -499,11 +499,31 @@ def _shut(conn: connection.Connection) -> None:
 
 
 class _Server(Server):
-    """The stock server, plus the connections the spawner hands over, and bounded
-    unauthenticated connections (module docstring)."""
+    """The stock server, plus the connections the spawner hands over, bounded
+    unauthenticated connections (module docstring), and locks named by the client."""
 
-    listener: Any  # I: set by Server.__init__ (typeshed does not declare these two)
+    listener: Any  # I: set by Server.__init__ (typeshed does not declare these)
     authkey: bytes  # I
+    mutex: Any  # I: guards id_to_obj and id_to_refcount (the stock server's)
+    id_to_refcount: dict[str, int]
+    public = [*Server.public, "create_locks"]
+
+    def create_locks(self, c: connection.Connection, idents: list[str], fault_spec: faults.Spec | None) -> None:
+        """Make a RobustLock under each of ``idents`` (chosen by the client: it may have handed
+        them to workers already), each with one reference, which the client's proxy owns."""
+        for ident in idents:
+            if not isinstance(ident, str) or not ident or all(ch in "0123456789abcdef" for ch in ident):
+                raise ValueError(f"create_locks: {ident!r} is not a lock name")  # stock idents are hex
+        faults.hit(fault_spec or {}, "manager.create")
+        made = [(ident, _RobustLockServer(fault_spec)) for ident in idents]
+        with self.mutex:
+            for ident, _ in made:
+                if ident in self.id_to_obj:
+                    raise ValueError(f"create_locks: {ident!r} exists already")
+            for ident, obj in made:
+                exposed = {name for name in dir(obj) if name[0] != "_" and callable(getattr(obj, name))}
+                cast(Any, self.id_to_obj)[ident] = (obj, exposed, None)
+                self.id_to_refcount[ident] = 1
 
     def accepter(self) -> None:
         """Replaces the stock accepter (a thread per connection, no time limit): only this
@@ -820,29 +840,30 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
 _servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
 
 
-def start_server(alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
-    """In the spawner: fork a Manager server (a fork of a single-threaded process is safe).
-    Returns its (address, pid) and the spawner's end of the handover channel."""
+def start_server(alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket, int]:
+    """In the spawner: fork a Manager server listening at ``address`` (a fork of a
+    single-threaded process is safe), without waiting for it to listen. Returns its (address,
+    pid), the spawner's end of the handover channel, and the descriptor on which the server
+    says it listens (for the program: ``wait_manager_ready``)."""
     import multiprocessing
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)  # a server that stopped reading must not stall the spawner
 
-    # An abstract-namespace socket (Linux): no temporary directory to create (and no
-    # tempfile import) in the way of the program's first pool, nothing left if everything is
-    # SIGKILLed. Any local process can connect to it; the server closes every connection
-    # of another uid at once (SO_PEERCRED), and the authkey handshake admits the rest.
-    address = f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
     m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
     try:
-        m.start(initializer=_server_init, initargs=(alive_fd, [*close_fds, ours.fileno()], theirs.fileno()))
+        initargs = (alive_fd, [*close_fds, ours.fileno()], theirs.fileno())
+        ready = _compat.start_manager_server(m, _server_init, initargs)
     except BaseException:
         ours.close()
         raise
     finally:
         theirs.close()
     _servers.append(m)
-    return (m.address, _compat.manager_process(m).pid), ours
+    try:
+        return (address, _compat.manager_process(m).pid), ours, os.dup(ready.fileno())
+    finally:
+        ready.close()
 
 
 def stop_servers() -> None:
@@ -865,9 +886,45 @@ class ManagerHost:
 
 _manager: _Manager | None = None
 _manager_pid = 0
+_planned = ""  # the address of the next Manager server this program starts (see plan_address)
+_manager_ready: connection.Connection | None = None  # the started server says here it listens
 _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
 _server: Owner = (0, 0.0)  # the Manager server process of this program's Manager: (pid, start time)
-_manager_lock = threading.Lock()  # guards _manager, _manager_pid, _manager_alive_w, _server
+# guards _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
+_manager_lock = threading.Lock()
+
+
+def _new_address() -> str:
+    # An abstract-namespace socket (Linux): no temporary directory to create (and no
+    # tempfile import) in the way of the program's first pool, nothing left if everything is
+    # SIGKILLed. Any local process can connect to it; the server closes every connection
+    # of another uid at once (SO_PEERCRED), and the authkey handshake admits the rest.
+    return f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
+
+
+def _address_of(m: _Manager) -> str:
+    """A Manager's address as a str (its server reports an abstract name as bytes)."""
+    return os.fsdecode(cast(Any, m.address))
+
+
+def _same_address(a: str | bytes, b: str | bytes) -> bool:
+    """Addresses of Unix sockets compared (a server reports its abstract name as bytes)."""
+    return os.fsencode(a) == os.fsencode(b)
+
+
+def plan_address() -> tuple[str, bool]:
+    """The address of the program's Manager server as it will be when a pool's locks are
+    made: the live one's, or the one the next server started will listen at; and whether it
+    is the latter (no server yet). A pool names its locks with it before the server exists
+    (PoolLocks), so that workers forked while the server starts already carry them. No
+    Manager contact, no process started."""
+    global _planned
+    with _manager_lock:
+        if _manager is not None and _manager_pid == os.getpid():
+            return _address_of(_manager), False
+        if not _planned.startswith(f"\0procpool-manager-{os.getpid()}-"):
+            _planned = _new_address()
+        return _planned, True
 
 
 def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
@@ -887,17 +944,19 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
 
 
 def _start_manager(ctx: Any, allow_fork: bool) -> None:
-    """_manager_lock held."""
-    global _manager, _manager_pid, _manager_alive_w, _server
+    """_manager_lock held. Listens at the planned address (plan_address), once."""
+    global _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
     from multiprocessing import current_process
 
+    address = _planned if _planned.startswith(f"\0procpool-manager-{os.getpid()}-") else _new_address()
+    _planned = ""  # a server that fails to start leaves its address to no other
     alive_r, alive_w = os.pipe()
     try:
         for attempt in range(2):
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost)
+                address, pid, ready = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost, address)
                 break
             except (EOFError, OSError):
                 if attempt:
@@ -907,16 +966,32 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
         raise
     finally:
         os.close(alive_r)
+    # Not connected here: its first request is the first pool's locks (make_locks), one
+    # handshake instead of two; a server that does not answer it is replaced then.
     m = _Manager(address=address, authkey=bytes(current_process().authkey))
-    try:
-        m.connect()
-    except BaseException:
-        os.close(alive_w)
-        raise
     if _manager_alive_w >= 0 and _manager_pid == os.getpid():
         os.close(_manager_alive_w)  # a dead server's: nobody reads it any more
     _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
+    if _manager_ready is not None:
+        _manager_ready.close()  # a server that died before it listened
+    _manager_ready = connection.Connection(ready, writable=False)
     _server = _identify(pid)
+
+
+def wait_manager_ready() -> None:
+    """Wait until the program's newly started Manager server listens (it sends its address
+    on the pipe ``_start_manager`` was given): before the program's first request to it. The
+    server started while the program did something else (forked a pool's first workers).
+    Bounded: a server that dies first closes the pipe, and this raises EOFError (LOST)."""
+    global _manager_ready
+    with _manager_lock:
+        ready, _manager_ready = _manager_ready, None
+        if ready is None or _manager_pid != os.getpid():
+            return
+        try:
+            ready.recv()
+        finally:
+            ready.close()
 
 
 def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
@@ -925,8 +1000,8 @@ def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
     than ``address``'s, False if that server is still alive (the failure was something else:
     out of descriptors, say) or no new one could be started."""
     with _manager_lock:
-        if _manager is not None and _manager_pid == os.getpid() and _manager.address != address:
-            return True  # replaced already, by another pool
+        if _manager is not None and _manager_pid == os.getpid() and not _same_address(_address_of(_manager), address):
+            return True  # replaced already, by another pool (a lock names its address as a str)
         if _manager is not None and _manager_pid == os.getpid() and owner_alive(_server):
             return False
         try:
@@ -944,7 +1019,39 @@ def server_pid() -> int | None:
 
 
 def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
-    return ManagerLock(get_manager(ctx, allow_fork).RobustLock(fault_spec), name)  # type: ignore[attr-defined]
+    """A new lock on the program's Manager (started if need be)."""
+    lock = planned_lock(_address_of(get_manager(ctx, allow_fork)), name)
+    make_locks([lock], fault_spec)
+    return lock
+
+
+def planned_lock(address: str, name: str) -> ManagerLock:
+    """A lock named in advance: a proxy for an object the Manager server at ``address`` does
+    not hold yet (``make_locks`` makes it there). It can be pickled into a worker at once; only
+    its use must wait for make_locks."""
+    from multiprocessing import current_process
+    from multiprocessing.managers import Token
+
+    ident = f"{name}-{os.getpid()}-{os.urandom(6).hex()}"  # never a stock ident (hex digits only)
+    token = Token("RobustLock", address, ident)
+    proxy = _RobustLockProxy(token, "pickle", authkey=bytes(current_process().authkey), incref=False)
+    return ManagerLock(proxy, name)
+
+
+def make_locks(locks: list[ManagerLock], fault_spec: faults.Spec | None = None) -> None:
+    """Make the planned ``locks`` (all at one server's address) in one request: one
+    connection and handshake for all of them, where a stock proxy pays three per object
+    (create, incref, decref). Each proxy then owns the reference the server counted."""
+    from multiprocessing import current_process
+
+    if not locks:
+        return
+    wait_manager_ready()
+    tokens = [_compat.proxy_token(lock._proxy) for lock in locks]
+    authkey = bytes(current_process().authkey)
+    _compat.manager_request(tokens[0].address, authkey, "create_locks", ([t.id for t in tokens], fault_spec))
+    for lock in locks:
+        _compat.proxy_owns_reference(lock._proxy)
 
 
 class PoolLocks:
@@ -960,6 +1067,13 @@ class PoolLocks:
     was inside its critical section when the server died finishes it unguarded: its id slot
     is generation-checked, so the parent's repair of it is safe.) Only the first locks get
     the pool's ``manager.*`` fault points, so an injected Manager death happens once.
+
+    Steps, so that a pool's first workers can be forked while the Manager starts: the
+    constructor only *names* the locks (no Manager contact: ``plan_address``, where the
+    program's server is or will be); ``begin`` has the spawner fork the server if the program
+    has none, without waiting for it; ``start`` waits until it listens and has both locks
+    made in one request. Workers forked in between carry the named attach lock and use it
+    only on their way out, which comes after ``start``.
     """
 
     def __init__(self, ctx: Any, allow_fork: bool, pool_id: int, fault_spec: faults.Spec) -> None:
@@ -968,12 +1082,46 @@ class PoolLocks:
         self._pool_id = pool_id  # I
         self._guard = threading.Lock()  # guards arb, attach and replaced (the swap, not the locks' use)
         self.replaced = 0
-        mine = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}
-        self.arb, self.attach = self._new(mine)
+        self._first_faults = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}  # I
+        address, self.manager_follows = plan_address()  # I: no server yet, start() starts it
+        self.arb, self.attach = self._plan(address)
 
-    def _new(self, fault_spec: faults.Spec | None = None) -> tuple[ManagerLock, ManagerLock]:
-        arb = new_lock(self._ctx, f"pool{self._pool_id}.manager_arb", self._allow_fork, fault_spec)
-        attach = new_lock(self._ctx, f"pool{self._pool_id}.attach", self._allow_fork, fault_spec)
+    def _plan(self, address: str) -> tuple[ManagerLock, ManagerLock]:
+        return (
+            planned_lock(address, f"pool{self._pool_id}.manager_arb"),
+            planned_lock(address, f"pool{self._pool_id}.attach"),
+        )
+
+    def start(self) -> None:
+        """Have the named locks made on the program's Manager server, started now if there is
+        none. If the server is not the one they were named for (it died, or another thread's
+        pool started it at another address meanwhile), new locks are named and made there:
+        workers forked with the old name exit without detaching (their ids are freed when the
+        parent reaps them, as for workers of a dead server). A server that dies meanwhile is
+        replaced once, as on any later request. Raises what starting the server or reaching
+        it raised."""
+        address = _address_of(get_manager(self._ctx, self._allow_fork))
+        with self._guard:
+            if not _same_address(self.arb.address, address):
+                self.arb, self.attach = self._plan(address)
+            try:
+                make_locks([self.arb, self.attach], self._first_faults)
+                return
+            except LOST:
+                if not replace_dead_manager(self._ctx, self._allow_fork, address):
+                    raise
+            self.arb, self.attach = self._new()
+            self.replaced += 1
+
+    def begin(self) -> None:
+        """Start the program's Manager server if it has none, without waiting for it to listen
+        (``start`` waits): the pool's first workers are forked meanwhile."""
+        if self.manager_follows:
+            get_manager(self._ctx, self._allow_fork)
+
+    def _new(self) -> tuple[ManagerLock, ManagerLock]:
+        arb, attach = self._plan(_address_of(get_manager(self._ctx, self._allow_fork)))
+        make_locks([arb, attach])
         return arb, attach
 
     @contextmanager

@@ -135,11 +135,11 @@ multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
 class WorkerPool:
     """A pool of worker processes with asynchronous worker destruction.
 
-    ``min_workers`` processes start at once and the pool never culls below them; a submit that
-    finds no idle worker starts another, up to ``max_workers``; idle workers beyond "2 idle
-    plus 1 per 4 busy" are destroyed once idle for ``idle_timeout`` seconds. Destroying a
-    worker never waits for it: the worker detaches itself on its way out, and only ``close``
-    waits, once, for the last one to leave.
+    ``min_workers`` processes start at once (the constructor returns with FIRST_BATCH up, a thread
+    starts the rest: ``Creator.start_first``) and are never culled; a submit that finds no idle
+    worker starts another, up to ``max_workers``; idle workers beyond "2 idle plus 1 per 4 busy"
+    are destroyed once idle for ``idle_timeout`` seconds. Destroying a worker never waits for it:
+    the worker detaches itself on its way out, and only ``close`` waits, once, for the last one.
 
     ``max_workers`` is at most ``MAX_WORKERS`` (4096; see procpool.idtable for why).
 
@@ -214,6 +214,8 @@ class WorkerPool:
         except BaseException:
             self._abort_init()
             raise
+        # The filler first: the arbiter's own fill() passes wait for it to be gone.
+        self._creator.start_filler(self._wake)
         self._arbiter.thread.start()
         _live_pools.add(self)
 
@@ -228,7 +230,7 @@ class WorkerPool:
         # M attach: id allocation and freeing, and the detach completion's state
         from .manager import PoolLocks  # the Manager's machinery: loaded by the first pool
 
-        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I
+        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I (named, made below)
         completion = self._ctx.Pipe(duplex=False)
         reaper = Reaper(
             self.id, books, self.fault_spec, self._locks, completion[1], Wakeup(), selectors.DefaultSelector()
@@ -240,9 +242,7 @@ class WorkerPool:
         cm = ConcurrencyManagement(books, creator.create_workers, lambda: creator.retry_at)
         self._arbiter = arbiter = Arbiter(self.id, books, self.fault_spec, reaper, creator, cm)
         self._teardown = Teardown(self.id, books, arbiter, creator, self._locks, completion, self._unlist)
-        creator.create_workers(cfg.min_workers)
-        if len(books.workers) < cfg.min_workers:
-            raise OSError(f"procpool: could not start {cfg.min_workers} workers") from creator.error
+        creator.start_first()  # the first workers, then the locks (docs/design.md "Pool start")
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""

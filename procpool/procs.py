@@ -4,8 +4,8 @@ a process or descriptor already gone (kill, close, unlink).
 
 Quiet means: the one error that says "already done" (the process is gone, the descriptor is
 closed, the file is unlinked) is swallowed; any other error still raises, except where a
-helper says otherwise. Nothing here imports another procpool module, so every module may
-import this one without a cycle.
+helper says otherwise. Nothing here imports another procpool module but ``_compat`` (which
+imports none), so every module may import this one without a cycle.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
+
+from . import _compat
 
 #: Signals the spawner and the Manager ignore: sent to the whole process group (Ctrl-C,
 #: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
@@ -28,14 +30,15 @@ def reset_signals() -> None:
     wakeup fd: a process forked from the program (or from the spawner) must not run the
     program's handlers — a worker that merely *records* SIGTERM would survive close()'s
     escalation, and a Manager that does would outlive its stop."""
+    raw = _compat.raw_signal()  # (signal's own functions, without their enum wrapping)
     try:
-        signal.set_wakeup_fd(-1)
+        raw.set_wakeup_fd(-1)
     except ValueError:  # pragma: no cover - not the main thread
         return
-    for sig in signal.valid_signals():
+    for sig in raw.valid_signals():
         try:
-            if callable(signal.getsignal(sig)):
-                signal.signal(sig, signal.SIG_DFL)
+            if callable(raw.getsignal(sig)):
+                raw.signal(sig, raw.SIG_DFL)
         except (OSError, ValueError):
             pass
 

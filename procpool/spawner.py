@@ -237,6 +237,9 @@ class Spawner:
 
     @staticmethod
     def _fork(ours: socket.socket, theirs: socket.socket) -> _ForkedSpawner:
+        # Read before the fork: a program that dies right after it would make the spawner's
+        # getppid() a reaper's pid, and the spawner would clean up after the wrong program.
+        program = os.getpid()
         pid = os.fork()
         if pid == 0:  # the spawner: never returns into the program's code
             try:
@@ -251,7 +254,7 @@ class Spawner:
                 # docstring: "Helpers hold only what they need").
                 _let_go_of(_open_fds() - {0, 1, 2, theirs.fileno()})
                 _compat.forget_program_helpers()
-                _spawner_loop(theirs, os.getppid())
+                _spawner_loop(theirs, program)
             finally:
                 os._exit(1)
         theirs.close()
@@ -264,24 +267,36 @@ class Spawner:
         """One request and its answer. A socket that fails (the spawner died, perhaps so
         recently that it is not even a zombie yet) marks this spawner lost, so that the next
         get_spawner() starts a new one instead of handing this one out again."""
+        return self._request_fds(payload, fds, 0)[0]
+
+    def _request_fds(self, payload: bytes, fds: list[int], maxfds: int) -> tuple[Any, list[int]]:
+        """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too)."""
         with self._lock:
             try:
                 _send_frame(self._sock, payload, fds)
-                return pickle.loads(_recv_frame(self._sock))
+                if not maxfds:
+                    return pickle.loads(_recv_frame(self._sock)), []
+                data, got = _recv_frame_fds(self._sock, maxfds)
+                return pickle.loads(data), got
             except (EOFError, OSError):
                 self._lost = True
                 raise
 
-    def start_manager(self, alive_fd: int, host: ServerHost) -> tuple[Any, int]:
-        """Have the spawner fork the program's Manager server with ``host``; returns its
-        address and pid. ``alive_fd`` is the read end of a pipe only the program writes to:
+    def start_manager(self, alive_fd: int, host: ServerHost, address: str) -> tuple[Any, int, int]:
+        """Have the spawner fork the program's Manager server with ``host``, listening at
+        ``address`` (chosen by the program, so that it can name the server's locks before it
+        exists); returns its address, its pid and the read end of the pipe on which it says it
+        listens (the spawner does not wait for that: it goes on forking workers meanwhile).
+        ``alive_fd`` is the read end of a pipe only the program writes to:
         the server exits when it reads EOF there, i.e. when the program is gone, whatever
         became of us. ``host`` travels as a reference (a class): the spawner loads the
         Manager's module then, and never imports it itself (no import cycle)."""
-        answer = self._request(pickle.dumps(("manager", host, None), pickle.HIGHEST_PROTOCOL), [alive_fd])
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
+        payload = pickle.dumps(("manager", host, address), pickle.HIGHEST_PROTOCOL)
+        answer, fds = self._request_fds(payload, [alive_fd], 1)
+        if isinstance(answer, BaseException) or len(fds) != 1:
+            close_quietly(fds)
+            raise answer if isinstance(answer, BaseException) else OSError("the spawner sent no Manager pipe")
+        return (*answer, fds[0])
 
     def spawn(
         self,
@@ -297,16 +312,24 @@ class Spawner:
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
-                specs[start : start + MAX_BATCH], conn_fds[start : start + MAX_BATCH], completion_fd, list(inherited)
+                specs[start : start + MAX_BATCH],
+                conn_fds[start : start + MAX_BATCH],
+                completion_fd,
+                list(inherited),
             )
         return out
 
     def _spawn_batch(
-        self, specs: list[Any], conn_fds: list[tuple[int, int]], completion_fd: int, inherited: list[int]
+        self,
+        specs: list[Any],
+        conn_fds: list[tuple[int, int]],
+        completion_fd: int,
+        inherited: list[int],
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
-            payload = pickle.dumps(("spawn", specs, list(sys.path), len(inherited)), pickle.HIGHEST_PROTOCOL)
+            request = ("spawn", specs, list(sys.path), len(inherited))
+            payload = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
             fds = [completion_fd]
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
@@ -420,8 +443,10 @@ class ServerHost(Protocol):
     ``ManagerHost``, handed to it by reference in the "manager" request: the spawner never
     imports the Manager's module itself, so the two modules form no import cycle)."""
 
-    def start(self, alive_fd: int, close_fds: list[int]) -> tuple[tuple[Any, int], socket.socket]:
-        """Fork the server; its (address, pid) and the spawner's end of the handover channel."""
+    def start(self, alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket, int]:
+        """Fork the server listening at ``address``, without waiting for it to listen; its
+        (address, pid), the spawner's end of the handover channel, and the read end of the
+        pipe on which the server says it listens."""
         ...
 
     def stop(self) -> None:
@@ -469,25 +494,13 @@ class _SpawnerState:
         # when we did not fork it (a replacement spawner): workers then connect themselves.
         self.handover: socket.socket | None = None
         self.host: ServerHost | None = None  # how we forked the Manager server, if we did
-        self.pdeathsig = _pdeathsig_setter()
+        self.pdeathsig: Callable[[int], None] | None = None  # set by warm_up, before the first fork
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
 
     def serve(self) -> None:
         """The spawner's loop proper; returns when the program's socket closes, raises on any
         error (an EPIPE on an answer, say)."""
-        # Import here, once, what a worker needs on its way out when it has to connect to the
-        # Manager itself (a replacement spawner hands no connections over): the handshake
-        # imports hmac (and OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the
-        # worst moment, a teardown of many at once. (Usually no-ops: the program imported them.)
-        import hashlib  # noqa: F401
-        import hmac  # noqa: F401
-
-        import psutil
-
-        from . import worker  # noqa: F401 - what every worker runs
-
-        psutil.boot_time()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
@@ -522,6 +535,24 @@ class _SpawnerState:
                 pass
             os.close(fd)
 
+    def warm_up(self) -> None:
+        """Before the first fork of a worker, not before the first request: the program's
+        first request is for its Manager, which then starts while this runs (~3-4 ms, most of
+        it ctypes for the pdeathsig setter). Imports, once, what every worker runs, and what
+        a worker needs on its way out when it has to connect to the Manager itself (a
+        replacement spawner hands no connections over): the handshake imports hmac (and
+        OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment, a
+        teardown of many at once. (Usually no-ops: the program imported them.)"""
+        import hashlib  # noqa: F401
+        import hmac  # noqa: F401
+
+        import psutil
+
+        from . import worker  # noqa: F401 - what every worker runs
+
+        psutil.boot_time()
+        self.pdeathsig = _pdeathsig_setter()
+
     def one_request(self) -> bool:
         """Read and answer one request; False at the program's EOF."""
         try:
@@ -530,24 +561,29 @@ class _SpawnerState:
             return False
         kind, specs, sys_path, *more = pickle.loads(payload)
         if kind == "manager":
-            self.start_manager(specs, fds[0])
+            self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         else:
             inherited = fds[len(fds) - more[0] :] if more and more[0] else []
             self.spawn(specs, sys_path, fds, inherited)
         return True
 
-    def start_manager(self, host: ServerHost, alive_fd: int) -> None:
+    def start_manager(self, host: ServerHost, alive_fd: int, address: str) -> None:
         answer: Any
+        ready: list[int] = []
         try:
             # The Manager closes every descriptor of ours it inherits (they are the
             # spawner's, not its own).
             spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
-            answer, self.handover = host.start(alive_fd, spawner_fds)
+            answer, self.handover, ready_fd = host.start(alive_fd, spawner_fds, address)
+            ready = [ready_fd]
             self.host = host
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
         os.close(alive_fd)
-        _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+        try:
+            _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), ready)
+        finally:
+            close_quietly(ready)
 
     def _manager_pairs(self, n: int) -> list[int]:
         """A Manager connection per worker (both ends, flat), to hand over to the server (see
@@ -566,6 +602,8 @@ class _SpawnerState:
     def spawn(self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int]) -> None:
         """Fork one worker per spec; answer a pid, or the exception that refused it, per spec."""
         completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
+        if self.pdeathsig is None:
+            self.warm_up()
         answer: list[int | BaseException] = []
         ours = self._manager_pairs(len(specs))
         given: list[int] = []  # the server's ends of the workers that were forked
@@ -602,6 +640,7 @@ class _SpawnerState:
     ) -> None:
         """In a just-forked worker: keep its own descriptors, close the spawner's, become it."""
         rx, tx, completion_fd, mgr = own
+        assert self.pdeathsig is not None  # (warm_up ran before the first fork)
         self.pdeathsig(self.pid)
         keep = {rx, tx, completion_fd, mgr, *inherited}
         spec.inherited_fds = inherited

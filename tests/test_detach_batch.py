@@ -212,3 +212,35 @@ def test_last_worker_out_completes_through_the_batch():
     assert r["alive_when_completed"] and r["completed_while_alive"] == 1
     assert r["closed"] and r["completions"] == 1 and r["broken"] == 0 and r["gone"]
     assert_program_left_nothing(proc, token)
+
+
+FIRST_WORKERS = """
+import json, os, procpool
+from procpool.creation import FIRST_BATCH
+
+def sockets(pid):
+    fds = os.listdir(f"/proc/{pid}/fd")
+    return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in fds if fd.isdigit())
+
+# The program's first pool forks its first workers while its Manager starts, then more
+# behind the constructor once it does: each one is born with its handed-over connection.
+pool = procpool.WorkerPool(min_workers=FIRST_BATCH + 2, max_workers=FIRST_BATCH + 2)
+assert procpool.manager.server_pid() is not None
+assert [pool.submit(abs, -i).result(timeout=20) for i in range(8)] == list(range(8))
+from conftest import wait_until
+wait_until(lambda: pool.stats().nr_workers == FIRST_BATCH + 2, what="all workers")
+r = {w.id: sockets(w.pid) for w in pool.workers()}
+pool.close()
+print(json.dumps({"sockets": r, "broken": pool.manager_locks.attach.broken}))
+"""
+
+
+def test_workers_forked_while_the_manager_starts_detach_in_batches_too():
+    proc, token = run_program(FIRST_WORKERS)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    # One socket each, from its fork: the Manager connection the spawner handed over (a
+    # worker without one connects only on its way out).
+    assert set(r["sockets"].values()) == {1}, r
+    assert r["broken"] == 0
+    assert_program_left_nothing(proc, token)

@@ -25,6 +25,8 @@ import psutil
 import pytest
 from conftest import alive, my_segments, title_of, wait_until
 
+from procpool.creation import FIRST_BATCH
+
 pytestmark = pytest.mark.timeout(120)
 
 GONE_WITHIN = 1.0
@@ -162,9 +164,9 @@ def test_spawner_and_manager_outlive_a_group_signal_the_program_survives(tmp_pat
             if __name__ == "__main__":
                 signal.signal(signal.SIGTERM, lambda *a: None)
                 with procpool.WorkerPool(min_workers=1, max_workers=2) as pool:
-                    print(json.dumps([spawner.spawner_pid(), manager.server_pid(),
-                                      pool.workers()[0].pid]), flush=True)
+                    # Read before the print: the test kills this worker once it has the line.
                     first = pool.workers()[0].pid
+                    print(json.dumps([spawner.spawner_pid(), manager.server_pid(), first]), flush=True)
                     sys.stdin.readline()
                     deadline = time.monotonic() + 30  # until the pool saw its worker's death
                     while first in [w.pid for w in pool.workers()] and time.monotonic() < deadline:
@@ -207,7 +209,9 @@ BATCH = textwrap.dedent(
     """
     import procpool
     if __name__ == "__main__":
-        # The spawner stops itself (SIGSTOP) with the 64 workers forked, before its answer.
+        # The spawner stops itself (SIGSTOP) with the constructor's first batch of workers
+        # forked, before its answer; the Manager, forked just before them, may still be
+        # starting (the program has not waited for it yet).
         pool = procpool.WorkerPool(min_workers=64, max_workers=64, faults="spawner.answer=stop")
         pool.submit(abs, -1).result(timeout=60)
     """
@@ -229,7 +233,8 @@ def test_program_killed_before_the_spawners_answer_still_gets_its_cleanup(tmp_pa
 
         spawner = wait_until(stopped_spawner, timeout=60, what="the spawner stopped before its answer")
         helpers = [spawner.pid, *(c.pid for c in spawner.children())]
-        assert len(helpers) >= 1 + 64  # the spawner, its 64 workers (and the Manager)
+        # The spawner, its Manager and the first batch of workers.
+        assert len(helpers) == 2 + FIRST_BATCH, [title_of(p) for p in helpers]
         assert my_segments(proc.pid)
         proc.kill()
         proc.wait(timeout=60)

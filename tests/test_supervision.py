@@ -130,6 +130,88 @@ def test_manager_killed_then_the_pool_grows_and_loses_a_worker():
     assert_program_left_nothing(proc, token)
 
 
+# -- the Manager dies during the first pool's start, its first workers forked already -------------
+
+MANAGER_DIES_AT_START = """
+import json, os, sys, time, psutil, procpool, tasks
+# A fresh program: its first pool forks its first workers, then starts the Manager, whose
+# server is SIGKILLed (manager.create=kill) while it makes the pool's locks.
+pool = procpool.WorkerPool(min_workers=3, max_workers=3, idle_timeout=60, faults="manager.create=kill")
+first = {w.id: w.pid for w in pool.workers()}
+assert len(first) == 3, first
+server = procpool.manager.server_pid()
+assert psutil.Process(server).is_running()
+ids = [f.result(timeout=20) for f in [pool.submit(tasks.square, i) for i in range(12)]]
+assert ids == [i * i for i in range(12)], ids
+t0 = time.monotonic()
+pool.close()
+st = pool.stats()
+print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
+                  "replaced": pool.manager_locks.replaced, "completions": pool.completions,
+                  "close_s": time.monotonic() - t0, "first": first}))
+"""
+
+
+def test_manager_killed_while_the_first_pool_starts_its_first_workers_running():
+    # The window opened by forking the first workers before the Manager is up: their attach
+    # lock names a server that died before it made the lock. The constructor replaces the
+    # server (one new one, new locks); those workers serve, and on their way out, finding no
+    # lock, exit without detaching: the parent frees their ids when it reaps them.
+    proc, token = run_program(MANAGER_DIES_AT_START)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r["replaced"] == 1
+    assert r["created"] == r["destroyed"] + r["lost"] and r["dying"] == 0
+    assert r["close_s"] < CLOSE_BOUND
+    assert_program_left_nothing(proc, token)
+
+
+def test_min_workers_beyond_the_first_batch_start_behind_the_constructor():
+    # The constructor returns with FIRST_BATCH workers up; the filler starts the rest in
+    # batches, while the first ones already answer.
+    from procpool.creation import FIRST_BATCH
+
+    n = FIRST_BATCH + 9
+    pool = procpool.WorkerPool(min_workers=n, max_workers=n)
+    try:
+        assert len(pool.workers()) >= FIRST_BATCH
+        assert pool.submit(tasks.square, 5).result(timeout=20) == 25
+        wait_until(lambda: pool.stats().nr_workers == n, timeout=30, what=f"{n} workers")
+        pids = {w.pid for w in pool.workers()}
+        assert len(pids) == n and all(map(alive, pids))
+        assert sorted(w.id for w in pool.workers()) == list(range(n))  # lowest free ids
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
+    assert pool.stats().created == n
+
+
+def test_growth_and_the_filler_together_never_pass_max_workers():
+    # Work waits while the filler still starts min_workers: growth creates too, in turns
+    # with the filler under M arb, each counting the other's workers.
+    n = 20
+    pool = procpool.WorkerPool(min_workers=n, max_workers=n)
+    try:
+        futs = [pool.submit(tasks.sleep_then, 0.05, i) for i in range(3 * n)]
+        assert [f.result(timeout=60) for f in futs] == list(range(3 * n))
+        wait_until(lambda: pool.stats().nr_workers == n, timeout=30, what=f"{n} workers")
+        assert pool.stats().created == n  # none died: every worker ever created is still there
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
+
+
+def test_close_right_after_the_constructor_stops_the_filler():
+    # Teardown takes M arb: the filler's next batch finds no_create and stops; whatever it
+    # forked before is torn down with the rest.
+    pool = procpool.WorkerPool(min_workers=40, max_workers=40)
+    close_within(pool)
+    st = pool.stats()
+    assert_books_add_up(st)
+    assert 0 < st.created <= 40
+    assert not pool._creator.filler_running()
+
+
 # -- trigger 4: creation keeps failing; a teardown step fails ------------------------------------
 
 
@@ -215,3 +297,22 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     close_within(pool)
     assert time.monotonic() - t0 < CLOSE_BOUND
     assert_books_add_up(pool.stats())
+
+
+def test_a_live_manager_is_not_taken_for_replaced_by_its_locks_address():
+    # A pool's locks name the server's address as the program planned it (a str); the server
+    # reports its abstract name as bytes. Both are the same server: asked to replace it while
+    # it lives, the program must say no (the failure was something else), not "replaced".
+    from procpool import manager
+    from procpool.spawner import resolve_context
+
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+    try:
+        server = manager.server_pid()
+        address = pool.manager_locks.attach.address
+        assert isinstance(address, str)
+        assert manager.replace_dead_manager(resolve_context(None), True, address) is False
+        assert manager.server_pid() == server and alive(server)
+        assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+    finally:
+        close_within(pool)

@@ -53,7 +53,10 @@ start-warm     constructor until 32 workers exist and each ran an item (a barrie
                in this program, where procpool's helpers, the multiprocessing fork server and
                loky's helpers already run (the warm-up started them).
 start-cold     the same, as the first pool of a fresh interpreter (a child process per sample;
-               it pays for starting the fork server, and procpool for its Manager too). The
+               it pays for starting the fork server, and procpool for its Manager too), in
+               two rows from the same samples: "first result", the constructor and one item
+               submitted right after it until its result; then the plain row, until the
+               barrier round behind that item ended (all 32 exist and ran an item). The
                contender's module and pool class are imported before the clock starts; what
                making the first pool imports (procpool: the Manager's machinery) is timed.
 throughput     2 workers, submit 20,000 trivial items one at a time (cf/loky/procpool

@@ -149,6 +149,21 @@ def bench_start(contender: str, n: int) -> float:
     return dt
 
 
+def bench_cold_start(contender: str, n: int) -> dict[str, float]:
+    """The cold start of a pool of n (run in a fresh interpreter, ``in_child``): "first", the
+    seconds from the constructor to the result of one item submitted right after it; "all",
+    to the end of a barrier round of n after that (all n exist and each ran an item)."""
+    t0 = time.perf_counter()
+    with managed(contender, n) as pool:
+        if pool.submit(noop, 7).result(BARRIER_TIMEOUT) != 7:
+            raise RuntimeError(f"{contender}: the first item returned a wrong result")
+        first = time.perf_counter() - t0
+        barrier_round(pool, n)
+        dt = time.perf_counter() - t0
+        check_processes(pool, n)
+    return {"first": first, "all": dt}
+
+
 def bench_throughput(contender: str, items: int) -> float:
     with managed(contender, 2) as pool:
         barrier_round(pool, 2)
@@ -227,8 +242,8 @@ def bench_mixed(contender: str, items: int) -> float:
 
 
 def in_child(kind: str, contender: str, **params: int) -> float:
-    """One sample of ``kind`` ("start", "map", "throughput") in a fresh interpreter (the entry
-    script with --child). start: the cold start. map and throughput: their bursts of a million
+    """One sample of ``kind`` ("map", "throughput") in a fresh interpreter (the entry
+    script with --child); ``cold_start`` has the cold start's. map and throughput: their bursts of a million
     results or 20,000 futures leave tens of MB in the heap of the process that ran them
     (pebble's map ~80 MB; glibc keeps much of it even after malloc_trim), and every later fork
     of that process would pay for it: the fork-based peers' start, and their teardown."""
@@ -236,6 +251,12 @@ def in_child(kind: str, contender: str, **params: int) -> float:
     for k, v in params.items():
         argv += [f"--{k}", str(v)]
     return float(run_child(argv)["value"])
+
+
+def cold_start(contender: str, n: int) -> dict[str, float]:
+    """One sample of ``bench_cold_start`` in a fresh interpreter: {"first": s, "all": s}."""
+    res = run_child(["--child", "start", "--contender", contender, "--n", str(n)])
+    return {"first": float(res["first"]), "all": float(res["value"])}
 
 
 def run_child(argv: list[str]) -> dict[str, Any]:

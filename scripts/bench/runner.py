@@ -31,7 +31,7 @@ from .floors import FLOOR_PROCS, floor_exit, floor_pingpong, rss_mb
 from .items import barrier_round
 from .peers import ALL_PEERS, CONTENDERS, managed
 from .report import Bench, W, fmt, load, print_bench
-from .targets import START_COLD, START_WARM, START_WORKERS, Run, evaluate, print_targets
+from .targets import START_COLD, START_COLD_FIRST, START_WARM, START_WORKERS, Run, evaluate, print_targets
 
 #: ``--only`` takes these names; "teardown" and "start" name both of their variants.
 BENCH_NAMES = (
@@ -191,7 +191,8 @@ class Session:
     def __init__(self, cfg: dict[str, Any], chosen: set[str], contenders: tuple[str, ...]) -> None:
         self.cfg, self.chosen, self.contenders = cfg, chosen, contenders
         self.benches: list[tuple[Bench, Sampler]] = []
-        self.start_cold: Bench | None = None
+        self.start_cold: Bench | None = None  # all START_WORKERS exist and ran an item
+        self.start_cold_first: Bench | None = None  # the first result (same samples' children)
         self.floors: list[tuple[Bench, Sampler]] = []
         self.floor_benches: list[Bench] = []
         self.floor_info: dict[str, list[float]] = collections.defaultdict(list)
@@ -244,8 +245,9 @@ class Session:
         if "mixed" in chosen:
             self._add("mixed", "ms", 1e3, False, lambda c: bm.bench_mixed(c, bm.MIXED_ITEMS))
         if "start-cold" in chosen:
+            self.start_cold_first = Bench(START_COLD_FIRST, "ms", 1e3, False, contenders)
             self.start_cold = Bench(START_COLD, "ms", 1e3, False, contenders)
-            self.start_cold.max_rounds = cfg["cold_rounds"]
+            self.start_cold.max_rounds = self.start_cold_first.max_rounds = cfg["cold_rounds"]
 
     def _plan_floors(self) -> None:
         if "floors" not in self.chosen:
@@ -273,7 +275,8 @@ class Session:
 
     @property
     def all_benches(self) -> list[Bench]:
-        return [b for b, _ in self.benches] + ([self.start_cold] if self.start_cold is not None else [])
+        cold = [self.start_cold_first, self.start_cold] if self.start_cold is not None else []
+        return [b for b, _ in self.benches] + [b for b in cold if b is not None]
 
     def run_round(self, r: int) -> None:
         contenders = self.contenders
@@ -294,9 +297,21 @@ class Session:
             self._destroy_round()
         if self.start_cold is not None and self.start_cold.max_rounds is not None and r < self.start_cold.max_rounds:
             for c in order:
-                sample(self.start_cold, c, lambda c: bm.in_child("start", c, n=START_WORKERS))
+                sample(self.start_cold, c, self._cold_sampler())
         for bench, fn in self.floors:
             sample(bench, "floor", fn)
+
+    def _cold_sampler(self) -> Sampler:
+        """One cold start child gives both rows: the first result goes to its bench here, the
+        time until all exist and ran an item is the sample returned."""
+
+        def fn(c: str) -> float:
+            res = bm.cold_start(c, START_WORKERS)
+            if self.start_cold_first is not None:
+                self.start_cold_first.samples[c].append(res["first"])
+            return res["all"]
+
+        return fn
 
     def _destroy_round(self) -> None:
         gc.collect()
@@ -513,15 +528,17 @@ def child_main(args: argparse.Namespace) -> None:
     # (procpool's Manager machinery) is start time.
     cls = CONTENDERS[c]
     getattr(importlib.import_module(cls.module), cls.pool_class, None)
+    extra: dict[str, float] = {}
     if args.child == "start":
-        value = bm.bench_start(c, args.n)
+        extra = bm.bench_cold_start(c, args.n)
+        value = extra.pop("all")
     elif args.child == "map":
         value = bm.bench_map(c, args.items, args.chunksize)
     else:
         value = bm.bench_throughput(c, args.items)
     # The helpers this program started (fork server, Manager, spawner, resource trackers): the
     # parent checks that they go away with us.
-    print(json.dumps({"contender": c, "value": value, "helpers": descendants()}))
+    print(json.dumps({"contender": c, "value": value, **extra, "helpers": descendants()}))
 
 
 def main(description: str) -> int:
