@@ -5,7 +5,8 @@ a process or descriptor already gone (kill, close, unlink).
 Quiet means: the one error that says "already done" (the process is gone, the descriptor is
 closed, the file is unlinked) is swallowed; any other error still raises, except where a
 helper says otherwise. Nothing here imports another procpool module but ``_compat`` (which
-imports none), so every module may import this one without a cycle.
+imports none), so every module may import this one without a cycle; and that one only in
+``reset_signals``, since ``procpool ps`` loads this module and ``_compat`` loads typing.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
-
-from . import _compat
 
 #: Signals the spawner and the Manager ignore: sent to the whole process group (Ctrl-C,
 #: Ctrl-backslash, ``timeout``, a closed terminal, a supervisor), they must not end a helper
@@ -30,6 +29,8 @@ def reset_signals() -> None:
     wakeup fd: a process forked from the program (or from the spawner) must not run the
     program's handlers — a worker that merely *records* SIGTERM would survive close()'s
     escalation, and a Manager that does would outlive its stop."""
+    from . import _compat
+
     raw = _compat.raw_signal()  # (signal's own functions, without their enum wrapping)
     try:
         raw.set_wakeup_fd(-1)
