@@ -144,7 +144,7 @@ class PoolFuture(Future):
             for callback in self._cb:
                 try:
                     callback(self)
-                except Exception:
+                except Exception:  # noqa: BLE001 - a callback's failure is logged, as Future does
                     _base.LOGGER.exception("exception calling callback for %r", self)
 
     # -- the Future API ----------------------------------------------------------------------
@@ -185,7 +185,7 @@ class PoolFuture(Future):
                 return
         try:
             fn(self)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a callback's failure is logged, as Future does
             _base.LOGGER.exception("exception calling callback for %r", self)
 
     def _outcome(self, want_exception: bool) -> Any:
