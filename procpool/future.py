@@ -85,24 +85,26 @@ class PoolFuture(Future):
 
     # -- what concurrent.futures reaches for (with the lock held, or taking it) ---------------
 
-    @property  # type: ignore[override]
-    def _condition(self) -> _Condition:
+    def _view(self) -> _Condition:
         return _Condition(self)
 
-    @property
-    def _waiters(self) -> list[Any]:
+    def _get_waiters(self) -> list[Any]:
         """concurrent.futures.wait's waiters; it appends and removes them holding the lock."""
         w = self._w
         if w is None:
             w = self._w = []
         return w
 
-    @property
-    def _done_callbacks(self) -> list[Callable[[Future], object]]:
+    def _get_callbacks(self) -> list[Callable[[Future], object]]:
         cb = self._cb
         if cb is None:
             cb = self._cb = []
         return cb
+
+    # Properties where Future has plain attributes (made in its __init__, which is not called).
+    _condition = property(_view)  # type: ignore[assignment]
+    _waiters = property(_get_waiters)  # type: ignore[assignment]
+    _done_callbacks = property(_get_callbacks)  # type: ignore[assignment]
 
     # -- waiting and waking (lock held) ------------------------------------------------------
 
