@@ -102,9 +102,9 @@ class PoolFuture(Future):
         return cb
 
     # Properties where Future has plain attributes (made in its __init__, which is not called).
-    _condition = property(_view)  # type: ignore[assignment]
-    _waiters = property(_get_waiters)  # type: ignore[assignment]
-    _done_callbacks = property(_get_callbacks)  # type: ignore[assignment]
+    _condition = property(_view)
+    _waiters = property(_get_waiters)
+    _done_callbacks = property(_get_callbacks)
 
     # -- waiting and waking (lock held) ------------------------------------------------------
 
