@@ -40,6 +40,7 @@ from .errors import (
 )
 from .frames import frame, write_all
 from .idtable import PoolCounters
+from .locking import assert_held
 from .protocol import decode_result
 from .spawner import spawner_pid
 
@@ -146,11 +147,16 @@ class Reaper:
         if not answers:
             return
         b = self.books
-        done: list[tuple[Item, float, bool, Any]] = []
+        done: list[Item] = []
         nxt: list[Item] = []
         last = len(answers) - 1
+        # One clock reading for the whole read: its answers came together, and every item
+        # started here starts now.
+        now = time.monotonic()
+        cpu_sum = 0.0
         with b.lock:
-            for i, (seq, cpu, ok, value) in enumerate(answers):
+            assert_held(b.lock)  # (what after_item's callees rely on)
+            for i, (seq, cpu, _ok, _value) in enumerate(answers):
                 item = w.current
                 if item is None and w.queued:
                     # Killed (item timeout, cancel_running) just as its item answered, and it
@@ -160,18 +166,19 @@ class Reaper:
                 if item is None or seq != item.seq:  # pragma: no cover - protocol bug
                     raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
                 w.current = None
-                b.deadlines.pop(w, None)
-                b.items_done += 1
-                b.cpu_time += cpu
-                now = time.monotonic()
+                if item.timeout is not None:
+                    b.deadlines.pop(w, None)
+                cpu_sum += cpu
                 b.service_ewma += (now - w.started_at - b.service_ewma) * SERVICE_EWMA_WEIGHT
                 # A worker killed just as its result came is already off the books: the item
                 # keeps the result it earned; the worker gets nothing more.
                 if w.state != "dying":
-                    nxt += b.after_item(w, refill=i == last)
-                done.append((item, cpu, ok, value))
+                    nxt += b.after_item(w, i == last, now)
+                done.append(item)
+            b.items_done += len(answers)
+            b.cpu_time += cpu_sum
         send_items(w, nxt)
-        for item, cpu, ok, value in done:
+        for item, (_seq, cpu, ok, value) in zip(done, answers, strict=True):
             if item.account is not None:
                 item.account.charge(cpu_time=cpu)
             if item.dropped:
