@@ -9,13 +9,14 @@ item (the measurements are in the README, Performance).
 
 A ``PoolFuture`` is a Future in everything callers use: ``isinstance``, every method, and
 ``concurrent.futures.wait``/``as_completed``, which reach for ``f._condition`` and
-``f._waiters`` themselves. It holds one lock (``_lock``, not tracked by the collector) and
-makes the rest on first use: the lists of waiters and callbacks (most futures never get
-either), and ``_condition``, a view (``_Condition``) on the same lock with the methods
-concurrent.futures uses (acquire/release, ``with``, wait, notify_all). Its own methods take
-``_lock`` directly. The lock is not reentrant: nothing here calls out (callbacks, ``repr``,
-logging) while holding it. A waiter wakes only when notified or timed out, never spuriously:
-``result`` waits once and reads a wake-up without a result as a timeout.
+``f._waiters`` themselves. Its ``_condition`` is one plain lock (not tracked by the
+collector): all concurrent.futures does with it is acquire and release it (``with``, or its
+methods); waiting for the result is this class's own (``result``, ``exception``), through a
+list of sleeping threads' locks. The lists of waiters, callbacks and sleepers are made on
+first use: most futures never need any of them, as their result is set before anyone waits.
+The lock is not reentrant: nothing here calls out (callbacks, ``repr``, logging) while
+holding it. A sleeper wakes only when woken or timed out, never spuriously: ``result`` waits
+once and reads a wake-up without a result as a timeout.
 
 If a Python version adds fields to ``Future.__init__``, ``new_future`` falls back to the
 standard Future rather than guess.
@@ -34,48 +35,18 @@ _ENDED = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 _CANCELLED = (CANCELLED, CANCELLED_AND_NOTIFIED)
 
 
-class _Condition:
-    """``f._condition`` for concurrent.futures: a view on future ``f``'s lock, made on each
-    access (two views of one future share everything: the lock and the sleepers' list)."""
-
-    __slots__ = ("_f", "acquire", "release")
-
-    def __init__(self, f: PoolFuture) -> None:
-        self._f = f
-        self.acquire = f._lock.acquire
-        self.release = f._lock.release
-
-    def __enter__(self) -> bool:
-        return self._f._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._f._lock.release()
-
-    @property
-    def _waiters(self) -> list[Any] | None:
-        """The threads blocked in wait() (their locks), or None: for tests."""
-        return self._f._sleepers
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Release the lock, block until notified or ``timeout`` passed, take the lock back.
-        True if notified. The caller holds the lock."""
-        return self._f._sleep(timeout)
-
-    def notify_all(self) -> None:
-        self._f._wake()
-
-
 class PoolFuture(Future):
     """A ``concurrent.futures.Future`` with one plain lock (see the module).
 
-    Guards: ``_lock`` guards every field: ``_state``, ``_result``, ``_exception``, ``_w`` (the
-    waiters of concurrent.futures.wait/as_completed, or None), ``_cb`` (done-callbacks, or
-    None) and ``_sleepers`` (locks of the threads blocked in result()/exception(), oldest
-    first, or None). A field read alone is read without it (one attribute, under the GIL)."""
+    Guards: ``_condition`` (the lock) guards every field: ``_state``, ``_result``,
+    ``_exception``, ``_w`` (the waiters of concurrent.futures.wait/as_completed, or None),
+    ``_cb`` (done-callbacks, or None) and ``_sleepers`` (locks of the threads blocked in
+    result()/exception(), oldest first, or None). A field read alone is read without it (one
+    attribute, under the GIL)."""
 
     def __init__(self) -> None:
         # Not Future.__init__: its Condition and lists are what this class saves.
-        self._lock = _thread.allocate_lock()
+        self._condition: Any = _thread.allocate_lock()
         self._state = PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -84,9 +55,6 @@ class PoolFuture(Future):
         self._sleepers: list[Any] | None = None
 
     # -- what concurrent.futures reaches for (with the lock held, or taking it) ---------------
-
-    def _view(self) -> _Condition:
-        return _Condition(self)
 
     def _get_waiters(self) -> list[Any]:
         """concurrent.futures.wait's waiters; it appends and removes them holding the lock."""
@@ -101,12 +69,11 @@ class PoolFuture(Future):
             cb = self._cb = []
         return cb
 
-    # Properties where Future has plain attributes (made in its __init__, which is not called).
-    _condition = property(_view)
+    # Properties where Future has plain lists (made in its __init__, which is not called).
     _waiters = property(_get_waiters)
     _done_callbacks = property(_get_callbacks)
 
-    # -- waiting and waking (lock held) ------------------------------------------------------
+    # -- waiting and waking (``_condition`` held) ---------------------------------------------
 
     def _sleep(self, timeout: float | None) -> bool:
         waiter = _thread.allocate_lock()
@@ -114,7 +81,7 @@ class PoolFuture(Future):
         if self._sleepers is None:
             self._sleepers = []
         self._sleepers.append(waiter)
-        self._lock.release()
+        self._condition.release()
         notified = False
         try:
             if timeout is None:
@@ -125,7 +92,7 @@ class PoolFuture(Future):
                 notified = waiter.acquire(False)
             return notified
         finally:
-            self._lock.acquire()
+            self._condition.acquire()
             if not notified:
                 # Timed out (or interrupted). A notifier may have taken us off the list in
                 # between, which is harmless: we report what we saw, a timeout.
@@ -160,7 +127,7 @@ class PoolFuture(Future):
         return what + ">"
 
     def cancel(self) -> bool:
-        with self._lock:
+        with self._condition:
             state = self._state
             if state == RUNNING or state == FINISHED:
                 return False
@@ -181,7 +148,7 @@ class PoolFuture(Future):
         return self._state in _ENDED
 
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
-        with self._lock:
+        with self._condition:
             if self._state not in _ENDED:
                 self._done_callbacks.append(fn)
                 return
@@ -205,7 +172,7 @@ class PoolFuture(Future):
 
     def _wait_for(self, timeout: float | None, want_exception: bool) -> Any:
         try:
-            with self._lock:
+            with self._condition:
                 if self._state in _ENDED:
                     return self._outcome(want_exception)
                 self._sleep(timeout)
@@ -224,7 +191,7 @@ class PoolFuture(Future):
         return self._wait_for(timeout, True)
 
     def set_running_or_notify_cancel(self) -> bool:
-        with self._lock:
+        with self._condition:
             state = self._state
             if state == PENDING:
                 self._state = RUNNING
@@ -238,7 +205,7 @@ class PoolFuture(Future):
         raise RuntimeError("Future in unexpected state")
 
     def set_result(self, result: Any) -> None:
-        with self._lock:
+        with self._condition:
             state = self._state
             if state not in _ENDED:
                 self._result = result
@@ -251,7 +218,7 @@ class PoolFuture(Future):
         self._invoke_callbacks()
 
     def set_exception(self, exception: BaseException | None) -> None:
-        with self._lock:
+        with self._condition:
             state = self._state
             if state not in _ENDED:
                 self._exception = exception

@@ -88,7 +88,7 @@ def test_a_timed_out_waiter_does_not_swallow_a_later_wake_up():
     f = PoolFuture()
     with pytest.raises(TimeoutError):
         f.result(timeout=0.01)  # leaves no stale waiter behind
-    assert not f._condition._waiters  # the sleepers list, empty again
+    assert not f._sleepers  # the sleepers list, empty again
     box = []
     t = threading.Thread(target=lambda: box.append(f.result(timeout=10)))
     t.start()
