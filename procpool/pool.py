@@ -24,8 +24,9 @@ Path of one work item::
    worker     recv ─► (spin up to SPIN for the next item if they come that fast) ─► run ─►
               send seq + CPU time + (ok, value, traceback)
    arbiter    [one thread]     recv ─► L: its next prefetched item, or the next from the
-                               worklist (+ up to PREFETCH_MAX more behind it when items are
-                               short and the worklist deep) ─► send; or enter idle
+                               worklist (+ up to PREFETCH_MAX more behind it, about
+                               PREFETCH_WINDOW of work, when items are short and the worklist
+                               deep) ─► send; or enter idle
                                ─► set the Future
 
    A worker runs what it was sent in order and answers each item at once, so when it dies
