@@ -207,8 +207,7 @@ def worker_main(spec: WorkerSpec) -> None:
         _wait_for_die(recv)
         exit_path(spec, table)
     table.set_state(wid, IDLE)
-    reader = FrameReader(conn.fileno())
-    tx = conn.tx.fileno()  # the result pipe: answers go out through send_frame
+    reader, tx = FrameReader(conn.fileno()), conn.tx.fileno()  # tx: the result pipe (send_frame)
     process_time, clock = time.process_time, time.perf_counter
     spin, spin_now = spec.spin, False
     # CPU accounting (see CPU_ESTIMATE_BELOW): the last clock reading and when it was taken,
