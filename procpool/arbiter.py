@@ -44,6 +44,12 @@ from .locking import assert_held
 from .protocol import decode_result
 from .spawner import spawner_pid
 
+#: A submitter that queued this many items behind busy workers since the loop last started
+#: a pass lets go of the GIL for YIELD_SLEEP seconds (``Arbiter.yield_if_starved``): the
+#: shortest sleep, which the kernel's timer slack makes ~50-60 µs on Linux.
+YIELD_EVERY = 256
+YIELD_SLEEP = 1e-6
+
 #: One decoded answer: (seq, CPU seconds, ok, value); seq is None for INIT_FAILED.
 Answer = tuple[int | None, float, bool, Any]
 
@@ -309,6 +315,8 @@ class Arbiter:
         self.sel.register(self.wakeup.r, selectors.EVENT_READ, ("wake", None))
         self.stop = False  # L (read without it by the loop): set by teardown once every process is reaped
         self.dead = False  # L: the loop ended by a failure; arbiter_died cleaned up after it
+        self.passes = 0  # A (read by submitters without L: see yield_if_starved)
+        self.passes_seen = 0  # any submitting thread, no lock: a heuristic's memory (see there)
         self.thread = threading.Thread(target=self.run, name=f"procpool-arbiter-{pool_id}", daemon=True)  # I
 
     def adopt(self, w: Worker) -> None:
@@ -326,6 +334,7 @@ class Arbiter:
             self.arbiter_died(exc)
 
     def one_pass(self) -> None:
+        self.passes += 1
         # Before it may block: what the last turn changed is in the table while it sleeps.
         self.contain("_publish", self.publish)
         for key, _ in self.sel.select(self.next_timeout()):
@@ -343,6 +352,26 @@ class Arbiter:
         self.contain("_grow", self.cm.grow)
         self.contain("_cull_idle", self.cull_idle)
         self.contain("_kill_overdue", self.kill_overdue)
+
+    def yield_if_starved(self) -> None:
+        """A submitter calls this after every YIELD_EVERY-th item it queued behind busy
+        workers. If the loop has not started a pass since the last call, sleep the shortest
+        sleep, letting go of the GIL, so this thread can take it.
+
+        Why: a thread that submits in a loop keeps the GIL until the interpreter's switch
+        interval (5 ms) forces it out, while this thread, woken by answers, waits for it: the
+        workers run dry behind their prefetched items and most of a burst is answered only
+        after its last submit. A lost update of ``passes_seen`` by two submitters costs one
+        sleep more or less; a loop with nothing to do costs one sleep per YIELD_EVERY items."""
+        if self.starved():
+            time.sleep(YIELD_SLEEP)
+
+    def starved(self) -> bool:
+        """yield_if_starved's question: no pass started since the last time it was asked
+        (and the asker is not this thread, e.g. a done-callback that submits)."""
+        passes, seen = self.passes, self.passes_seen
+        self.passes_seen = passes
+        return passes == seen and threading.get_ident() != self.thread.ident
 
     def publish(self) -> None:
         """Counters and helper pids into the id table's header, for ``procpool monitor`` and

@@ -65,7 +65,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
-from .arbiter import Arbiter, Reaper, Wakeup, send_items
+from .arbiter import YIELD_EVERY, Arbiter, Reaper, Wakeup, send_items
 from .books import PREFETCH_BELOW as PREFETCH_BELOW
 from .books import PREFETCH_BYTES as PREFETCH_BYTES
 from .books import PREFETCH_MAX as PREFETCH_MAX
@@ -340,6 +340,7 @@ class WorkerPool:
             if b.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             w: Worker | None = None
+            check = False
             if b.policy.may_start_working():
                 w = b.idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
@@ -353,10 +354,13 @@ class WorkerPool:
                 # The arbiter decides (concurrency management needs its samples); wake it
                 # whenever the pool might grow.
                 wake = b.policy.may_grow()
+                check = len(b.worklist) % YIELD_EVERY == 0
         if w is not None:
             send_items(w, [item])
         if wake:
             self._wake()
+        elif check:
+            self._arbiter.yield_if_starved()  # outside L: may sleep a moment
         return fut
 
     def cancel_running(self, future: Future) -> bool:

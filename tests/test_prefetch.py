@@ -196,3 +196,39 @@ def test_prefetch_depth_is_bounded_by_count_and_expected_time(ewma, expected):
         it.payload = b"x" * 1000
     with b.lock:
         assert len(b.prefetch(w)) == pool_module.PREFETCH_BYTES // 1000
+
+
+def test_a_submitter_yields_only_while_the_arbiter_started_no_pass(tmp_path):
+    # The heuristic behind Arbiter.yield_if_starved: a submitter queueing behind busy workers
+    # lets go of the GIL only if the loop started no pass since it last asked, and never
+    # when it runs in the arbiter thread itself (a done-callback that submits).
+    mark, release = tmp_path / "running", tmp_path / "go"
+    with procpool.WorkerPool(1, 1) as pool:
+        arb = pool._arbiter
+        answers: list[bool] = []
+
+        def ask_twice_between_passes() -> bool:
+            p0 = arb.passes
+            arb.starved()  # forget what was seen before
+            starved = arb.starved()
+            if arb.passes != p0:
+                return False  # a pass started in between (start-up's wake-ups): ask again
+            answers.append(starved)
+            return True
+
+        wait_until(ask_twice_between_passes, what="two questions within one pass")
+        assert answers == [True]  # no pass in between: starved (asked from this thread)
+        blocker = pool.submit(tasks.touch_and_wait, str(mark), str(release))
+        wait_until(mark.exists, what="blocker running")
+        before = arb.passes
+        pool._wake()  # one more pass, for nothing
+        wait_until(lambda: arb.passes > before, what="an arbiter pass")
+        assert not arb.starved()  # a pass started since
+        seen_in_arbiter: list[bool] = []
+        # In the arbiter thread, twice within one pass (a callback runs inside the pass):
+        # from any other thread the second answer would be True.
+        blocker.add_done_callback(lambda f: seen_in_arbiter.append(arb.starved() or arb.starved()))
+        release.touch()
+        assert isinstance(blocker.result(timeout=30), int)
+        wait_until(lambda: seen_in_arbiter, what="the done-callback")
+        assert seen_in_arbiter == [False]  # the arbiter thread never yields to itself
