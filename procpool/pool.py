@@ -20,7 +20,8 @@ Path of one work item::
 
    submit()   [caller thread]  pickle (fn, args, kwargs) ─► L: idle worker? ─yes─► send to it
                                                               │ no
-                                                              └─► worklist (+ wake the arbiter to grow)
+                                                              └─► worklist (+ wake the arbiter to grow;
+                                                                  every 256th: let it run if it has not)
    worker     recv ─► (spin up to SPIN for the next item if they come that fast) ─► run ─►
               send seq + CPU time + (ok, value, traceback)
    arbiter    [one thread]     recv ─► L: its next prefetched item, or the next from the
@@ -330,9 +331,8 @@ class WorkerPool:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
-        payload = dumps_call(seq, fn, args, kwargs, tag)
         fut: Future = new_future()
-        item = Item(seq, fut, payload, timeout, account)
+        item = Item(seq, fut, dumps_call(seq, fn, args, kwargs, tag), timeout, account)
         b = self._books
         with b.lock:
             if b.broken is not None:
@@ -340,7 +340,6 @@ class WorkerPool:
             if b.closing:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             w: Worker | None = None
-            check = False
             if b.policy.may_start_working():
                 w = b.idle.pop()
                 fut.set_running_or_notify_cancel()  # nobody else has seen it: cannot be cancelled
@@ -351,15 +350,13 @@ class WorkerPool:
                 wake = timeout is not None
             else:
                 b.worklist.append(item)
-                # The arbiter decides (concurrency management needs its samples); wake it
-                # whenever the pool might grow.
+                # The arbiter decides (concurrency management samples); wake it if the pool might grow.
                 wake = b.policy.may_grow()
-                check = len(b.worklist) % YIELD_EVERY == 0
         if w is not None:
             send_items(w, [item])
         if wake:
             self._wake()
-        elif check:
+        elif w is None and len(b.worklist) % YIELD_EVERY == 0:  # (read without L: a heuristic)
             self._arbiter.yield_if_starved()  # outside L: may sleep a moment
         return fut
 
