@@ -40,8 +40,15 @@ from .errors import (
 )
 from .frames import frame, write_all
 from .idtable import PoolCounters
+from .locking import assert_held
 from .protocol import decode_result
 from .spawner import spawner_pid
+
+#: A submitter that queued this many items behind busy workers since the loop last started
+#: a pass lets go of the GIL for YIELD_SLEEP seconds (``Arbiter.yield_if_starved``): the
+#: shortest sleep, which the kernel's timer slack makes ~50-60 µs on Linux.
+YIELD_EVERY = 256
+YIELD_SLEEP = 1e-6
 
 #: One decoded answer: (seq, CPU seconds, ok, value); seq is None for INIT_FAILED.
 Answer = tuple[int | None, float, bool, Any]
@@ -146,11 +153,16 @@ class Reaper:
         if not answers:
             return
         b = self.books
-        done: list[tuple[Item, float, bool, Any]] = []
+        done: list[Item] = []
         nxt: list[Item] = []
         last = len(answers) - 1
+        # One clock reading for the whole read: its answers came together, and every item
+        # started here starts now.
+        now = time.monotonic()
+        cpu_sum = 0.0
         with b.lock:
-            for i, (seq, cpu, ok, value) in enumerate(answers):
+            assert_held(b.lock)  # (what after_item's callees rely on)
+            for i, (seq, cpu, _ok, _value) in enumerate(answers):
                 item = w.current
                 if item is None and w.queued:
                     # Killed (item timeout, cancel_running) just as its item answered, and it
@@ -160,18 +172,19 @@ class Reaper:
                 if item is None or seq != item.seq:  # pragma: no cover - protocol bug
                     raise AssertionError(f"worker {w.id} answered item {seq}, but runs {item and item.seq}")
                 w.current = None
-                b.deadlines.pop(w, None)
-                b.items_done += 1
-                b.cpu_time += cpu
-                now = time.monotonic()
+                if item.timeout is not None:
+                    b.deadlines.pop(w, None)
+                cpu_sum += cpu
                 b.service_ewma += (now - w.started_at - b.service_ewma) * SERVICE_EWMA_WEIGHT
                 # A worker killed just as its result came is already off the books: the item
                 # keeps the result it earned; the worker gets nothing more.
                 if w.state != "dying":
-                    nxt += b.after_item(w, refill=i == last)
-                done.append((item, cpu, ok, value))
+                    nxt += b.after_item(w, i == last, now)
+                done.append(item)
+            b.items_done += len(answers)
+            b.cpu_time += cpu_sum
         send_items(w, nxt)
-        for item, cpu, ok, value in done:
+        for item, (_seq, cpu, ok, value) in zip(done, answers, strict=True):
             if item.account is not None:
                 item.account.charge(cpu_time=cpu)
             if item.dropped:
@@ -302,6 +315,8 @@ class Arbiter:
         self.sel.register(self.wakeup.r, selectors.EVENT_READ, ("wake", None))
         self.stop = False  # L (read without it by the loop): set by teardown once every process is reaped
         self.dead = False  # L: the loop ended by a failure; arbiter_died cleaned up after it
+        self.passes = 0  # A (read by submitters without L: see yield_if_starved)
+        self.passes_seen = 0  # any submitting thread, no lock: a heuristic's memory (see there)
         self.thread = threading.Thread(target=self.run, name=f"procpool-arbiter-{pool_id}", daemon=True)  # I
 
     def adopt(self, w: Worker) -> None:
@@ -319,6 +334,7 @@ class Arbiter:
             self.arbiter_died(exc)
 
     def one_pass(self) -> None:
+        self.passes += 1
         # Before it may block: what the last turn changed is in the table while it sleeps.
         self.contain("_publish", self.publish)
         for key, _ in self.sel.select(self.next_timeout()):
@@ -337,6 +353,26 @@ class Arbiter:
         self.contain("_grow", self.cm.grow)
         self.contain("_cull_idle", self.cull_idle)
         self.contain("_kill_overdue", self.kill_overdue)
+
+    def yield_if_starved(self) -> None:
+        """A submitter calls this after every YIELD_EVERY-th item it queued behind busy
+        workers. If the loop has not started a pass since the last call, sleep the shortest
+        sleep, letting go of the GIL, so this thread can take it.
+
+        Why: a thread that submits in a loop keeps the GIL until the interpreter's switch
+        interval (5 ms) forces it out, while this thread, woken by answers, waits for it: the
+        workers run dry behind their prefetched items and most of a burst is answered only
+        after its last submit. A lost update of ``passes_seen`` by two submitters costs one
+        sleep more or less; a loop with nothing to do costs one sleep per YIELD_EVERY items."""
+        if self.starved():
+            time.sleep(YIELD_SLEEP)
+
+    def starved(self) -> bool:
+        """yield_if_starved's question: no pass started since the last time it was asked
+        (and the asker is not this thread, e.g. a done-callback that submits)."""
+        passes, seen = self.passes, self.passes_seen
+        self.passes_seen = passes
+        return passes == seen and threading.get_ident() != self.thread.ident
 
     def publish(self) -> None:
         """Counters and helper pids into the id table's header, for ``procpool monitor`` and

@@ -32,9 +32,12 @@ from .protocol import DIE, dying_title, worker_title
 from .stats import Account, PoolStats, WorkerInfo
 
 #: Prefetch: items whose recent service time (EWMA, seconds) is below PREFETCH_BELOW are sent
-#: to a busy worker up to PREFETCH_MAX at a time when the worklist is deep ...
+#: to a busy worker when the worklist is deep, up to PREFETCH_MAX at a time and about
+#: PREFETCH_WINDOW seconds of work by that service time (so an item queued behind the others
+#: waits at most about that long while another worker could have taken it) ...
 PREFETCH_BELOW = 0.0005
-PREFETCH_MAX = 32
+PREFETCH_MAX = 512
+PREFETCH_WINDOW = 0.002
 #: ... and while the calls sent to it and not answered yet add up to at most this many bytes:
 #: well under a pipe's 64 KiB, so the arbiter's write never waits for the worker to read.
 #: (A worker blocked sending a large result while the arbiter is blocked writing it more
@@ -161,24 +164,24 @@ class Books:
 
     def cm_set(self, w: Worker, blocked: bool, intensive: bool) -> None:
         """Update ``w``'s concurrency flags and the count of excluded workers. L held."""
-        assert_held(self.lock)
         before = w.cm_blocked or w.cm_intensive
         w.cm_blocked, w.cm_intensive = blocked, intensive
         self.nr_cm_out += (blocked or intensive) - before
 
-    def start_item(self, w: Worker, item: Item) -> None:
-        """``item`` is already RUNNING (see next_item); ``w`` is off the idle list. L held."""
-        assert_held(self.lock)
+    def start_item(self, w: Worker, item: Item, now: float | None = None) -> None:
+        """``item`` is already RUNNING (see next_item); ``w`` is off the idle list. ``now``:
+        the monotonic clock, if the caller read it already. L held (on the item path: the
+        callers check it, once per batch)."""
         w.state = "busy"
         w.current = item
-        self.cm_set(w, False, False)  # a new item counts as running until sampled otherwise
-        w.started_at = now = time.monotonic()
+        if w.cm_blocked or w.cm_intensive:
+            self.cm_set(w, False, False)  # a new item counts as running until sampled otherwise
+        w.started_at = now = time.monotonic() if now is None else now
         if item.timeout is not None:
             self.deadlines[w] = now + item.timeout
 
     def next_item(self) -> Item | None:
         """The next item of the worklist, made RUNNING. L held."""
-        assert_held(self.lock)
         while self.worklist:
             item = self.worklist.popleft()
             # An item taken back from a lost worker's prefetch queue is RUNNING already.
@@ -200,7 +203,11 @@ class Books:
         never prefetched (its clock starts when it starts)."""
         if self.service_ewma >= PREFETCH_BELOW or not self.worklist:
             return []
-        depth = min(PREFETCH_MAX, len(self.worklist) // max(1, len(self.workers)))
+        depth = min(
+            PREFETCH_MAX,
+            int(PREFETCH_WINDOW / max(self.service_ewma, 1e-6)),
+            len(self.worklist) // max(1, len(self.workers)),
+        )
         if self.cfg.max_tasks_per_child is not None:
             depth = min(depth, self.cfg.max_tasks_per_child - w.nr_done - 1 - len(w.queued))
         if len(w.queued) > depth // 2:
@@ -234,16 +241,16 @@ class Books:
         self.idle_or_retire(w)
         return []
 
-    def after_item(self, w: Worker, refill: bool = True) -> list[Item]:
+    def after_item(self, w: Worker, refill: bool = True, now: float | None = None) -> list[Item]:
         """``w`` finished its item: it goes on with its prefetched items, or gets the next
         ones, or idles, or retires after max_tasks_per_child items (the parent decides, not
         the worker: a worker leaving by itself would free its id while this side still maps
         the id to it). Returns what to send it. ``refill=False``: more answers of the same
-        read follow, so topping up its prefetch queue waits for the last. L held."""
-        assert_held(self.lock)
+        read follow, so topping up its prefetch queue waits for the last. ``now``: the
+        monotonic clock, read once for a read's answers. L held."""
         w.nr_done += 1
         if w.queued:
-            self.start_item(w, w.queued.popleft())
+            self.start_item(w, w.queued.popleft(), now)
             return self.prefetch(w) if refill else []
         if self.policy.used_up(w):
             self.destroy_worker(w)

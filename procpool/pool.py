@@ -20,12 +20,14 @@ Path of one work item::
 
    submit()   [caller thread]  pickle (fn, args, kwargs) ─► L: idle worker? ─yes─► send to it
                                                               │ no
-                                                              └─► worklist (+ wake the arbiter to grow)
+                                                              └─► worklist (+ wake the arbiter to grow;
+                                                                  every 256th: let it run if it has not)
    worker     recv ─► (spin up to SPIN for the next item if they come that fast) ─► run ─►
               send seq + CPU time + (ok, value, traceback)
    arbiter    [one thread]     recv ─► L: its next prefetched item, or the next from the
-                               worklist (+ up to PREFETCH_MAX more behind it when items are
-                               short and the worklist deep) ─► send; or enter idle
+                               worklist (+ up to PREFETCH_MAX more behind it, about
+                               PREFETCH_WINDOW of work, when items are short and the worklist
+                               deep) ─► send; or enter idle
                                ─► set the Future
 
    A worker runs what it was sent in order and answers each item at once, so when it dies
@@ -64,7 +66,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from . import faults as _faults
-from .arbiter import Arbiter, Reaper, Wakeup, send_items
+from .arbiter import YIELD_EVERY, Arbiter, Reaper, Wakeup, send_items
 from .books import PREFETCH_BELOW as PREFETCH_BELOW
 from .books import PREFETCH_BYTES as PREFETCH_BYTES
 from .books import PREFETCH_MAX as PREFETCH_MAX
@@ -329,9 +331,8 @@ class WorkerPool:
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {type(fn).__name__}: {fn!r}")
         seq = next(self._seq)
-        payload = dumps_call(seq, fn, args, kwargs, tag)
         fut: Future = new_future()
-        item = Item(seq, fut, payload, timeout, account)
+        item = Item(seq, fut, dumps_call(seq, fn, args, kwargs, tag), timeout, account)
         b = self._books
         with b.lock:
             if b.broken is not None:
@@ -349,13 +350,14 @@ class WorkerPool:
                 wake = timeout is not None
             else:
                 b.worklist.append(item)
-                # The arbiter decides (concurrency management needs its samples); wake it
-                # whenever the pool might grow.
+                # The arbiter decides (concurrency management samples); wake it if the pool might grow.
                 wake = b.policy.may_grow()
         if w is not None:
             send_items(w, [item])
         if wake:
             self._wake()
+        elif w is None and len(b.worklist) % YIELD_EVERY == 0:  # (read without L: a heuristic)
+            self._arbiter.yield_if_starved()  # outside L: may sleep a moment
         return fut
 
     def cancel_running(self, future: Future) -> bool:

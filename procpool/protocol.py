@@ -151,8 +151,14 @@ def function_part(fn: Callable[..., Any]) -> bytes:
 def encode_work(seq: int, fn: Callable[..., Any], args: tuple, kwargs: dict, tag: str | None = None) -> bytes:
     """A work message for item ``seq``. Raises what pickling raises (procpool.calls turns
     that into an error naming the part that cannot be pickled)."""
-    fn_part = function_part(fn)
-    rest = dumps((args, kwargs) if tag is None else (args, kwargs, tag))
+    fn_part = _function_pickles.get(fn) if type(fn) in _CACHEABLE else None
+    if fn_part is None:
+        fn_part = function_part(fn)
+    call = (args, kwargs) if tag is None else (args, kwargs, tag)
+    try:
+        rest = pickle.dumps(call, PICKLE_PROTOCOL)
+    except Exception:  # noqa: BLE001 - plain pickle first, as dumps() does; dumps() tells the rest
+        rest = dumps(call)
     return b"".join((seq.to_bytes(SEQ_BYTES, "little"), fn_part, rest))
 
 

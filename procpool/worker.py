@@ -33,7 +33,7 @@ from typing import Any
 
 from . import faults
 from ._compat import run_exit_finalizers
-from .frames import FrameReader
+from .frames import FrameReader, write_all
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .protocol import (
     DIE,
@@ -43,6 +43,7 @@ from .protocol import (
     decode_call,
     encode_result,
     error_answer,
+    frame,
     inherited_fds,
     init_failed,
     unpicklable_call_answer,
@@ -134,6 +135,16 @@ def _run_item(payload: memoryview, titles: Titles | None = None) -> bytes:
     return value_answer(fn, value)
 
 
+def send_frame(fd: int, msg: bytes) -> None:
+    """Send one message framed as ``Connection.send_bytes`` frames it, with less Python
+    around the write (this runs once per item: 1.46 -> ~0.6 µs here): one ``os.write``, and
+    more only after a partial one."""
+    data = frame(msg)
+    n = os.write(fd, data)
+    if n < len(data):
+        write_all(fd, data[n:])
+
+
 def _apply_attrs(spec: WorkerSpec) -> bytes | None:
     """Apply the pool's attributes to this process, before it runs anything; None if done,
     else the ``INIT_FAILED`` message to send (e.g. a negative nice without the privilege)."""
@@ -196,7 +207,7 @@ def worker_main(spec: WorkerSpec) -> None:
         _wait_for_die(recv)
         exit_path(spec, table)
     table.set_state(wid, IDLE)
-    reader = FrameReader(conn.fileno())
+    reader, tx = FrameReader(conn.fileno()), conn.tx.fileno()  # tx: the result pipe (send_frame)
     process_time, clock = time.process_time, time.perf_counter
     spin, spin_now = spec.spin, False
     # CPU accounting (see CPU_ESTIMATE_BELOW): the last clock reading and when it was taken,
@@ -246,7 +257,7 @@ def worker_main(spec: WorkerSpec) -> None:
             if i == last:
                 table.set_state(wid, IDLE)
             try:
-                send(out)
+                send_frame(tx, out)
             except OSError:
                 _exit(0)
             if fspec:

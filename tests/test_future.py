@@ -88,7 +88,7 @@ def test_a_timed_out_waiter_does_not_swallow_a_later_wake_up():
     f = PoolFuture()
     with pytest.raises(TimeoutError):
         f.result(timeout=0.01)  # leaves no stale waiter behind
-    assert not f._condition._waiters
+    assert not f._sleepers  # the sleepers list, empty again
     box = []
     t = threading.Thread(target=lambda: box.append(f.result(timeout=10)))
     t.start()
@@ -96,3 +96,38 @@ def test_a_timed_out_waiter_does_not_swallow_a_later_wake_up():
     f.set_result(7)
     t.join(10)
     assert box == [7]
+
+
+def test_completing_an_ended_future_raises_instead_of_hanging():
+    # Regression: the error message's repr() took the (non-reentrant) lock set_result held,
+    # so completing a finished future hung its caller (the arbiter, in books.fail_items).
+    f = PoolFuture()
+    f.set_result(1)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def again() -> None:
+        for complete in (lambda: f.set_result(2), lambda: f.set_exception(ValueError("late"))):
+            try:
+                complete()
+            except cf.InvalidStateError as exc:
+                errors.append(exc)
+        done.set()
+
+    threading.Thread(target=again, daemon=True).start()
+    assert done.wait(10), "completing a finished future hung"
+    assert len(errors) == 2 and "finished" in str(errors[0])
+    assert f.result(timeout=0) == 1  # the first outcome stands
+
+
+def test_waiters_and_callbacks_are_made_on_first_use_and_still_work():
+    f, g = PoolFuture(), PoolFuture()
+    assert f._w is None and f._cb is None  # nothing made for a future nobody waits on
+    seen: list[object] = []
+    f.add_done_callback(lambda fut: seen.append(fut.result()))
+    _later(0.02, f.set_result, "a")
+    _later(0.04, g.set_exception, KeyError("b"))
+    done, pending = cf.wait([f, g], timeout=10)
+    assert done == {f, g} and not pending and seen == ["a"]
+    assert not f._w and not g._w  # wait() took its waiter back out
+    assert isinstance(g.exception(timeout=0), KeyError) and repr(g).endswith("raised KeyError>")

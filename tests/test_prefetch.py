@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
 
 import psutil
 import pytest
@@ -14,6 +15,8 @@ from conftest import wait_until
 
 import procpool
 from procpool import books as pool_module
+from procpool.books import Books, Item, Worker
+from procpool.future import PoolFuture
 
 
 @pytest.fixture
@@ -21,6 +24,7 @@ def always_prefetch(monkeypatch):
     # The policy prefetches only items seen to be short; make every item count as short so
     # the test does not depend on this machine's speed.
     monkeypatch.setattr(pool_module, "PREFETCH_BELOW", 1e9)
+    monkeypatch.setattr(pool_module, "PREFETCH_WINDOW", 1e9)  # and as deep as PREFETCH_MAX allows
 
 
 def test_short_items_are_prefetched_and_all_answered(always_prefetch):
@@ -150,3 +154,81 @@ def test_large_calls_and_results_do_not_deadlock_prefetch(always_prefetch, tmp_p
         assert [f.result(timeout=30) for f in blockers] == [0, 1]
         assert all(f.result(timeout=30) == big for f in futs)
         assert pool.stats().prefetched > 0  # it still prefetched, within the byte bound
+
+
+def _books_with_busy_worker(items: int) -> tuple[Books, Worker]:
+    """The books alone (pure logic, no process): one busy worker, ``items`` waiting."""
+    from procpool.config import PoolConfig
+
+    cfg = PoolConfig.build(
+        1, 1, 300.0, title_prefix="kworker", title=None, linger_dying=0.0, max_tasks_per_child=None,
+        nice=0, cpus=None, concurrency=None, cpu_intensive_threshold=0.01, spin=0.0,
+    )  # fmt: skip
+    b = Books(cfg)
+    w = Worker.__new__(Worker)
+    w.id, w.state, w.current, w.queued, w.nr_done = 0, "busy", None, deque(), 0
+    w.cm_blocked = w.cm_intensive = False
+    b.workers[0] = w
+    b.worklist.extend(Item(i, PoolFuture(), b"x" * 40) for i in range(items))
+    return b, w
+
+
+@pytest.mark.parametrize(
+    ("ewma", "expected"),
+    [
+        (1e-6, pool_module.PREFETCH_MAX),  # tiny items: as deep as PREFETCH_MAX
+        (1e-4, int(pool_module.PREFETCH_WINDOW / 1e-4)),  # about PREFETCH_WINDOW of work
+        (4e-4, int(pool_module.PREFETCH_WINDOW / 4e-4)),
+        (pool_module.PREFETCH_BELOW, 0),  # not short: nothing behind the running item
+    ],
+)
+def test_prefetch_depth_is_bounded_by_count_and_expected_time(ewma, expected):
+    b, w = _books_with_busy_worker(5000)
+    b.service_ewma = ewma
+    with b.lock:
+        sent = b.prefetch(w)
+    assert len(sent) == len(w.queued) == expected
+    assert all(it.future.running() for it in sent) and len(b.worklist) == 5000 - expected
+    # Bytes bound: never more unanswered bytes than PREFETCH_BYTES, whatever the depth.
+    b, w = _books_with_busy_worker(5000)
+    b.service_ewma = 1e-6
+    for it in b.worklist:
+        it.payload = b"x" * 1000
+    with b.lock:
+        assert len(b.prefetch(w)) == pool_module.PREFETCH_BYTES // 1000
+
+
+def test_a_submitter_yields_only_while_the_arbiter_started_no_pass(tmp_path):
+    # The heuristic behind Arbiter.yield_if_starved: a submitter queueing behind busy workers
+    # lets go of the GIL only if the loop started no pass since it last asked, and never
+    # when it runs in the arbiter thread itself (a done-callback that submits).
+    mark, release = tmp_path / "running", tmp_path / "go"
+    with procpool.WorkerPool(1, 1) as pool:
+        arb = pool._arbiter
+        answers: list[bool] = []
+
+        def ask_twice_between_passes() -> bool:
+            p0 = arb.passes
+            arb.starved()  # forget what was seen before
+            starved = arb.starved()
+            if arb.passes != p0:
+                return False  # a pass started in between (start-up's wake-ups): ask again
+            answers.append(starved)
+            return True
+
+        wait_until(ask_twice_between_passes, what="two questions within one pass")
+        assert answers == [True]  # no pass in between: starved (asked from this thread)
+        blocker = pool.submit(tasks.touch_and_wait, str(mark), str(release))
+        wait_until(mark.exists, what="blocker running")
+        before = arb.passes
+        pool._wake()  # one more pass, for nothing
+        wait_until(lambda: arb.passes > before, what="an arbiter pass")
+        assert not arb.starved()  # a pass started since
+        seen_in_arbiter: list[bool] = []
+        # In the arbiter thread, twice within one pass (a callback runs inside the pass):
+        # from any other thread the second answer would be True.
+        blocker.add_done_callback(lambda f: seen_in_arbiter.append(arb.starved() or arb.starved()))
+        release.touch()
+        assert isinstance(blocker.result(timeout=30), int)
+        wait_until(lambda: seen_in_arbiter, what="the done-callback")
+        assert seen_in_arbiter == [False]  # the arbiter thread never yields to itself
