@@ -257,7 +257,7 @@ class _RobustLockServer:
             try:
                 answers = _perform_detaches(batch)
             except Exception as exc:  # noqa: BLE001 - whatever it was, the lock must not stay ours
-                answers = [functools.partial(_send_quietly, req.reply.conn, ("#ERROR", exc)) for req in batch]
+                answers = [functools.partial(req.reply.fail, exc) for req in batch]
             with self._cond:
                 grant = self._pass_on()
                 again = grant is not None and grant == self._grant_batch
@@ -706,7 +706,8 @@ class _Server(Server):
         parked_in: dict[connection.Connection, tuple[_RobustLockServer, Grant]],
         detaches: dict[_RobustLockServer, list[Detach]],
     ) -> None:
-        """Read one request of a handed-over connection and answer it (or park it)."""
+        """Read one request of a handed-over connection and answer it (or park it, or take
+        it off the selector: see ``_answer``)."""
         parked = parked_in.pop(conn, None)
         try:
             request = conn.recv()
@@ -721,11 +722,13 @@ class _Server(Server):
                 lock.take_over_if_owner_died()
             return
         if self._answer(conn, request, parked_in, detaches):
-            sel.unregister(conn)  # a server thread of its own serves it from now on
+            sel.unregister(conn)  # a server thread, or the detach's answer, owns it now
 
     def _answer(self, conn: connection.Connection, request: Any, parked_in: dict, detaches: dict) -> bool:
         """Answer (or park) one request of a handed-over connection, or add a detach to this
-        round's ``detaches``; True if it went to a server thread of its own instead."""
+        round's ``detaches``. True if the connection is no longer this thread's to watch: it
+        went to a server thread of its own, or it asked for its detach (a worker's last
+        request: the answer closes it)."""
         try:
             ident, methodname, args, kwds = request
             obj = self.id_to_obj[ident][0]
@@ -733,9 +736,11 @@ class _Server(Server):
             obj, methodname, args, kwds = None, None, (), {}
         if isinstance(obj, _RobustLockServer) and not kwds:
             if methodname == "detach" and len(args) == 4:
+                # A worker's last request: its answer closes the connection (``_Reply``), so
+                # we are not woken again by its EOF when the worker exits.
                 table, created, wid, gen = args
                 detaches.setdefault(obj, []).append(Detach(table, created, wid, gen, reply=_Reply(conn)))
-                return False
+                return True
             if methodname == "acquire" and len(args) == 2 and args[1] is None:
                 grant = _grant(conn)
                 try:
@@ -789,7 +794,7 @@ def _perform_detach_round(detaches: dict[_RobustLockServer, list[Detach]]) -> No
             lock.detach(requests)
         except Exception as exc:  # noqa: BLE001 - a fault point, say: those requests fail, not this thread
             for req in requests:
-                _send_quietly(req.reply.conn, ("#ERROR", exc))
+                req.reply.fail(exc)
 
 
 def _send_quietly(conn: connection.Connection, msg: Any) -> None:
@@ -800,7 +805,11 @@ def _send_quietly(conn: connection.Connection, msg: Any) -> None:
 
 
 class _Reply:
-    """The answer to a detach request, sent once the Manager performed it."""
+    """The answer to a detach request, sent once the Manager performed it (by whichever
+    thread ran the batch). The worker asks nothing after its detach, so the answer also
+    closes the connection: the handover thread, which stopped watching it when the request
+    came, is not woken once more by each exiting worker's EOF. (Data sent on a Unix stream
+    socket before it closes is still read by the peer, then EOF.)"""
 
     __slots__ = ("conn",)
 
@@ -811,7 +820,15 @@ class _Reply:
         try:
             self.conn.send_bytes(_DETACHED[complete])
         except OSError:
-            pass  # gone: its EOF comes next
+            pass  # the worker is gone; its detach was performed all the same
+        finally:
+            self.conn.close()
+
+    def fail(self, exc: Exception) -> None:
+        try:
+            _send_quietly(self.conn, ("#ERROR", exc))
+        finally:
+            self.conn.close()
 
 
 #: The two answers to a detach, pickled once (``Connection.send`` would pickle each anew,
