@@ -63,6 +63,11 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
   A worker that dies after asking is detached all the same (its slot freed on its behalf);
   one that dies after being told to complete leaves the completion to teardown's reaping
   fallback, as a worker killed between marking and sending did before.
+  The request is the last thing a worker does before ``_exit``, in a process that pays a
+  copy-on-write fault for every page it touches first: it is written and its answer read
+  with ``os.write``/``os.read`` and the plain pickle module, not through the proxy (same
+  bytes on the wire), and the answer closes the connection, a worker's last request, so the
+  handover thread is not woken again by its EOF.
 """
 
 from __future__ import annotations
