@@ -384,6 +384,7 @@ class ManagerLock:
         self._proxy = proxy
         self.name = name
         self._adopted: connection.Connection | None = None  # the handed-over connection, if any
+        self._ident = ""
 
     def acquire(self, timeout: float | None = None) -> bool:
         try:
@@ -400,6 +401,7 @@ class ManagerLock:
         """Use ``fd``, a connection the spawner handed over to the server, for this lock's
         requests from this process (see the module docstring)."""
         self._adopted = connection.Connection(fd)
+        self._ident = _compat.proxy_token(self._proxy).id  # what ``detach`` names the lock by
         _compat.proxy_adopt_connection(self._proxy, self._adopted)
 
     def _drop_adopted(self) -> None:
@@ -426,15 +428,13 @@ class ManagerLock:
         copy-on-write page fault for every object it touches first, and the proxy's way
         (``_callmethod``, a ``ForkingPickler`` per message, ``Connection``'s Python-level
         framing) touched ~50 pages and cost ~0.28 ms of CPU per worker, against ~18 pages
-        this way: sixty-four times over in a teardown of 64 (README, Performance)."""
+        this way (``_ask``): sixty-four times over in a teardown of 64 (README, Performance)."""
         conn = self._adopted
         if conn is None:
             raise OSError("no handed-over connection to detach on")
-        ident = _compat.proxy_token(self._proxy).id
-        request = pickle.dumps((ident, "detach", (table, created, wid, gen), {}), pickle.HIGHEST_PROTOCOL)
+        request = pickle.dumps((self._ident, "detach", (table, created, wid, gen), {}), pickle.HIGHEST_PROTOCOL)
         try:
-            _write_frame(conn.fileno(), request)
-            kind, result = pickle.loads(_read_frame(conn.fileno()))
+            kind, result = pickle.loads(_ask(conn.fileno(), request))
         except (EOFError, OSError):
             self._drop_adopted()
             raise
@@ -477,28 +477,24 @@ class ManagerLock:
 _FRAME = struct.Struct("!i")
 
 
-def _write_frame(fd: int, payload: bytes) -> None:
-    """Write one frame as ``Connection.send_bytes`` does."""
-    data = memoryview(_FRAME.pack(len(payload)) + payload)
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-def _read_frame(fd: int) -> bytes:
-    """Read one frame as ``Connection.recv_bytes`` does (exactly one: nothing past it is
-    consumed); EOFError if the peer closed first."""
-    head = _read_exactly(fd, _FRAME.size)
-    return _read_exactly(fd, _FRAME.unpack(head)[0])
-
-
-def _read_exactly(fd: int, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
+def _ask(fd: int, payload: bytes) -> bytes:
+    """Send one request frame (as ``Connection.send_bytes`` frames it) and read exactly one
+    answer frame (nothing past it); EOFError if the peer closed first. One function, with
+    its loops inline: every Python function a freshly woken worker calls for the first time
+    costs it a copy-on-write fault or two (its function and code objects' reference counts)."""
+    out = _FRAME.pack(len(payload)) + payload
+    while out:
+        out = out[os.write(fd, out) :]
+    data, need, size = b"", _FRAME.size, -1
+    while len(data) < need:
+        chunk = os.read(fd, need - len(data))
         if not chunk:
             raise EOFError("the Manager closed the connection")
         data += chunk
-    return data
+        if size < 0 and len(data) == _FRAME.size:
+            size = _FRAME.unpack(data)[0]
+            need += size
+    return data[_FRAME.size :]
 
 
 def _rebuild_lock(token: Any, name: str) -> ManagerLock:

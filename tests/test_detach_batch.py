@@ -240,21 +240,24 @@ def pair():
 def test_a_detach_request_is_the_frame_a_proxy_call_would_send(pair):
     conn, fd = pair
     request = ("some-id", "detach", ("procpool-table", 1.5, 3, 7), {})
-    manager._write_frame(fd, pickle.dumps(request))
-    assert conn.recv() == request  # what the handover thread reads: Connection.recv
     conn.send(("#RETURN", True))  # what a Connection.send of the answer writes
     conn.send(("#RETURN", False))
-    # Exactly one frame per read: the second answer stays for the next one.
-    assert pickle.loads(manager._read_frame(fd)) == ("#RETURN", True)
-    assert pickle.loads(manager._read_frame(fd)) == ("#RETURN", False)
+    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", True)
+    assert conn.recv() == request  # what the handover thread reads: Connection.recv
+    # Exactly one frame per answer read: the second answer stays for the next request.
+    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", False)
+    assert conn.recv() == request
 
 
-def test_a_frame_cut_short_by_the_peer_is_an_eof(pair):
+def test_an_answer_cut_short_by_the_peer_is_an_eof(pair):
     conn, fd = pair
     os.write(conn.fileno(), manager._FRAME.pack(100) + b"only part")
-    conn.close()
+    peer = socket.socket(fileno=os.dup(conn.fileno()))
+    peer.shutdown(socket.SHUT_WR)  # it stops sending (the request is still received)
+    peer.close()
     with pytest.raises(EOFError):
-        manager._read_frame(fd)
+        manager._ask(fd, b"request")
+    assert conn.recv_bytes() == b"request"
 
 
 @pytest.mark.parametrize("outcome", ["answer", "error"])
@@ -266,10 +269,19 @@ def test_the_detach_answer_closes_the_workers_connection(pair, outcome):
     reply = manager._Reply(conn)
     if outcome == "answer":
         reply.send(True)
-        assert pickle.loads(manager._read_frame(fd)) == ("#RETURN", True)
+        assert pickle.loads(_one_frame(fd)) == ("#RETURN", True)
     else:
         reply.fail(RuntimeError("a fault point"))
-        kind, exc = pickle.loads(manager._read_frame(fd))
+        kind, exc = pickle.loads(_one_frame(fd))
         assert kind == "#ERROR" and isinstance(exc, RuntimeError) and str(exc) == "a fault point"
     assert conn.closed
     assert os.read(fd, 1) == b""  # EOF: the Manager's end is closed
+
+
+def _one_frame(fd: int) -> bytes:
+    head = os.read(fd, manager._FRAME.size)
+    (size,) = manager._FRAME.unpack(head)
+    data = b""
+    while len(data) < size:
+        data += os.read(fd, size - len(data))
+    return data
