@@ -427,8 +427,9 @@ class ManagerLock:
         ``os.write``/``os.read`` and the plain pickle module: a freshly woken worker pays a
         copy-on-write page fault for every object it touches first, and the proxy's way
         (``_callmethod``, a ``ForkingPickler`` per message, ``Connection``'s Python-level
-        framing) touched ~50 pages and cost ~0.28 ms of CPU per worker, against ~18 pages
-        this way (``_ask``): sixty-four times over in a teardown of 64 (README, Performance)."""
+        framing) touched ~50 pages and cost ~0.3 ms of CPU per worker, against 8-10 pages and
+        ~0.14 ms this way (``_ask``), sixty-four times over in a teardown of 64 (README,
+        Performance)."""
         conn = self._adopted
         if conn is None:
             raise OSError("no handed-over connection to detach on")

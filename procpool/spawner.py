@@ -159,7 +159,7 @@ def _readable(fd: int, timeout: float | None) -> bool:
     and ``multiprocessing.connection.wait`` builds and closes a selector object each time."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+    return bool(poller.poll(None if timeout is None else min(max(0, math.ceil(timeout * 1000)), 2**31 - 1)))
 
 
 class _ForkedSpawner:
