@@ -74,6 +74,7 @@ kills any that survive), then starts a new spawner.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -128,7 +129,7 @@ class WorkerProcess:
     def join(self, timeout: float | None = None) -> None:
         if self.exitcode is not None or self._closed:
             return
-        if not connection.wait([self.sentinel], timeout):
+        if not _readable(self.sentinel, timeout):
             return
         data = b""
         try:
@@ -150,6 +151,15 @@ class WorkerProcess:
         if not self._closed:
             self._closed = True
             os.close(self.sentinel)
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Is ``fd`` readable (data or EOF) within ``timeout`` seconds (None: no limit)? One
+    poll(2): the arbiter joins every worker it reaps, sixty-four times in a teardown of 64,
+    and ``multiprocessing.connection.wait`` builds and closes a selector object each time."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else min(max(0, math.ceil(timeout * 1000)), 2**31 - 1)))
 
 
 class _ForkedSpawner:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import socket
 import threading
+from multiprocessing import connection
 
 import pytest
 from conftest import assert_program_left_nothing, run_program, title_of, wait_until
@@ -244,3 +247,73 @@ def test_workers_forked_while_the_manager_starts_detach_in_batches_too():
     assert set(r["sockets"].values()) == {1}, r
     assert r["broken"] == 0
     assert_program_left_nothing(proc, token)
+
+
+# -- the wire: a worker's detach request and its answer (no proxy, no ForkingPickler) ---------
+
+
+@pytest.fixture
+def pair():
+    """A connected Unix stream socket pair: a multiprocessing Connection on one end (what the
+    Manager's handover thread holds), the raw descriptor of the other (a worker's end)."""
+    a, b = socket.socketpair()
+    conn = connection.Connection(a.detach())
+    fd = b.detach()
+    try:
+        yield conn, fd
+    finally:
+        conn.close()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_a_detach_request_is_the_frame_a_proxy_call_would_send(pair):
+    conn, fd = pair
+    request = ("some-id", "detach", ("procpool-table", 1.5, 3, 7), {})
+    conn.send(("#RETURN", True))  # what a Connection.send of the answer writes
+    conn.send(("#RETURN", False))
+    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", True)
+    assert conn.recv() == request  # what the handover thread reads: Connection.recv
+    # Exactly one frame per answer read: the second answer stays for the next request.
+    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", False)
+    assert conn.recv() == request
+
+
+def test_an_answer_cut_short_by_the_peer_is_an_eof(pair):
+    conn, fd = pair
+    os.write(conn.fileno(), manager._FRAME.pack(100) + b"only part")
+    peer = socket.socket(fileno=os.dup(conn.fileno()))
+    peer.shutdown(socket.SHUT_WR)  # it stops sending (the request is still received)
+    peer.close()
+    with pytest.raises(EOFError):
+        manager._ask(fd, b"request")
+    assert conn.recv_bytes() == b"request"
+
+
+@pytest.mark.parametrize("outcome", ["answer", "error"])
+def test_the_detach_answer_closes_the_workers_connection(pair, outcome):
+    # A worker asks nothing after its detach: the answer closes the connection, so the
+    # handover thread is not woken once more by each exiting worker. The worker still reads
+    # the whole answer, then EOF.
+    conn, fd = pair
+    reply = manager._Reply(conn)
+    if outcome == "answer":
+        reply.send(True)
+        assert pickle.loads(_one_frame(fd)) == ("#RETURN", True)
+    else:
+        reply.fail(RuntimeError("a fault point"))
+        kind, exc = pickle.loads(_one_frame(fd))
+        assert kind == "#ERROR" and isinstance(exc, RuntimeError) and str(exc) == "a fault point"
+    assert conn.closed
+    assert os.read(fd, 1) == b""  # EOF: the Manager's end is closed
+
+
+def _one_frame(fd: int) -> bytes:
+    head = os.read(fd, manager._FRAME.size)
+    (size,) = manager._FRAME.unpack(head)
+    data = b""
+    while len(data) < size:
+        data += os.read(fd, size - len(data))
+    return data

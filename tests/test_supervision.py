@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -316,3 +317,42 @@ def test_a_live_manager_is_not_taken_for_replaced_by_its_locks_address():
         assert pool.submit(tasks.square, 3).result(timeout=10) == 9
     finally:
         close_within(pool)
+
+
+def test_a_workers_status_pipe_join_waits_bounded_and_reads_how_it_ended():
+    # WorkerProcess.join (what the arbiter calls for every worker it reaps) waits on the
+    # status pipe with one poll(2): bounded by its timeout while the spawner has written
+    # nothing, the exit status once it has, and a kill of the orphan when the pipe closes
+    # without one (the spawner died before it could reap the worker).
+    import subprocess
+    import sys
+
+    from procpool.spawner import WorkerProcess
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        r, w = os.pipe()
+        proc = WorkerProcess(child.pid, r)
+        try:
+            t0 = time.monotonic()
+            proc.join(0.05)
+            assert proc.exitcode is None and time.monotonic() - t0 >= 0.04
+            os.write(w, struct.pack("<i", 3))
+            proc.join(5)
+            assert proc.exitcode == 3 and child.poll() is None  # a status: nothing killed
+        finally:
+            proc.close()
+            os.close(w)
+        r, w = os.pipe()
+        proc = WorkerProcess(child.pid, r)
+        try:
+            os.close(w)  # the "spawner" died: EOF, no status
+            proc.join(5)
+            assert proc.exitcode == -signal.SIGKILL
+            assert child.wait(10) == -signal.SIGKILL  # the orphan was killed, not left running
+        finally:
+            proc.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
