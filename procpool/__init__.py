@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (its cost: README, Performance)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (its cost: docs/performance.md)
 if TYPE_CHECKING:  # what the names resolve to, for type checkers and readers
     from .errors import (
         CallNotPicklable,

@@ -5,7 +5,7 @@ deque) and two lists for every item: about ten objects the garbage collector tra
 until the caller drops the future. At tens of thousands of submits a second, creating them
 and the collections they trigger were a large share of ``submit()``, and taking the
 condition through Python-level ``__enter__``/``__exit__`` a large share of completing an
-item (the measurements are in the README, Performance).
+item (the measurements are in docs/performance.md).
 
 A ``PoolFuture`` is a Future in everything callers use: ``isinstance``, every method, and
 ``concurrent.futures.wait``/``as_completed``, which reach for ``f._condition`` and
