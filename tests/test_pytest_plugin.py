@@ -81,8 +81,11 @@ def test_close_bound_and_zombies(pytester: pytest.Pytester) -> None:
 import os, time
 
 def test_slow(procpool_pool):
-    procpool_pool.submit(time.sleep, 120)
-    time.sleep(0.2)
+    fut = procpool_pool.submit(time.sleep, 120)
+    deadline = time.monotonic() + 30  # a worker has it (under load its start may take a while)
+    while not fut.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fut.running()
 
 def test_zombie():
     pid = os.fork()
