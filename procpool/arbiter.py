@@ -41,6 +41,7 @@ from .errors import (
 from .frames import frame, write_all
 from .idtable import PoolCounters
 from .locking import assert_held
+from .procs import readable
 from .protocol import decode_result
 from .spawner import spawner_pid
 
@@ -236,7 +237,7 @@ class Reaper:
         # A result it sent just before dying is still in the pipe: take it first, or a
         # finished item would be reported lost.
         try:
-            while w.rconn.poll(0):
+            while readable(w.rfd, 0):
                 self.handle_results(w, w.reader.read_ready())
         except (EOFError, OSError):
             pass

@@ -74,7 +74,6 @@ kills any that survive), then starts a new spawner.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import pickle
@@ -90,7 +89,7 @@ from multiprocessing import connection
 from typing import Any, Protocol
 
 from . import _compat, faults
-from .procs import HELPER_IGNORES, WORKER_DEFAULTS, close_quietly, kill_quietly, reset_signals
+from .procs import HELPER_IGNORES, WORKER_DEFAULTS, close_quietly, kill_quietly, readable, reset_signals
 
 _LEN = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
@@ -129,7 +128,7 @@ class WorkerProcess:
     def join(self, timeout: float | None = None) -> None:
         if self.exitcode is not None or self._closed:
             return
-        if not _readable(self.sentinel, timeout):
+        if not readable(self.sentinel, timeout):
             return
         data = b""
         try:
@@ -151,15 +150,6 @@ class WorkerProcess:
         if not self._closed:
             self._closed = True
             os.close(self.sentinel)
-
-
-def _readable(fd: int, timeout: float | None) -> bool:
-    """Is ``fd`` readable (data or EOF) within ``timeout`` seconds (None: no limit)? One
-    poll(2): the arbiter joins every worker it reaps, sixty-four times in a teardown of 64,
-    and ``multiprocessing.connection.wait`` builds and closes a selector object each time."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(None if timeout is None else min(max(0, math.ceil(timeout * 1000)), 2**31 - 1)))
 
 
 class _ForkedSpawner:
