@@ -137,7 +137,6 @@ if threaded:  # then the spawner (and the Manager it forks) starts through the f
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()
 pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
-assert pool.submit(tasks.square, 3).result(timeout=10) == 9
 mgr = psutil.Process(procpool.manager.server_pid())
 assert " ".join(mgr.cmdline()).strip() == "procpool: manager"
 
@@ -152,13 +151,15 @@ def unnamed_sockets():
 
 spawner = psutil.Process(mgr.ppid())  # forked by this program, or by the fork server
 assert (spawner.ppid() == os.getpid()) != threaded
-wait_until(lambda: pool.stats().nr_idle == 1, what="one idle worker")
+# Counted before the pool has any worker: the Manager gets each worker's socket from the
+# spawner asynchronously, so a count taken with one worker could miss that worker's.
 counts = [unnamed_sockets()]
+assert pool.submit(tasks.square, 3).result(timeout=10) == 9
 futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
 wait_until(lambda: pool.stats().nr_busy == 4, timeout=30, what="four busy workers")
-# The Manager gets each new worker's socket from the spawner asynchronously: wait for all
-# three (the test then checks there is no fourth), and after the kill for the close.
-wait_until(lambda: unnamed_sockets() == counts[0] + 3, timeout=30, what="exactly three more sockets")
+# Wait for all four sockets (the test then checks there is no fifth), and after the kill
+# for the close.
+wait_until(lambda: unnamed_sockets() == counts[0] + 4, timeout=30, what="exactly four more sockets")
 counts.append(unnamed_sockets())
 os.kill(pool.workers()[-1].pid, signal.SIGKILL)
 wait_until(lambda: sum(f.done() for f in futs) == 1, timeout=30, what="the victim's item failed")
@@ -186,8 +187,8 @@ def test_each_worker_has_its_manager_connection_from_fork_and_frees_it_when_gone
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    one_idle, four_busy, three_busy = map(int, out.stdout.split())
-    assert four_busy == one_idle + 3  # three new workers, a socket each, before any exits
+    no_worker, four_busy, three_busy = map(int, out.stdout.split())
+    assert four_busy == no_worker + 4  # four workers, a socket each, before any exits
     assert three_busy == four_busy - 1  # the SIGKILLed one's socket is closed
 
 
