@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from . import faults
-from ._compat import run_exit_finalizers
+from ._compat import raw_signal, run_exit_finalizers
 from .frames import FrameReader, write_all
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .protocol import (
@@ -186,7 +186,8 @@ def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a worker process. Never returns: the process ends in ``os._exit``."""
     # Ctrl-C in a terminal signals the whole process group; the parent decides what a
     # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raw = raw_signal()  # (``_signal``: no enum wrapping)
+    raw.signal(int(signal.SIGINT), raw.SIG_IGN)
     wid, fspec = spec.wid, spec.faults
     titles = Titles(spec.title or worker_title(spec.title_prefix, spec.pool_id, wid))
     _set_title(titles.base)
