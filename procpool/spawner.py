@@ -561,8 +561,14 @@ class _SpawnerState:
 
         import psutil
 
-        from . import worker  # noqa: F401 - what every worker runs
+        from . import protocol, worker
 
+        global _worker_entry
+        _worker_entry = (protocol.worker_title, worker.Channel, worker._set_title, worker.worker_main)
+        import setproctitle
+
+        worker._setproctitle = setproctitle  # (what _set_title would import in each worker)
+        _compat.raw_signal()  # looked up here, once, for every worker (_worker_signals)
         psutil.boot_time()
         self.pdeathsig = _pdeathsig_setter()
 
@@ -796,9 +802,9 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
     """In a freshly forked worker: undo the spawner's signal set-up, then become the worker."""
     code = 1
     try:
-        from .protocol import worker_title
-        from .worker import Channel, _set_title, worker_main
-
+        # What warm_up looked up: no import statement here (each costs a new worker ~30-70
+        # µs of copy-on-write faults in the import machinery).
+        worker_title, Channel, _set_title, worker_main = _worker_entry or _load_worker_entry()
         if spec.faults:
             faults.hit(spec.faults, "worker.forked", spec.wid)
         # Named first, microseconds after the fork: until now ps shows the spawner's title.
@@ -820,6 +826,17 @@ def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str],
         os._exit(code)
 
 
+#: What a new worker runs (``_child``), looked up by ``warm_up`` before the first fork.
+_worker_entry: tuple[Any, ...] | None = None
+
+
+def _load_worker_entry() -> tuple[Any, ...]:
+    from .protocol import worker_title
+    from .worker import Channel, _set_title, worker_main
+
+    return worker_title, Channel, _set_title, worker_main
+
+
 def _worker_signals() -> None:
     """A new worker's signal set-up, from the spawner's (``_spawner_loop``): its only Python
     handler, SIGCHLD's, and its wakeup fd are not the worker's; the spawner already holds
@@ -831,8 +848,13 @@ def _worker_signals() -> None:
     worker's start, measured, with the scan and ``signal``'s wrappers)."""
     raw = _compat.raw_signal()
     raw.set_wakeup_fd(-1)
-    raw.signal(int(signal.SIGCHLD), raw.SIG_DFL)
-    raw.pthread_sigmask(raw.SIG_UNBLOCK, [int(sig) for sig in WORKER_DEFAULTS])
+    raw.signal(_SIGCHLD, raw.SIG_DFL)
+    raw.pthread_sigmask(raw.SIG_UNBLOCK, _UNBLOCKED)
+
+
+# (plain ints: an enum member's lookup in a new worker costs copy-on-write faults)
+_SIGCHLD = int(signal.SIGCHLD)
+_UNBLOCKED = [int(sig) for sig in WORKER_DEFAULTS]
 
 
 # -- the start method of a spawner in a threaded program ------------------------------------------
