@@ -191,12 +191,16 @@ def _wait_for_die(recv: Any) -> None:
             _exit(0)
 
 
+def _ignore_sigint() -> None:
+    raw = raw_signal()  # (``_signal``: no enum wrapping)
+    raw.signal(_SIGINT, raw.SIG_IGN)
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a worker process. Never returns: the process ends in ``os._exit``."""
     # Ctrl-C in a terminal signals the whole process group; the parent decides what a
     # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
-    raw = raw_signal()  # (``_signal``: no enum wrapping)
-    raw.signal(_SIGINT, raw.SIG_IGN)
+    _ignore_sigint()
     wid, fspec = spec.wid, spec.faults
     titles = Titles(spec.title or worker_title(spec.title_prefix, spec.pool_id, wid))
     _set_title(titles.base)
