@@ -202,8 +202,7 @@ def worker_main(spec: WorkerSpec) -> None:
     # Ctrl-C means for the pool, so a worker must not die of it in the middle of an item.
     _ignore_sigint()
     wid, fspec = spec.wid, spec.faults
-    titles = Titles(spec.title or worker_title(spec.title_prefix, spec.pool_id, wid))
-    _set_title(titles.base)
+    titles = Titles(spec.title or worker_title(spec.title_prefix, spec.pool_id, wid))  # (set by spawner._child)
     faults.hit(fspec, "worker.start", wid)
     table = IdTable.attach(spec.table_name)
     table.set_pid(wid, os.getpid())
