@@ -168,14 +168,21 @@ def manager_request(address: Any, authkey: bytes, method: str, args: tuple) -> A
         conn.close()
 
 
+_raw_signal: Any = None
+
+
 def raw_signal() -> Any:
     """CPython's C module under ``signal`` (``_signal``): the same functions without the
     enum wrapping of every argument and result, which costs microseconds a call. A worker
-    resets every signal's handler on its first steps (``procs.reset_signals``): through
-    ``signal`` that was ~0.3 ms of each worker's start, through this ~3 µs."""
-    import importlib
+    sets its signals up on its first steps (``spawner._worker_signals``): through ``signal``
+    that was ~0.3 ms of each worker's start. Looked up once (the spawner does it before its
+    first fork): an import statement in a new worker costs ~50 µs of copy-on-write faults."""
+    global _raw_signal
+    if _raw_signal is None:
+        import importlib
 
-    return importlib.import_module("_signal")  # (no stub: typeshed knows only ``signal``)
+        _raw_signal = importlib.import_module("_signal")  # (no stub: typeshed knows only ``signal``)
+    return _raw_signal
 
 
 def start_manager_server(manager: Any, initializer: Callable[..., None], initargs: tuple) -> Any:

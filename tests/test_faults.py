@@ -302,10 +302,28 @@ HANDLER_SCRIPT = textwrap.dedent(
     """
 )
 
+THREADED_HANDLER_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys, threading, procpool
+    # Installed when the module is imported: the fork server imports it again (its preload),
+    # so the spawner it starts (this program runs a thread) inherits the handler from there.
+    # A worker resets only the spawner's own handler: the spawner must have reset this one.
+    signal.signal(signal.SIGTERM, lambda *a: print("program got SIGTERM", flush=True))
+    def main():
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        with procpool.WorkerPool(min_workers=2, max_workers=2) as pool:
+            print(*[w.pid for w in pool.workers()], flush=True)
+            sys.stdin.readline()
+    if __name__ == "__main__":
+        main()
+    """
+)
 
-def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path):
+
+@pytest.mark.parametrize("text", [HANDLER_SCRIPT, THREADED_HANDLER_SCRIPT], ids=["forked", "forkserver"])
+def test_workers_do_not_inherit_the_programs_signal_handlers(tmp_path, text):
     script = tmp_path / "handler.py"
-    script.write_text(HANDLER_SCRIPT)
+    script.write_text(text)
     proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
@@ -356,3 +374,38 @@ def test_the_spawner_blocks_rather_than_ignores_what_workers_take_at_default():
         assert _sigmask(spawner, "ShdPnd") & (1 << (signal.SIGTERM - 1))
         assert pool.submit(tasks.square, 4).result(timeout=10) == 16
         assert alive(spawner)
+
+
+def _pipes_and_sockets(pid: int) -> tuple[set[str], int]:
+    """The pipes (``pipe:[inode]``) a process holds beyond stdio, and how many sockets."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if int(fd) > 2:
+            try:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except FileNotFoundError:
+                pass
+    return {t for t in targets if t.startswith("pipe:")}, sum(t.startswith("socket:") for t in targets)
+
+
+def test_each_worker_holds_its_own_pipes_and_no_other_workers():
+    # The spawner works out once per batch what a new worker closes (its own descriptors, the
+    # request's, the other workers'), in runs: each worker keeps its work and result pipes,
+    # the pool's completion pipe and its Manager connection, nothing of its batch-mates'.
+    # Six workers: the constructor's batch and the filler's.
+    with procpool.WorkerPool(min_workers=6, max_workers=6) as pool:
+        wait_until(lambda: pool.stats().nr_workers == 6, what="six workers")
+        pids = [w.pid for w in pool.workers()]
+        wait_until(lambda: all((title_of(p) or "").startswith("kworker/") for p in pids), what="workers set up")
+        held = {}
+        for pid in pids:
+            pipes, sockets = _pipes_and_sockets(pid)
+            assert sockets <= 1  # its Manager connection
+            held[pid] = pipes
+        # What all hold: the pool's completion pipe (and what the spawner holds of its own
+        # Manager start, the same in every worker)
+        shared = set.intersection(*held.values())
+        own = {pid: pipes - shared for pid, pipes in held.items()}
+        for pid, pipes in own.items():
+            assert len(pipes) == 2, held[pid]  # its work pipe and its result pipe
+            assert not any(pipes & theirs for other, theirs in own.items() if other != pid)
