@@ -161,9 +161,9 @@ def test_manager_killed_while_the_first_pool_starts_its_first_workers_running():
     proc, token = run_program(MANAGER_DIES_AT_START)
     assert proc.returncode == 0, proc.err
     r = json.loads(proc.out)
-    assert r["replaced"] == 1
-    assert r["created"] == r["destroyed"] + r["lost"] and r["dying"] == 0
-    assert r["close_s"] < CLOSE_BOUND
+    assert r["replaced"] == 1, r
+    assert r["created"] == r["destroyed"] + r["lost"] and r["dying"] == 0, r
+    assert r["close_s"] < CLOSE_BOUND, r
     assert_program_left_nothing(proc, token)
 
 
