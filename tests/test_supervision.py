@@ -90,6 +90,16 @@ def test_spawner_killed_while_short_items_stream():
 
 # -- trigger 3: the Manager SIGKILLed, then the pool must grow and loses a worker --------------------
 
+#: The end of the Manager-kill programs: close the pool, report its books as one JSON line.
+CLOSE_AND_REPORT = """
+t0 = time.monotonic()
+pool.close()
+st = pool.stats()
+print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
+                  "replaced": pool.manager_locks.replaced, "completions": pool.completions,
+                  "close_s": time.monotonic() - t0, "first": first}))
+"""
+
 MANAGER_KILL = """
 import json, os, signal, time, psutil, procpool, tasks
 from conftest import alive, wait_until
@@ -111,17 +121,11 @@ os.kill(pid, signal.SIGKILL)
 lost = victim.exception(timeout=10)
 assert isinstance(lost, procpool.WorkerLost), repr(lost)
 assert pool.submit(tasks.square, 4).result(timeout=10) == 16
-t0 = time.monotonic()
-pool.close()
-st = pool.stats()
-print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
-                  "replaced": pool.manager_locks.replaced, "completions": pool.completions,
-                  "close_s": time.monotonic() - t0, "first": first}))
 """
 
 
 def test_manager_killed_then_the_pool_grows_and_loses_a_worker():
-    proc, token = run_program(MANAGER_KILL)
+    proc, token = run_program(MANAGER_KILL + CLOSE_AND_REPORT)
     assert proc.returncode == 0, proc.err
     r = json.loads(proc.out)
     assert r["replaced"] == 1  # one new Manager, new locks for new workers
@@ -144,12 +148,6 @@ server = procpool.manager.server_pid()
 assert psutil.Process(server).is_running()
 ids = [f.result(timeout=20) for f in [pool.submit(tasks.square, i) for i in range(12)]]
 assert ids == [i * i for i in range(12)], ids
-t0 = time.monotonic()
-pool.close()
-st = pool.stats()
-print(json.dumps({"created": st.created, "destroyed": st.destroyed, "lost": st.lost, "dying": st.nr_dying,
-                  "replaced": pool.manager_locks.replaced, "completions": pool.completions,
-                  "close_s": time.monotonic() - t0, "first": first}))
 """
 
 
@@ -158,7 +156,7 @@ def test_manager_killed_while_the_first_pool_starts_its_first_workers_running():
     # lock names a server that died before it made the lock. The constructor replaces the
     # server (one new one, new locks); those workers serve, and on their way out, finding no
     # lock, exit without detaching: the parent frees their ids when it reaps them.
-    proc, token = run_program(MANAGER_DIES_AT_START)
+    proc, token = run_program(MANAGER_DIES_AT_START + CLOSE_AND_REPORT)
     assert proc.returncode == 0, proc.err
     r = json.loads(proc.out)
     assert r["replaced"] == 1, r
