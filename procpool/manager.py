@@ -1066,6 +1066,24 @@ def wait_manager_ready() -> None:
             ready.close()
 
 
+#: How long a server whose connection just broke may still look alive: the kernel closes a
+#: killed process's sockets (its peers read EOF) before the process becomes a zombie, so the
+#: first look after an EOF can find it still running (seen: a pool's start failing with the
+#: server SIGKILLed, under load).
+DEATH_GRACE = 1.0
+
+
+def _gone_within(owner: Owner, grace: float) -> bool:
+    """Is ``owner`` dead, or dead within ``grace`` seconds? (A live server, whose failure was
+    something else, costs the caller that long: an error path only.)"""
+    deadline = time.monotonic() + grace
+    while owner_alive(owner):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
     """The Manager server at ``address`` stopped answering. If it is dead, start a new one
     (unless another pool already did); True if the program's Manager is now a live one other
@@ -1074,7 +1092,7 @@ def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
     with _manager_lock:
         if _manager is not None and _manager_pid == os.getpid() and not _same_address(_address_of(_manager), address):
             return True  # replaced already, by another pool (a lock names its address as a str)
-        if _manager is not None and _manager_pid == os.getpid() and owner_alive(_server):
+        if _manager is not None and _manager_pid == os.getpid() and not _gone_within(_server, DEATH_GRACE):
             return False
         try:
             _start_manager(ctx, allow_fork)
