@@ -2,9 +2,10 @@
 
 ::
 
-   start_first()       [__init__] PoolLocks.begin (a new Manager starts, not waited for)
-      ─► create_first: alloc n ids (no M attach: nobody else can reach the table yet)
-      ─► spawner forks them ─► adopt each ─► PoolLocks.start (wait for the Manager, locks)
+   start_first()       [__init__] create_first: alloc n ids (no M attach: nobody else can
+      reach the table yet) ─► spawner forks them (no Manager needed) ─► adopt each
+   start_filler()      [__init__, then its own thread] PoolLocks.start (the Manager started
+      if the program has none, the locks made) ─► fill() until min_workers were reached
    create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
       M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
       ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
@@ -93,16 +94,20 @@ class Creator:
         return max(0.0, time.monotonic() - since)
 
     def start_filler(self, wake: Callable[[], None]) -> None:
-        """Start the rest of ``min_workers`` behind the constructor's first batch, in a
-        thread of its own: the arbiter must not wait for forks while the first workers'
-        results come in. The thread ends when the pool has had min_workers at once, when it
-        closes, or at the first creation failure: the arbiter then goes on after the cooldown
-        (``wake``s it, whose next pass calls ``fill``)."""
-        if not self.filling:
-            return
+        """Make the pool's Manager locks (starting the program's server if it has none), then
+        start the rest of ``min_workers`` behind the constructor's first batch, in a thread of
+        its own: the constructor returns without waiting for either, and the arbiter must not
+        wait for the Manager or for forks while the first workers' results come in. The
+        thread ends when the pool has had min_workers at once, when it closes, or at the
+        first failure (making the locks or creating): the arbiter then goes on after the
+        cooldown (``wake``s it, whose next pass calls ``fill``)."""
 
         def run() -> None:
             try:
+                try:
+                    self.locks.start()
+                except LOST as exc:
+                    self.creation_failed([], exc)
                 while self.filling and time.monotonic() >= self.retry_at:
                     self.fill()
             finally:
@@ -207,19 +212,15 @@ class Creator:
             self.send(w, items)
 
     def start_first(self) -> None:
-        """The constructor's start: the program's Manager server started if it has none, not
-        waited for (PoolLocks.begin); its first batch of workers forked while the server
-        starts (``create_first``); then the pool's locks (PoolLocks.start: waits until the
-        server listens). The filler starts the rest of min_workers after the constructor.
-        Raises OSError if the first batch could not start, or what starting the Manager or
-        making the locks raised."""
+        """The constructor's start: its first batch of workers (``create_first``), before the
+        pool's locks exist and, in a new program, before its Manager server does; the filler
+        thread (``start_filler``) makes the locks and starts the rest of min_workers after
+        the constructor. Raises OSError if the first batch could not start."""
         first = min(self.books.cfg.min_workers, FIRST_BATCH)
-        self.locks.begin()  # the Manager starts (if the program has none) while they fork
         self.create_first(first)
         if len(self.books.workers) < first:
             raise OSError(f"procpool: could not start {first} workers") from self.error
         _faults.hit(self.faults, "create.before_locks")
-        self.locks.start()
 
     def create_first(self, n: int) -> None:
         """The constructor's first batch, forked before the pool's locks exist (while the
@@ -244,7 +245,10 @@ class Creator:
             _faults.hit(self.faults, "create.after_alloc")
             for wid, _gen in ids:
                 _faults.hit(self.faults, "create.start", wid)
-            started, refused = self.start_processes(ids)
+            # No server yet? The spawner keeps its ends of their Manager connections for
+            # the server it will fork (procpool.spawner, "pending" handovers). We load the
+            # Manager's machinery while it forks (PoolLocks.preload).
+            started, refused = self.start_processes(ids, self.locks.manager_follows, self.locks.preload)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             refused = [(i, exc) for i in ids]
         for (wid, gen), why in refused:
@@ -253,7 +257,10 @@ class Creator:
         self._put_to_work(started)
 
     def start_processes(
-        self, ids: list[tuple[int, int]]
+        self,
+        ids: list[tuple[int, int]],
+        manager_follows: bool = False,
+        meanwhile: Callable[[], object] | None = None,
     ) -> tuple[list[Worker], list[tuple[tuple[int, int], BaseException]]]:
         """Have the spawner fork one worker per (id, gen), in one request. M arb held, or the
         constructor's first batch (create_first). Returns the workers started, and the ids the
@@ -273,7 +280,7 @@ class Creator:
                 table_name=table.name,
                 title_prefix=cfg.title_prefix,
                 title=cfg.title,
-                attach_lock=self.locks.attach,
+                attach_lock=self.locks.attach_name(),
                 linger_dying=cfg.linger_dying,
                 faults=self.faults,
                 initializer=self.init_payload,
@@ -289,6 +296,8 @@ class Creator:
                 [(work[0], result[1]) for work, result in pairs],
                 self.completion_fd,
                 self.init_fds(),
+                manager_follows,
+                meanwhile,
             )
         except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)
@@ -319,9 +328,10 @@ class Creator:
         table = self.books.table
         assert table is not None
         try:
-            with self.locks.held("attach"):
-                for wid, gen in ids:
-                    table.free(wid, gen)
+            if ids:
+                with self.locks.held("attach"):
+                    for wid, gen in ids:
+                        table.free(wid, gen)
         except LOST:
             # No Manager to be had: free them unguarded. They belong to no process, and a
             # worker only ever writes its own slot; at worst a detaching worker misses that it

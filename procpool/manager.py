@@ -83,16 +83,14 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from multiprocessing import connection
 from multiprocessing.managers import BaseManager, BaseProxy, Server
 from typing import Any, cast
 
-from . import _compat, faults
-from .errors import LOST
+from . import _compat, faults, lockname
+from .lockname import HANDOVER_MAX, LockName
 from .procs import HELPER_IGNORES, close_quietly, reset_signals
-from .spawner import HANDOVER_MAX, get_spawner
 
 OWNER_POLL = 0.05
 
@@ -384,7 +382,6 @@ class ManagerLock:
         self._proxy = proxy
         self.name = name
         self._adopted: connection.Connection | None = None  # the handed-over connection, if any
-        self._ident = ""
 
     def acquire(self, timeout: float | None = None) -> bool:
         try:
@@ -401,7 +398,6 @@ class ManagerLock:
         """Use ``fd``, a connection the spawner handed over to the server, for this lock's
         requests from this process (see the module docstring)."""
         self._adopted = connection.Connection(fd)
-        self._ident = _compat.proxy_token(self._proxy).id  # what ``detach`` names the lock by
         _compat.proxy_adopt_connection(self._proxy, self._adopted)
 
     def _drop_adopted(self) -> None:
@@ -410,38 +406,6 @@ class ManagerLock:
 
     def release(self) -> None:
         self._proxy.release(os.getpid())
-
-    @property
-    def batched(self) -> bool:
-        """Can ``detach`` be asked on this lock (a handed-over connection)?"""
-        return self._adopted is not None
-
-    def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
-        """Have the Manager free id ``wid`` (allocation ``gen``) of id table ``table`` under
-        this lock on our behalf (module docstring); True if we are the last one out of a
-        teardown and must send the detach completion. Only where ``batched``; raises
-        EOFError or OSError if the connection fails (then ``acquire`` connects anew).
-
-        The request is the proxy call's own message in multiprocessing's framing (what
-        ``Connection.send`` of the same tuple writes), but written and read here with
-        ``os.write``/``os.read`` and the plain pickle module: a freshly woken worker pays a
-        copy-on-write page fault for every object it touches first, and the proxy's way
-        (``_callmethod``, a ``ForkingPickler`` per message, ``Connection``'s Python-level
-        framing) touched ~50 pages and cost ~0.3 ms of CPU per worker, against 8-10 pages and
-        ~0.14 ms this way (``_ask``), sixty-four times over in a teardown of 64 (README,
-        Performance)."""
-        conn = self._adopted
-        if conn is None:
-            raise OSError("no handed-over connection to detach on")
-        request = pickle.dumps((self._ident, "detach", (table, created, wid, gen), {}), pickle.HIGHEST_PROTOCOL)
-        try:
-            kind, result = pickle.loads(_ask(conn.fileno(), request))
-        except (EOFError, OSError):
-            self._drop_adopted()
-            raise
-        if kind == "#RETURN":
-            return bool(result)
-        raise result if isinstance(result, BaseException) else RuntimeError(f"detach: {kind} {result!r}")
 
     @property
     def address(self) -> Any:
@@ -467,39 +431,26 @@ class ManagerLock:
         return f"<ManagerLock {self.name}>"
 
     def __reduce__(self) -> tuple:
-        # Rebuilt without an incref round trip to the Manager: the program's own proxy keeps
-        # the lock alive, and a worker should not pay a connection at start for a lock it
-        # only takes on its way out.
-        return (_rebuild_lock, (_compat.proxy_token(self._proxy), self.name))
+        # A worker gets the lock's name, not a proxy (procpool.lockname): no incref round trip
+        # per worker (the program's own proxy keeps the lock alive), and neither the spawner
+        # nor a worker imports this module's machinery to unpickle it.
+        token = _compat.proxy_token(self._proxy)
+        return (LockName, (token.address, token.id, self.name))
 
 
-#: multiprocessing.connection's frame header: the payload's length, big-endian (for payloads
-#: under 2 GiB, which is all a lock request or its answer ever is).
-_FRAME = struct.Struct("!i")
+def lock_for(name: LockName) -> ManagerLock:
+    """The lock ``name`` names, as a proxy: the program's own (``make_locks`` then makes the
+    object on the server, if it is a new name), or a worker's for acquire/release (the rare
+    path; with the handed-over connection ``name`` still holds). No incref round trip: the
+    program's proxy owns the server's reference (``make_locks``); a worker's only borrows it."""
+    from multiprocessing.managers import Token
 
-
-def _ask(fd: int, payload: bytes) -> bytes:
-    """Send one request frame (as ``Connection.send_bytes`` frames it) and read exactly one
-    answer frame (nothing past it); EOFError if the peer closed first. One function, with
-    its loops inline: every Python function a freshly woken worker calls for the first time
-    costs it a copy-on-write fault or two (its function and code objects' reference counts)."""
-    out = _FRAME.pack(len(payload)) + payload
-    while out:
-        out = out[os.write(fd, out) :]
-    data, need, size = b"", _FRAME.size, -1
-    while len(data) < need:
-        chunk = os.read(fd, need - len(data))
-        if not chunk:
-            raise EOFError("the Manager closed the connection")
-        data += chunk
-        if size < 0 and len(data) == _FRAME.size:
-            size = _FRAME.unpack(data)[0]
-            need += size
-    return data[_FRAME.size :]
-
-
-def _rebuild_lock(token: Any, name: str) -> ManagerLock:
-    return ManagerLock(_RobustLockProxy(token, "pickle", authkey=None, incref=False), name)
+    proxy = _RobustLockProxy(Token("RobustLock", name.address, name.ident), "pickle", authkey=None, incref=False)
+    lock = ManagerLock(proxy, name.name)
+    fd = name.take_connection()
+    if fd >= 0:
+        lock.adopt_connection(fd)  # a worker's handed-over connection, still unused
+    return lock
 
 
 _handover_fd = -1  # in the Manager server: its end of the spawner's handover channel
@@ -559,18 +510,43 @@ class _Server(Server):
         """Make a RobustLock under each of ``idents`` (chosen by the client: it may have handed
         them to workers already), each with one reference, which the client's proxy owns."""
         for ident in idents:
-            if not isinstance(ident, str) or not ident or all(ch in "0123456789abcdef" for ch in ident):
-                raise ValueError(f"create_locks: {ident!r} is not a lock name")  # stock idents are hex
+            if not _lock_name(ident):
+                raise ValueError(f"create_locks: {ident!r} is not a lock name")
         faults.hit(fault_spec or {}, "manager.create")
         made = [(ident, _RobustLockServer(fault_spec)) for ident in idents]
         with self.mutex:
             for ident, _ in made:
-                if ident in self.id_to_obj:
+                if self.id_to_refcount.get(ident, 0):
                     raise ValueError(f"create_locks: {ident!r} exists already")
             for ident, obj in made:
-                exposed = {name for name in dir(obj) if name[0] != "_" and callable(getattr(obj, name))}
-                cast(Any, self.id_to_obj)[ident] = (obj, exposed, None)
+                # One made on first use by a worker (``_planned_object``) is kept: it may be
+                # held, or have freed ids under it, already.
+                if ident in self.id_to_obj:
+                    self.id_to_obj[ident][0]._faults = obj._faults
+                else:
+                    self._register(ident, obj)
                 self.id_to_refcount[ident] = 1
+
+    def _register(self, ident: str, obj: _RobustLockServer) -> None:
+        """self.mutex held."""
+        exposed = {name for name in dir(obj) if name[0] != "_" and callable(getattr(obj, name))}
+        cast(Any, self.id_to_obj)[ident] = (obj, exposed, None)
+
+    def _planned_object(self, ident: Any) -> Any:
+        """The object ``ident`` names, for a request on a handed-over connection (one of our
+        spawner's workers). A lock the program named but has not made yet is made now, with
+        no reference counted (``create_locks`` then counts the program's): a pool's first
+        workers are forked, and may exit, before the program made its locks (docs/design.md,
+        "Pool start"). KeyError for anything else unknown."""
+        with self.mutex:
+            entry = self.id_to_obj.get(ident)
+            if entry is not None:
+                return entry[0]
+            if not _lock_name(ident):
+                raise KeyError(ident)
+            obj = _RobustLockServer()
+            self._register(ident, obj)
+            return obj
 
     def accepter(self) -> None:
         """Replaces the stock accepter (a thread per connection, no time limit): only this
@@ -753,7 +729,7 @@ class _Server(Server):
         request: the answer closes it)."""
         try:
             ident, methodname, args, kwds = request
-            obj = self.id_to_obj[ident][0]
+            obj = self._planned_object(ident)
         except (TypeError, ValueError, KeyError):
             obj, methodname, args, kwds = None, None, (), {}
         if isinstance(obj, _RobustLockServer) and not kwds:
@@ -807,6 +783,12 @@ class _Server(Server):
             # excepthook (pytest installs one) can keep those alive, and the worker's socket
             # with them.
             conn.close()
+
+
+def _lock_name(ident: Any) -> bool:
+    """Is ``ident`` a name the program gives a lock (``planned_lock``)? Never a stock
+    ident, which is all hex digits."""
+    return isinstance(ident, str) and bool(ident) and not all(ch in "0123456789abcdef" for ch in ident)
 
 
 def _perform_detach_round(detaches: dict[_RobustLockServer, list[Detach]]) -> None:
@@ -958,48 +940,42 @@ class ManagerHost:
 
 _manager: _Manager | None = None
 _manager_pid = 0
-_planned = ""  # the address of the next Manager server this program starts (see plan_address)
 _manager_ready: connection.Connection | None = None  # the started server says here it listens
 _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
 _server: Owner = (0, 0.0)  # the Manager server process of this program's Manager: (pid, start time)
-# guards _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
+# guards _manager, _manager_pid, _manager_alive_w, _server, _manager_ready
 _manager_lock = threading.Lock()
 
 
-def _new_address() -> str:
-    # An abstract-namespace socket (Linux): no temporary directory to create (and no
-    # tempfile import) in the way of the program's first pool, nothing left if everything is
-    # SIGKILLed. Any local process can connect to it; the server closes every connection
-    # of another uid at once (SO_PEERCRED), and the authkey handshake admits the rest.
-    return f"\0procpool-manager-{os.getpid()}-{os.urandom(6).hex()}"
+def _fresh_lock_in_child() -> None:
+    """A fork of the program gets a fresh ``_manager_lock``: a fork copies a lock held by
+    another thread as held, forever, and a pool's filler holds this one across a round trip
+    to the spawner while the program's server starts (right after the first pool's
+    constructor). The fork's own first pool starts a server of its own (the pid checks)."""
+    global _manager_lock
+    _manager_lock = threading.Lock()
 
 
-def _address_of(m: _Manager) -> str:
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
+def address_of(m: _Manager) -> str:
     """A Manager's address as a str (its server reports an abstract name as bytes)."""
     return os.fsdecode(cast(Any, m.address))
 
 
-def _same_address(a: str | bytes, b: str | bytes) -> bool:
+def same_address(a: str | bytes, b: str | bytes) -> bool:
     """Addresses of Unix sockets compared (a server reports its abstract name as bytes)."""
     return os.fsencode(a) == os.fsencode(b)
 
 
-def plan_address() -> tuple[str, bool]:
-    """The address of the program's Manager server as it will be when a pool's locks are
-    made: the live one's, or the one the next server started will listen at; and whether it
-    is the latter (no server yet). A pool names its locks with it before the server exists
-    (PoolLocks), so that workers forked while the server starts already carry them. No
-    Manager contact, no process started."""
-    global _planned
-    with _manager_lock:
-        if _manager is not None and _manager_pid == os.getpid():
-            return _address_of(_manager), False
-        if not _planned.startswith(f"\0procpool-manager-{os.getpid()}-"):
-            _planned = _new_address()
-        return _planned, True
+#: Gives the program's spawner (procpool.spawner.get_spawner with the pool's context): the
+#: Manager's server is forked by it. Passed in by the caller (procpool.poollocks), so that this
+#: module does not import the spawner's, which loads the worker's, which may load this one.
+SpawnerOf = Callable[[], Any]
 
 
-def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
+def get_manager(spawner: SpawnerOf) -> _Manager:
     """The program's Manager, started on first use (shared by every pool of the program).
 
     The spawner forks it, so that starting it costs a fork, not a process start through
@@ -1010,25 +986,24 @@ def get_manager(ctx: Any, allow_fork: bool = True) -> _Manager:
         # A dead server is replaced here for new pools; pools that hold its locks find out
         # on their next request (PoolLocks).
         if _manager is None or _manager_pid != os.getpid() or not owner_alive(_server):
-            _start_manager(ctx, allow_fork)
+            _start_manager(spawner)
         assert _manager is not None
         return _manager
 
 
-def _start_manager(ctx: Any, allow_fork: bool) -> None:
-    """_manager_lock held. Listens at the planned address (plan_address), once."""
-    global _manager, _manager_pid, _manager_alive_w, _server, _planned, _manager_ready
+def _start_manager(spawner: SpawnerOf) -> None:
+    """_manager_lock held. Listens at the planned address (lockname.plan_address), once."""
+    global _manager, _manager_pid, _manager_alive_w, _server, _manager_ready
     from multiprocessing import current_process
 
-    address = _planned if _planned.startswith(f"\0procpool-manager-{os.getpid()}-") else _new_address()
-    _planned = ""  # a server that fails to start leaves its address to no other
+    address = lockname.take_planned()
     alive_r, alive_w = os.pipe()
     try:
         for attempt in range(2):
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid, ready = get_spawner(ctx, allow_fork).start_manager(alive_r, ManagerHost, address)
+                address, pid, ready = spawner().start_manager(alive_r, ManagerHost, address)
                 break
             except (EOFError, OSError):
                 if attempt:
@@ -1044,6 +1019,7 @@ def _start_manager(ctx: Any, allow_fork: bool) -> None:
     if _manager_alive_w >= 0 and _manager_pid == os.getpid():
         os.close(_manager_alive_w)  # a dead server's: nobody reads it any more
     _manager, _manager_pid, _manager_alive_w = m, os.getpid(), alive_w
+    lockname.set_live(address_of(m))
     if _manager_ready is not None:
         _manager_ready.close()  # a server that died before it listened
     _manager_ready = connection.Connection(ready, writable=False)
@@ -1084,18 +1060,18 @@ def _gone_within(owner: Owner, grace: float) -> bool:
     return True
 
 
-def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
+def replace_dead_manager(spawner: SpawnerOf, address: Any) -> bool:
     """The Manager server at ``address`` stopped answering. If it is dead, start a new one
     (unless another pool already did); True if the program's Manager is now a live one other
     than ``address``'s, False if that server is still alive (the failure was something else:
     out of descriptors, say) or no new one could be started."""
     with _manager_lock:
-        if _manager is not None and _manager_pid == os.getpid() and not _same_address(_address_of(_manager), address):
+        if _manager is not None and _manager_pid == os.getpid() and not same_address(address_of(_manager), address):
             return True  # replaced already, by another pool (a lock names its address as a str)
         if _manager is not None and _manager_pid == os.getpid() and not _gone_within(_server, DEATH_GRACE):
             return False
         try:
-            _start_manager(ctx, allow_fork)
+            _start_manager(spawner)
         except Exception:  # noqa: BLE001 - no new server: the caller treats it as a creation failure
             return False
         return True
@@ -1103,29 +1079,18 @@ def replace_dead_manager(ctx: Any, allow_fork: bool, address: Any) -> bool:
 
 def server_pid() -> int | None:
     """The pid of this program's Manager server process, if it has one (to watch it from
-    outside: ps, psutil, tests)."""
-    with _manager_lock:
-        return _server[0] if _manager is not None and _manager_pid == os.getpid() else None
+    outside: ps, psutil, tests). Read without ``_manager_lock``, which a server's start holds
+    across a round trip to the spawner: the arbiter publishes this every turn and must not
+    wait for that; a value one start old is what any observer may see anyway."""
+    manager, pid, server = _manager, _manager_pid, _server
+    return server[0] if manager is not None and pid == os.getpid() else None
 
 
-def new_lock(ctx: Any, name: str, allow_fork: bool = True, fault_spec: faults.Spec | None = None) -> ManagerLock:
+def new_lock(spawner: SpawnerOf, name: str, fault_spec: faults.Spec | None = None) -> ManagerLock:
     """A new lock on the program's Manager (started if need be)."""
-    lock = planned_lock(_address_of(get_manager(ctx, allow_fork)), name)
+    lock = lock_for(lockname.name_lock(address_of(get_manager(spawner)), name))
     make_locks([lock], fault_spec)
     return lock
-
-
-def planned_lock(address: str, name: str) -> ManagerLock:
-    """A lock named in advance: a proxy for an object the Manager server at ``address`` does
-    not hold yet (``make_locks`` makes it there). It can be pickled into a worker at once; only
-    its use must wait for make_locks."""
-    from multiprocessing import current_process
-    from multiprocessing.managers import Token
-
-    ident = f"{name}-{os.getpid()}-{os.urandom(6).hex()}"  # never a stock ident (hex digits only)
-    token = Token("RobustLock", address, ident)
-    proxy = _RobustLockProxy(token, "pickle", authkey=bytes(current_process().authkey), incref=False)
-    return ManagerLock(proxy, name)
 
 
 def make_locks(locks: list[ManagerLock], fault_spec: faults.Spec | None = None) -> None:
@@ -1142,114 +1107,3 @@ def make_locks(locks: list[ManagerLock], fault_spec: faults.Spec | None = None) 
     _compat.manager_request(tokens[0].address, authkey, "create_locks", ([t.id for t in tokens], fault_spec))
     for lock in locks:
         _compat.proxy_owns_reference(lock._proxy)
-
-
-class PoolLocks:
-    """A pool's two Manager locks, ``arb`` (the kernel's manager_arb: one creator at a time,
-    and none once teardown passed its point of no return) and ``attach`` (id allocation and
-    freeing, and the detach completion's state), with the way on when the server dies.
-
-    ``held(name)`` takes one as a context manager. If the Manager server is found dead, both
-    locks are replaced by locks of a new server, and the new one is taken: workers started
-    from then on carry the new ``attach``; workers attached through the dead server cannot
-    take its lock on their way out, so they exit without detaching and the parent frees
-    their ids when it reaps them (``Reaper.detach_on_behalf``), under the new lock. (A worker that
-    was inside its critical section when the server died finishes it unguarded: its id slot
-    is generation-checked, so the parent's repair of it is safe.) Only the first locks get
-    the pool's ``manager.*`` fault points, so an injected Manager death happens once.
-
-    Steps, so that a pool's first workers can be forked while the Manager starts: the
-    constructor only *names* the locks (no Manager contact: ``plan_address``, where the
-    program's server is or will be); ``begin`` has the spawner fork the server if the program
-    has none, without waiting for it; ``start`` waits until it listens and has both locks
-    made in one request. Workers forked in between carry the named attach lock and use it
-    only on their way out, which comes after ``start``.
-    """
-
-    def __init__(self, ctx: Any, allow_fork: bool, pool_id: int, fault_spec: faults.Spec) -> None:
-        self._ctx = ctx  # I
-        self._allow_fork = allow_fork  # I
-        self._pool_id = pool_id  # I
-        self._guard = threading.Lock()  # guards arb, attach and replaced (the swap, not the locks' use)
-        self.replaced = 0
-        self._first_faults = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}  # I
-        address, self.manager_follows = plan_address()  # I: no server yet, start() starts it
-        self.arb, self.attach = self._plan(address)
-
-    def _plan(self, address: str) -> tuple[ManagerLock, ManagerLock]:
-        return (
-            planned_lock(address, f"pool{self._pool_id}.manager_arb"),
-            planned_lock(address, f"pool{self._pool_id}.attach"),
-        )
-
-    def start(self) -> None:
-        """Have the named locks made on the program's Manager server, started now if there is
-        none. If the server is not the one they were named for (it died, or another thread's
-        pool started it at another address meanwhile), new locks are named and made there:
-        workers forked with the old name exit without detaching (their ids are freed when the
-        parent reaps them, as for workers of a dead server). A server that dies meanwhile is
-        replaced once, as on any later request. Raises what starting the server or reaching
-        it raised."""
-        address = _address_of(get_manager(self._ctx, self._allow_fork))
-        with self._guard:
-            if not _same_address(self.arb.address, address):
-                self.arb, self.attach = self._plan(address)
-            try:
-                make_locks([self.arb, self.attach], self._first_faults)
-                return
-            except LOST:
-                if not replace_dead_manager(self._ctx, self._allow_fork, address):
-                    raise
-            self.arb, self.attach = self._new()
-            self.replaced += 1
-
-    def begin(self) -> None:
-        """Start the program's Manager server if it has none, without waiting for it to listen
-        (``start`` waits): the pool's first workers are forked meanwhile."""
-        if self.manager_follows:
-            get_manager(self._ctx, self._allow_fork)
-
-    def _new(self) -> tuple[ManagerLock, ManagerLock]:
-        arb, attach = self._plan(_address_of(get_manager(self._ctx, self._allow_fork)))
-        make_locks([arb, attach])
-        return arb, attach
-
-    @contextmanager
-    def held(self, name: str) -> Iterator[None]:
-        """Hold lock ``name`` ('arb' or 'attach'). Raises what the Manager raised if it cannot
-        be reached and cannot be replaced. A release that fails because the server died while
-        we held the lock is not an error: the lock died with it."""
-        lock = self._take(name)
-        try:
-            yield
-        finally:
-            try:
-                lock.release()
-            except LOST:
-                pass
-
-    def _take(self, name: str) -> ManagerLock:
-        lock: ManagerLock = getattr(self, name)
-        try:
-            lock.acquire()
-            return lock
-        except LOST:
-            if not self._replace(lock):
-                raise
-        lock = getattr(self, name)
-        lock.acquire()
-        return lock
-
-    def _replace(self, failed: ManagerLock) -> bool:
-        """New locks if ``failed``'s server is dead; True if there are new ones to try."""
-        with self._guard:
-            if failed is not self.arb and failed is not self.attach:
-                return True  # another thread of this pool replaced them already
-            if not replace_dead_manager(self._ctx, self._allow_fork, failed.address):
-                return False
-            try:
-                self.arb, self.attach = self._new()
-            except Exception:  # noqa: BLE001 - no new locks: the caller treats it as a creation failure
-                return False
-            self.replaced += 1
-            return True

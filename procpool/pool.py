@@ -63,7 +63,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import faults as _faults
 from .arbiter import YIELD_EVERY, Arbiter, Reaper, Wakeup, send_items
@@ -82,12 +82,10 @@ from .creation import Creator
 from .errors import ItemCancelled
 from .future import new_future
 from .idtable import MAX_WORKERS, IdTable, capacity_for
+from .poollocks import PoolLocks
 from .spawner import resolve_context, stop_spawner
 from .stats import Account, PoolStats, WorkerInfo
 from .teardown import Teardown
-
-if TYPE_CHECKING:  # the Manager's machinery is loaded by the first pool, not on import
-    from .manager import PoolLocks
 
 __all__ = ["MAX_WORKERS", "SPIN", "WorkerPool"]
 
@@ -230,9 +228,7 @@ class WorkerPool:
         books.table = IdTable.create(self.id, capacity=capacity_for(cfg.max_workers))
         # M arb: one creator at a time, and none once teardown passed its point of no return;
         # M attach: id allocation and freeing, and the detach completion's state
-        from .manager import PoolLocks  # the Manager's machinery: loaded by the first pool
-
-        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I (named, made below)
+        self._locks = PoolLocks(self._ctx, self._allow_fork, self.id, self.fault_spec)  # I (named; made by the filler)
         completion = self._ctx.Pipe(duplex=False)
         reaper = Reaper(
             self.id, books, self.fault_spec, self._locks, completion[1], Wakeup(), selectors.DefaultSelector()
@@ -244,7 +240,7 @@ class WorkerPool:
         cm = ConcurrencyManagement(books, creator.create_workers, lambda: creator.retry_at)
         self._arbiter = arbiter = Arbiter(self.id, books, self.fault_spec, reaper, creator, cm)
         self._teardown = Teardown(self.id, books, arbiter, creator, self._locks, completion, self._unlist)
-        creator.start_first()  # the first workers, then the locks (docs/design.md "Pool start")
+        creator.start_first()  # the first workers; the filler makes the locks (docs/design.md "Pool start")
 
     def _unlist(self) -> None:
         """The end of teardown: no longer a live pool, and its id may be reused."""
@@ -500,7 +496,9 @@ class WorkerPool:
 
     @property
     def manager_locks(self) -> PoolLocks:
-        """For tests and tools: the pool's Manager locks (attach, arb), as its workers share them."""
+        """For tests and tools: the pool's Manager locks (attach, arb), as its workers share them
+        (made first if the filler has not made them yet). Raises LOST if they cannot be."""
+        self._locks.start()
         return self._locks
 
     @property

@@ -39,10 +39,11 @@ import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from . import faults
 from .errors import CallNotUnpicklable, ProcpoolError, RemoteTraceback, ResultNotPicklable, ResultNotUnpicklable
+from .lockname import LockName
 
 PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -294,21 +295,6 @@ def dying_title(prefix: str) -> str:
     return f"{prefix}/dying"
 
 
-class AttachLock(Protocol):
-    """What a worker needs of its pool's attach lock (procpool.manager.ManagerLock)."""
-
-    @property
-    def batched(self) -> bool: ...
-
-    def acquire(self, timeout: float | None = None) -> bool: ...
-
-    def release(self) -> None: ...
-
-    def detach(self, table: str, created: float, wid: int, gen: int) -> bool: ...
-
-    def adopt_connection(self, fd: int) -> None: ...
-
-
 @dataclass
 class WorkerSpec:
     """Everything a worker process is started with (pickled into the spawner's request)."""
@@ -318,7 +304,7 @@ class WorkerSpec:
     gen: int
     table_name: str
     title_prefix: str
-    attach_lock: AttachLock
+    attach_lock: LockName  # the pool's attach lock, by name (procpool.lockname)
     # Set in the worker by the spawner from the descriptors it was handed:
     conn: Any = None  # Channel: the worker's ends of its work and result pipes
     completion: Any = None  # write end of the pool's detach completion pipe

@@ -89,6 +89,7 @@ from multiprocessing import connection
 from typing import Any, Protocol
 
 from . import _compat, faults
+from .lockname import HANDOVER_MAX
 from .procs import HELPER_IGNORES, WORKER_DEFAULTS, close_quietly, kill_quietly, readable, reset_signals
 
 _LEN = struct.Struct("<I")
@@ -102,9 +103,6 @@ FDS_PER_WORKER = 3
 MAX_INHERITED = 12
 #: The spawner's first word to a program that started it through multiprocessing.
 READY = b"ready"
-#: Descriptors per handover message (the server's ends of new workers' Manager connections,
-#: see procpool.manager): a spawner batch's worth (SCM_RIGHTS allows 253).
-HANDOVER_MAX = 128
 NOT_BOOTSTRAPPED = (
     "procpool's spawner exited before it was ready. This program runs threads, so the spawner "
     "is started through multiprocessing, which imports the main module again in the new "
@@ -269,11 +267,16 @@ class Spawner:
         get_spawner() starts a new one instead of handing this one out again."""
         return self._request_fds(payload, fds, 0)[0]
 
-    def _request_fds(self, payload: bytes, fds: list[int], maxfds: int) -> tuple[Any, list[int]]:
-        """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too)."""
+    def _request_fds(
+        self, payload: bytes, fds: list[int], maxfds: int, meanwhile: Callable[[], object] | None = None
+    ) -> tuple[Any, list[int]]:
+        """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too).
+        ``meanwhile`` runs between the request and the answer (its failure is ignored)."""
         with self._lock:
             try:
                 _send_frame(self._sock, payload, fds)
+                if meanwhile is not None:
+                    _run_quietly(meanwhile)
                 if not maxfds:
                     return pickle.loads(_recv_frame(self._sock)), []
                 data, got = _recv_frame_fds(self._sock, maxfds)
@@ -304,11 +307,16 @@ class Spawner:
         conn_fds: list[tuple[int, int]],
         completion_fd: int,
         inherited: list[int] = (),  # type: ignore[assignment]
+        manager_follows: bool = False,
+        meanwhile: Callable[[], object] | None = None,
     ) -> list[WorkerProcess | BaseException]:
         """Fork one worker per spec; ``conn_fds[i]`` (the read end of its work pipe, the
         write end of its result pipe) become worker i's channel; every worker also gets the
         ``inherited`` descriptors (its pool's initargs', at most MAX_INHERITED), as
-        ``spec.inherited_fds``. Returns a handle, or the exception that refused it, per spec."""
+        ``spec.inherited_fds``. ``manager_follows``: the program has no Manager server yet and
+        will have this spawner fork one (the workers' connections to it are kept pending until
+        then). ``meanwhile``: something for this thread to do while the spawner forks (once).
+        Returns a handle, or the exception that refused it, per spec."""
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
@@ -316,6 +324,8 @@ class Spawner:
                 conn_fds[start : start + MAX_BATCH],
                 completion_fd,
                 list(inherited),
+                manager_follows,
+                meanwhile if start == 0 else None,
             )
         return out
 
@@ -325,16 +335,18 @@ class Spawner:
         conn_fds: list[tuple[int, int]],
         completion_fd: int,
         inherited: list[int],
+        manager_follows: bool,
+        meanwhile: Callable[[], object] | None,
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
-            request = ("spawn", specs, list(sys.path), len(inherited))
+            request = ("spawn", specs, list(sys.path), len(inherited), manager_follows)
             payload = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
             fds = [completion_fd]
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
             fds += inherited
-            answer = self._request(payload, fds)
+            answer = self._request_fds(payload, fds, 0, meanwhile)[0]
         except BaseException:
             for r, w in pipes:
                 os.close(r)
@@ -359,6 +371,15 @@ class Spawner:
             if self._proc.exitcode is None:
                 self._proc.kill()
                 self._proc.join(5)
+
+
+def _run_quietly(fn: Callable[[], object]) -> None:
+    """Run ``fn`` between a request and its answer: whatever it raises must not leave the
+    answer unread (the next request would read it)."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the caller's own business; it fails again where it matters
+        pass
 
 
 def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
@@ -498,12 +519,16 @@ class _SpawnerState:
         self.handover: socket.socket | None = None
         self.host: ServerHost | None = None  # how we forked the Manager server, if we did
         self.pdeathsig: Callable[[int], None] | None = None  # set by warm_up, before the first fork
+        # The server's ends of the Manager connections of workers forked before we forked the
+        # server (the program's first workers: docs/design.md, "Pool start"), for start_manager
+        self.pending: list[int] = []
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
 
     def serve(self) -> None:
         """The spawner's loop proper; returns when the program's socket closes, raises on any
         error (an EPIPE on an answer, say)."""
+        self.warm_up()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
@@ -539,16 +564,10 @@ class _SpawnerState:
             os.close(fd)
 
     def warm_up(self) -> None:
-        """Before the first fork of a worker, not before the first request: the program's
-        first request is for its Manager, which then starts while this runs (~3-4 ms, most of
-        it ctypes for the pdeathsig setter). Imports, once, what every worker runs, and what
-        a worker needs on its way out when it has to connect to the Manager itself (a
-        replacement spawner hands no connections over): the handshake imports hmac (and
-        OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment, a
-        teardown of many at once. (Usually no-ops: the program imported them.)"""
-        import hashlib  # noqa: F401
-        import hmac  # noqa: F401
-
+        """At the spawner's start, before its first request (the program's first pool asks
+        for its first workers, and prepares that request meanwhile): imports and looks up,
+        once, what every worker runs (~3-4 ms, most of it ctypes for the pdeathsig setter),
+        so that no new worker pays an import."""
         import psutil
 
         from . import protocol, worker
@@ -572,8 +591,9 @@ class _SpawnerState:
         if kind == "manager":
             self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         else:
-            inherited = fds[len(fds) - more[0] :] if more and more[0] else []
-            self.spawn(specs, sys_path, fds, inherited)
+            n_inherited, manager_follows = more
+            inherited = fds[len(fds) - n_inherited :] if n_inherited else []
+            self.spawn(specs, sys_path, fds, inherited, manager_follows)
         return True
 
     def start_manager(self, host: ServerHost, alive_fd: int, address: str) -> None:
@@ -582,25 +602,31 @@ class _SpawnerState:
         try:
             # The Manager closes every descriptor of ours it inherits (they are the
             # spawner's, not its own).
-            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values()]
+            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values(), *self.pending]
             answer, self.handover, ready_fd = host.start(alive_fd, spawner_fds, address)
             ready = [ready_fd]
             self.host = host
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
+        # The connections of workers forked before this server: handed over now, or, with
+        # no server, closed (those workers then connect the stock way).
+        pending, self.pending = self.pending, []
+        self._hand_over(pending)
+        close_quietly(pending)
         os.close(alive_fd)
         try:
             _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), ready)
         finally:
             close_quietly(ready)
 
-    def _manager_pairs(self, n: int) -> list[int]:
+    def _manager_pairs(self, n: int, manager_follows: bool) -> list[int]:
         """A Manager connection per worker (both ends, flat), to hand over to the server (see
-        procpool.manager); none when we have no server or are out of descriptors (these
-        workers then connect the stock way)."""
+        procpool.manager); none when we have no server and will fork none, or are out of
+        descriptors (these workers then connect the stock way)."""
         ours: list[int] = []
+        will_have = self.handover is not None or (manager_follows and self.host is None)
         try:
-            for _ in range(n if self.handover is not None else 0):
+            for _ in range(n if will_have else 0):
                 a, b = socket.socketpair()
                 ours += [a.detach(), b.detach()]
         except OSError:
@@ -608,19 +634,19 @@ class _SpawnerState:
             ours = []
         return ours
 
-    def spawn(self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int]) -> None:
+    def spawn(
+        self, specs: list[Any], sys_path: list[str], fds: list[int], inherited: list[int], manager_follows: bool
+    ) -> None:
         """Fork one worker per spec; answer a pid, or the exception that refused it, per spec."""
         completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
-        if self.pdeathsig is None:
-            self.warm_up()
         answer: list[int | BaseException] = []
-        ours = self._manager_pairs(len(specs))
+        ours = self._manager_pairs(len(specs), manager_follows)
         given: list[int] = []  # the server's ends of the workers that were forked
         # What every worker of the batch closes but its own: the spawner's descriptors, the
         # request's and the Manager pairs', as runs of consecutive numbers (worked out once
         # here, not in each child: ~0.2 ms of each worker's start, measured)
         extra = [self.handover.fileno()] if self.handover is not None else []
-        spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *extra, *self.status_w.values()]
+        spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *extra, *self.status_w.values(), *self.pending]
         runs = _runs(spawner_fds + fds + ours)
         for i, spec in enumerate(specs):
             rx, tx, sw = rest[FDS_PER_WORKER * i : FDS_PER_WORKER * (i + 1)]
@@ -636,8 +662,12 @@ class _SpawnerState:
             answer.append(pid)
             if ours:
                 given.append(ours[2 * i + 1])
-        self._hand_over(given)
-        close_quietly(ours)
+        if self.handover is None:
+            self.pending += given  # handed over when the server is forked (start_manager)
+            close_quietly(fd for fd in ours if fd not in set(given))
+        else:
+            self._hand_over(given)
+            close_quietly(ours)
         live = set(self.status_w.values())
         close_quietly(fd for fd in fds if fd not in live)
         if specs:
@@ -674,6 +704,16 @@ class _SpawnerState:
             # and their exit paths handle that as with any lost Manager.
             self.handover.close()
             self.handover = None
+
+
+def _warm_for_stock_connections() -> None:
+    """Before forking workers that will connect to the Manager themselves on their way out
+    (no connection to hand over: a replacement spawner, say): the handshake imports hmac (and
+    OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment, a teardown
+    of many at once; imported here once instead. (A no-op once this spawner loaded the
+    Manager's module, which imports them.)"""
+    import hashlib  # noqa: F401
+    import hmac  # noqa: F401
 
 
 def _runs(fds: list[int]) -> list[tuple[int, int]]:
@@ -891,6 +931,17 @@ _spawner_pid = 0
 _spawner_lock = threading.Lock()  # guards _spawner and _spawner_pid
 
 
+def _fresh_lock_in_child() -> None:
+    """A fork of the program gets a fresh ``_spawner_lock`` (a fork copies a lock held by
+    another thread, a pool's starting its spawner, as held, forever); it starts a spawner of
+    its own (the pid check in get_spawner)."""
+    global _spawner_lock
+    _spawner_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def get_spawner(ctx: Any, allow_fork: bool = True) -> Spawner:
     """The program's spawner, (re)started on demand. ``allow_fork``: may it be a plain fork
     of this program (when single-threaded)? The first pool of the program decides."""
@@ -907,11 +958,12 @@ def get_spawner(ctx: Any, allow_fork: bool = True) -> Spawner:
 def spawner_pid() -> int | None:
     """The pid of this program's spawner, if it has a live one (for observers: a pool
     publishes it in its id table, so ``procpool ps`` can list the spawner and its children,
-    every worker from its fork until it is reaped)."""
-    with _spawner_lock:
-        if _spawner is None or _spawner_pid != os.getpid() or _spawner._lost:
-            return None
-        return _spawner.pid
+    every worker from its fork until it is reaped). Read without ``_spawner_lock``, which a
+    spawner's start holds: the arbiter publishes this every turn and must not wait."""
+    spawner, pid = _spawner, _spawner_pid
+    if spawner is None or pid != os.getpid() or spawner._lost:
+        return None
+    return spawner.pid
 
 
 def stop_spawner() -> None:

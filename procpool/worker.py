@@ -36,10 +36,10 @@ from . import faults
 from ._compat import raw_signal, run_exit_finalizers
 from .frames import FrameReader, write_all
 from .idtable import BUSY, DYING, IDLE, IdTable
+from .lockname import LockName
 from .protocol import (
     DIE,
     SEQ_BYTES,
-    AttachLock,
     WorkerSpec,
     decode_call,
     encode_result,
@@ -331,8 +331,12 @@ def exit_path(spec: WorkerSpec, table: IdTable) -> None:
     _exit(0)
 
 
-def _locked_detach(spec: WorkerSpec, table: IdTable, lock: AttachLock) -> None:
-    """Detach holding the attach lock ourselves: free our id, maybe complete the teardown."""
+def _locked_detach(spec: WorkerSpec, table: IdTable, name: LockName) -> None:
+    """Detach holding the attach lock ourselves (the rare path: no handed-over connection,
+    or the fault point detach.locked): free our id, maybe complete the teardown."""
+    from .manager import lock_for  # the Manager's machinery, only on this path
+
+    lock = lock_for(name)
     try:
         lock.acquire()
     except (EOFError, OSError):

@@ -18,7 +18,7 @@ from multiprocessing import connection
 import pytest
 from conftest import assert_program_left_nothing, run_program, title_of, wait_until
 
-from procpool import manager
+from procpool import lockname, manager
 from procpool.idtable import DYING, FREE, IdTable
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,10 +228,10 @@ def sockets(pid):
 # The program's first pool forks its first workers while its Manager starts, then more
 # behind the constructor once it does: each one is born with its handed-over connection.
 pool = procpool.WorkerPool(min_workers=FIRST_BATCH + 2, max_workers=FIRST_BATCH + 2)
-assert procpool.manager.server_pid() is not None
 assert [pool.submit(abs, -i).result(timeout=20) for i in range(8)] == list(range(8))
 from conftest import wait_until
 wait_until(lambda: pool.stats().nr_workers == FIRST_BATCH + 2, what="all workers")
+assert procpool.manager.server_pid() is not None  # started behind the constructor
 r = {w.id: sockets(w.pid) for w in pool.workers()}
 pool.close()
 print(json.dumps({"sockets": r, "broken": pool.manager_locks.attach.broken}))
@@ -274,21 +274,21 @@ def test_a_detach_request_is_the_frame_a_proxy_call_would_send(pair):
     request = ("some-id", "detach", ("procpool-table", 1.5, 3, 7), {})
     conn.send(("#RETURN", True))  # what a Connection.send of the answer writes
     conn.send(("#RETURN", False))
-    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", True)
+    assert pickle.loads(lockname.ask(fd, pickle.dumps(request))) == ("#RETURN", True)
     assert conn.recv() == request  # what the handover thread reads: Connection.recv
     # Exactly one frame per answer read: the second answer stays for the next request.
-    assert pickle.loads(manager._ask(fd, pickle.dumps(request))) == ("#RETURN", False)
+    assert pickle.loads(lockname.ask(fd, pickle.dumps(request))) == ("#RETURN", False)
     assert conn.recv() == request
 
 
 def test_an_answer_cut_short_by_the_peer_is_an_eof(pair):
     conn, fd = pair
-    os.write(conn.fileno(), manager._FRAME.pack(100) + b"only part")
+    os.write(conn.fileno(), lockname.FRAME.pack(100) + b"only part")
     peer = socket.socket(fileno=os.dup(conn.fileno()))
     peer.shutdown(socket.SHUT_WR)  # it stops sending (the request is still received)
     peer.close()
     with pytest.raises(EOFError):
-        manager._ask(fd, b"request")
+        lockname.ask(fd, b"request")
     assert conn.recv_bytes() == b"request"
 
 
@@ -311,8 +311,8 @@ def test_the_detach_answer_closes_the_workers_connection(pair, outcome):
 
 
 def _one_frame(fd: int) -> bytes:
-    head = os.read(fd, manager._FRAME.size)
-    (size,) = manager._FRAME.unpack(head)
+    head = os.read(fd, lockname.FRAME.size)
+    (size,) = lockname.FRAME.unpack(head)
     data = b""
     while len(data) < size:
         data += os.read(fd, size - len(data))

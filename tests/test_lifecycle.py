@@ -137,6 +137,7 @@ if threaded:  # then the spawner (and the Manager it forks) starts through the f
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()
 pool = procpool.WorkerPool(min_workers=0, max_workers=4, idle_timeout=60)
+pool.manager_locks  # made behind the constructor, the Manager started with them: wait for them
 mgr = psutil.Process(procpool.manager.server_pid())
 assert " ".join(mgr.cmdline()).strip() == "procpool: manager"
 
@@ -198,9 +199,9 @@ def test_a_lock_whose_handed_over_connection_never_reached_the_manager_connects_
     import socket
 
     from procpool.manager import new_lock
-    from procpool.spawner import resolve_context
+    from procpool.spawner import get_spawner, resolve_context
 
-    lock = new_lock(resolve_context(None), "test.fallback")
+    lock = new_lock(lambda: get_spawner(resolve_context(None)), "test.fallback")
     ours, theirs = socket.socketpair()
     theirs.close()
     lock.adopt_connection(ours.detach())

@@ -54,6 +54,7 @@ PROGRAM = textwrap.dedent(
         deadline = time.monotonic() + 30
         while pool.stats().nr_busy < busy and time.monotonic() < deadline:
             time.sleep(0.01)
+        pool.manager_locks  # made (the Manager started) behind the constructor
         print(json.dumps({
             "spawner": spawner.spawner_pid(),
             "manager": manager.server_pid(),
@@ -166,6 +167,7 @@ def test_spawner_and_manager_outlive_a_group_signal_the_program_survives(tmp_pat
                 with procpool.WorkerPool(min_workers=1, max_workers=2) as pool:
                     # Read before the print: the test kills this worker once it has the line.
                     first = pool.workers()[0].pid
+                    pool.manager_locks  # made (the Manager started) behind the constructor
                     print(json.dumps([spawner.spawner_pid(), manager.server_pid(), first]), flush=True)
                     sys.stdin.readline()
                     deadline = time.monotonic() + 30  # until the pool saw its worker's death
@@ -210,8 +212,8 @@ BATCH = textwrap.dedent(
     import procpool
     if __name__ == "__main__":
         # The spawner stops itself (SIGSTOP) with the constructor's first batch of workers
-        # forked, before its answer; the Manager, forked just before them, may still be
-        # starting (the program has not waited for it yet).
+        # forked, before its answer; the program has no Manager yet (it starts behind the
+        # constructor), and the spawner holds the workers' connections to it.
         pool = procpool.WorkerPool(min_workers=64, max_workers=64, faults="spawner.answer=stop")
         pool.submit(abs, -1).result(timeout=60)
     """
@@ -233,8 +235,8 @@ def test_program_killed_before_the_spawners_answer_still_gets_its_cleanup(tmp_pa
 
         spawner = wait_until(stopped_spawner, timeout=60, what="the spawner stopped before its answer")
         helpers = [spawner.pid, *(c.pid for c in spawner.children())]
-        # The spawner, its Manager and the first batch of workers.
-        assert len(helpers) == 2 + FIRST_BATCH, [title_of(p) for p in helpers]
+        # The spawner and the first batch of workers (no Manager yet).
+        assert len(helpers) == 1 + FIRST_BATCH, [title_of(p) for p in helpers]
         assert my_segments(proc.pid)
         proc.kill()
         proc.wait(timeout=60)
@@ -346,6 +348,7 @@ def test_spawner_and_manager_hold_no_descriptor_of_the_program(tmp_path):
                 mine = sorted(os.readlink(f"/proc/self/fd/{fd}") for fd in (r, w, s.fileno()))
                 with procpool.WorkerPool(min_workers=1) as pool:
                     pool.submit(abs, 1).result(timeout=30)
+                    pool.manager_locks  # made (the Manager started) behind the constructor
                     print(json.dumps([mine, spawner.spawner_pid(), manager.server_pid(),
                                       [x.pid for x in pool.workers()]]), flush=True)
                     sys.stdin.readline()

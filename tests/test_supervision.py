@@ -105,6 +105,7 @@ import json, os, signal, time, psutil, procpool, tasks
 from conftest import alive, wait_until
 pool = procpool.WorkerPool(min_workers=1, max_workers=4, idle_timeout=60)
 assert pool.submit(tasks.square, 3).result(timeout=10) == 9
+pool.manager_locks  # made (the Manager started) behind the constructor
 old = procpool.manager.server_pid()
 first = [w.pid for w in pool.workers()]
 os.kill(old, signal.SIGKILL)
@@ -144,6 +145,7 @@ import json, os, sys, time, psutil, procpool, tasks
 pool = procpool.WorkerPool(min_workers=3, max_workers=3, idle_timeout=60, faults="manager.create=kill")
 first = {w.id: w.pid for w in pool.workers()}
 assert len(first) == 3, first
+pool.manager_locks  # the filler makes them behind the constructor: the server is replaced then
 server = procpool.manager.server_pid()
 assert psutil.Process(server).is_running()
 ids = [f.result(timeout=20) for f in [pool.submit(tasks.square, i) for i in range(12)]]
@@ -303,14 +305,14 @@ def test_a_live_manager_is_not_taken_for_replaced_by_its_locks_address():
     # reports its abstract name as bytes. Both are the same server: asked to replace it while
     # it lives, the program must say no (the failure was something else), not "replaced".
     from procpool import manager
-    from procpool.spawner import resolve_context
+    from procpool.spawner import get_spawner, resolve_context
 
     pool = procpool.WorkerPool(min_workers=1, max_workers=1)
     try:
-        server = manager.server_pid()
         address = pool.manager_locks.attach.address
+        server = manager.server_pid()
         assert isinstance(address, str)
-        assert manager.replace_dead_manager(resolve_context(None), True, address) is False
+        assert manager.replace_dead_manager(lambda: get_spawner(resolve_context(None)), address) is False
         assert manager.server_pid() == server and alive(server)
         assert pool.submit(tasks.square, 3).result(timeout=10) == 9
     finally:
