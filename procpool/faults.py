@@ -25,8 +25,11 @@ Points (worker side unless marked parent):
 ``detach.after``            after detaching, before exiting (id free, process alive)
 ``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
 ``create.start``            parent: just before one worker process is started
-``create.before_locks``     parent: the constructor's first workers forked, before the pool's
-                            locks are made (and the program's first Manager started)
+``create.before_locks``     parent: the constructor's first workers forked, before it returns
+                            (the pool's locks are made behind it)
+``locks.start``             parent: the pool's locks are about to be made (by the filler thread,
+                            or the first use), the program's Manager started with them if it
+                            has none; the first workers run already
 ``teardown.before_wait``    parent: completion installed, before waiting on it
 ``reap``                    parent: a worker's exit seen, before its books are settled
 ``arbiter.loop``            parent: the arbiter's loop itself, outside any handler (a
@@ -63,6 +66,7 @@ POINTS = frozenset(
         "create.after_alloc",
         "create.start",
         "create.before_locks",
+        "locks.start",
         "teardown.before_wait",
         "reap",
         "arbiter.loop",

@@ -64,6 +64,7 @@ class PoolLocks:
         self._starting = threading.Lock()
         self.made = False
         self.replaced = 0
+        self._faults = fault_spec  # I (tests arm and clear points in it)
         self._first_faults = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}  # I
         address, self.manager_follows = plan_address()  # I: no server yet, start() starts it
         self._names = self._plan(address)
@@ -114,6 +115,7 @@ class PoolLocks:
             if self.made:
                 return
             try:
+                faults.hit(self._faults, "locks.start")
                 self._make()
             except LOST:
                 raise

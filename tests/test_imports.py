@@ -74,3 +74,23 @@ def test_procpool_ps_loads_neither_dataclasses_nor_typing():
     loaded = _modules_after(code)
     assert "procpool.cli.ps" in loaded and "procpool.idtable" in loaded
     assert not {"dataclasses", "typing", "inspect"} & loaded, {"dataclasses", "typing", "inspect"} & loaded
+
+
+def test_the_first_workers_are_forked_before_the_manager_machinery_loads():
+    # The constructor forks its first workers before it loads the Manager's machinery (and
+    # before the program's server exists): neither the spawner nor they pay for it
+    # (procpool.lockname). Workers forked later may have it (the spawner loads it to fork the
+    # server); the first ones must not, or the first result waits for that import again.
+    code = (
+        "import json, procpool\n"
+        "def main():\n"
+        "    with procpool.WorkerPool(min_workers=1, max_workers=1) as p:\n"
+        "        probe = \"sorted(m for m in ('multiprocessing.managers', 'procpool.manager', 'hmac') \"\n"
+        "        probe += \"if m in __import__('sys').modules)\"\n"
+        "        print(json.dumps(p.submit(eval, probe).result(timeout=20)))\n"
+        "if __name__ == '__main__':\n"
+        "    main()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[0]) == []

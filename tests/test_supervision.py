@@ -167,6 +167,40 @@ def test_manager_killed_while_the_first_pool_starts_its_first_workers_running():
     assert_program_left_nothing(proc, token)
 
 
+FIRST_WORKER_LEAVES_EARLY = """
+import json, os, time, procpool, tasks
+from conftest import alive, title_of, wait_until
+# The filler waits before it makes the pool's locks (and starts the program's Manager), and
+# the server, once started, before it makes them: the first worker runs its one item and
+# leaves before either exists, and its detach reaches the server before the locks are made.
+faults = "locks.start=delay:3,manager.create=delay:2"
+pool = procpool.WorkerPool(min_workers=1, max_workers=1, max_tasks_per_child=1, faults=faults)
+first = pool.workers()[0].pid
+assert pool.submit(tasks.square, 3).result(timeout=20) == 9
+wait_until(lambda: title_of(first) == "kworker/dying", timeout=20, what="the first worker dying")
+no_server_yet = procpool.manager.server_pid() is None
+wait_until(lambda: not alive(first), timeout=30, what="the first worker gone")
+assert pool.submit(tasks.square, 4).result(timeout=20) == 16  # its replacement
+first = {"no_server_yet": no_server_yet}
+"""
+
+
+def test_a_worker_leaving_before_the_pools_locks_exist_detaches_itself_once_they_do():
+    # Its detach request waits on its handed-over connection, which the spawner holds until
+    # it forks the server; the server then makes the planned attach lock on that first use
+    # (the program's request to make it comes later) and frees the id under it. Nothing is
+    # lost, and the worker's exit is clean (an unknown lock would fail its detach: a
+    # traceback, exit status 1, and the parent freeing the id on its behalf).
+    proc, token = run_program(FIRST_WORKER_LEAVES_EARLY + CLOSE_AND_REPORT)
+    assert proc.returncode == 0, proc.err
+    assert "Traceback" not in proc.err, proc.err
+    r = json.loads(proc.out)
+    assert r["first"]["no_server_yet"], r  # the path under test was taken
+    assert r["lost"] == 0 and r["created"] == r["destroyed"] == 2 and r["dying"] == 0, r
+    assert r["replaced"] == 0, r
+    assert_program_left_nothing(proc, token)
+
+
 def test_min_workers_beyond_the_first_batch_start_behind_the_constructor():
     # The constructor returns with FIRST_BATCH workers up; the filler starts the rest in
     # batches, while the first ones already answer.
