@@ -24,7 +24,10 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
       Manager: one "handover" thread holds every B_i in a selector and answers their
                lock requests itself
 
-  The worker's lock proxy adopts A_i as its connection (``ManagerLock.adopt_connection``).
+  The worker keeps A_i with its attach lock's name (``procpool.lockname.LockName``). Workers
+  forked before the server (a program's first, see procpool.poollocks) have their B_i kept
+  by the spawner until it forks the server, then handed over; a lock the program named but
+  has not made yet is made on its first use by such a connection (``_Server._planned_object``).
   No handshake: only the spawner can hand a connection over, and only to its own children,
   which would otherwise get the authkey. A spawner that cannot hand over (a replacement
   started after the first one died) forks workers that connect the stock way.
@@ -53,7 +56,7 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
   together, and creates nothing in the way of the program's first pool. Root can connect
   either way; a process of the same uid could read the authkey from the program anyway.
 * **A teardown must not pass the attach lock through 64 processes one at a time.** A worker
-  on a handed-over connection asks for its whole detach at once (``ManagerLock.detach``):
+  on a handed-over connection asks for its whole detach at once (``LockName.detach``):
   the Manager takes the attach lock *on behalf of* every detach request that arrived in the
   same round (or that queued behind a holder), frees their ids in the pool's id table itself,
   checks once whether the last of them completes the detach completion, marks it completed if
@@ -65,8 +68,8 @@ stock ``SyncManager.Lock()`` and a stock server do not give us, and why:
   fallback, as a worker killed between marking and sending did before.
   The request is the last thing a worker does before ``_exit``, in a process that pays a
   copy-on-write fault for every page it touches first: it is written and its answer read
-  with ``os.write``/``os.read`` and the plain pickle module, not through the proxy (same
-  bytes on the wire), and the answer closes the connection, a worker's last request, so the
+  with ``os.write``/``os.read`` and the plain pickle module (``procpool.lockname.ask``), not
+  through a proxy (same bytes on the wire), and the answer closes the connection, a worker's last request, so the
   handover thread is not woken again by its EOF.
 """
 

@@ -19,7 +19,10 @@ it, and no worker ever stays a zombie.
 The spawner also forks the program's Manager server, and makes each worker's connection to
 it as it forks the worker: one end of a new socket pair stays in the worker, the other goes
 to the server over a private channel (see procpool.manager), so no worker ever connects or
-authenticates on its way out.
+authenticates on its way out. A program's first workers are forked before its server (the
+request says so: ``manager_follows``): their server ends wait here (``pending``) and are
+handed over when the server is forked, or closed if it cannot be. The spawner warms up (loads
+and looks up what every worker runs) as it starts, before the program's first request.
 
 **Program death takes everything with it.** The spawner outlives the program on purpose: it is
 the one left to clean up. It learns of the program's death from its request socket (EOF, or
