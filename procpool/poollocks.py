@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from . import faults
 from .errors import LOST
 from .lockname import LockName, name_lock, plan_address
-from .spawner import get_spawner
+from .spawner import drop_pending, get_spawner
 
 if TYPE_CHECKING:
     from .manager import ManagerLock
@@ -117,9 +117,14 @@ class PoolLocks:
             try:
                 faults.hit(self._faults, "locks.start")
                 self._make()
-            except LOST:
-                raise
-            except Exception as exc:  # callers handle a Manager they cannot reach (LOST)
+            except Exception as exc:
+                if self.manager_follows:
+                    # Workers forked before the server wait for it on their way out: let
+                    # them go the other way (a later start serves the workers to come).
+                    drop_pending()
+                if isinstance(exc, LOST):
+                    raise
+                # callers handle a Manager they cannot reach (LOST)
                 raise OSError(f"procpool: pool u{self._pool_id}'s Manager locks could not be made: {exc!r}") from exc
             self.made = True
 

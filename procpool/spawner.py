@@ -365,6 +365,11 @@ class Spawner:
                 handles.append(res)
         return handles
 
+    def drop_pending(self) -> None:
+        """Have the spawner close the Manager connections it keeps for a server it was to
+        fork (see ``_SpawnerState.drop_pending``)."""
+        self._request(pickle.dumps(("drop", None, None), pickle.HIGHEST_PROTOCOL), [])
+
     def stop(self) -> None:
         """Ask the spawner to exit (it exits when its socket closes) and reap it."""
         try:
@@ -593,6 +598,8 @@ class _SpawnerState:
         kind, specs, sys_path, *more = pickle.loads(payload)
         if kind == "manager":
             self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
+        elif kind == "drop":
+            self.drop_pending()
         else:
             n_inherited, manager_follows = more
             inherited = fds[len(fds) - n_inherited :] if n_inherited else []
@@ -621,6 +628,14 @@ class _SpawnerState:
             _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), ready)
         finally:
             close_quietly(ready)
+
+    def drop_pending(self) -> None:
+        """The program gave up on starting its Manager (``drop_pending`` below): close the
+        pending connections, so that the workers waiting on them for their detach read EOF
+        and leave the other way (procpool.worker.exit_path) instead of waiting forever."""
+        pending, self.pending = self.pending, []
+        close_quietly(pending)
+        _send_frame(self.sock, pickle.dumps(True, pickle.HIGHEST_PROTOCOL))
 
     def _manager_pairs(self, n: int, manager_follows: bool) -> list[int]:
         """A Manager connection per worker (both ends, flat), to hand over to the server (see
@@ -967,6 +982,19 @@ def spawner_pid() -> int | None:
     if spawner is None or pid != os.getpid() or spawner._lost:
         return None
     return spawner.pid
+
+
+def drop_pending() -> None:
+    """The program's Manager could not be started: its live spawner, if any, lets go of the
+    first workers' Manager connections it kept for that server (a dead spawner's went with
+    it; no new spawner is started for this)."""
+    spawner, pid = _spawner, _spawner_pid
+    if spawner is None or pid != os.getpid() or not spawner.is_alive():
+        return
+    try:
+        spawner.drop_pending()
+    except (EOFError, OSError):
+        pass  # it died meanwhile: so did what it kept
 
 
 def stop_spawner() -> None:

@@ -19,7 +19,9 @@ from conftest import assert_program_left_nothing, run_program
 from procpool import faults
 
 #: Points in the program itself: a kill or exit there ends the program.
-PARENT_POINTS = frozenset(p for p in faults.POINTS if p.startswith(("create.", "teardown.", "reap", "arbiter.")))
+PARENT_POINTS = frozenset(
+    p for p in faults.POINTS if p.startswith(("create.", "teardown.", "reap", "arbiter.", "locks."))
+)
 
 PROGRAM = """
 import json, sys, time, procpool, tasks
