@@ -18,6 +18,7 @@ import tasks
 from conftest import alive, assert_books_add_up, assert_program_left_nothing, run_bounded, run_program, wait_until
 
 import procpool
+from procpool import faults
 
 #: How long a close() may take in these tests before it counts as a hang.
 CLOSE_BOUND = 20.0
@@ -323,8 +324,11 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     # The watchdog path: should the arbiter thread end without its clean-up, teardown's waits
     # notice and do it themselves. A raise in the loop makes the arbiter end (with clean-up);
     # here we check that waiting on a pool whose arbiter is gone never hangs.
-    pool = procpool.WorkerPool(min_workers=1, max_workers=1, faults="arbiter.loop=raise")
+    pool = procpool.WorkerPool(min_workers=1, max_workers=1)
     fut = pool.submit(tasks.forever)
+    # Armed now: the arbiter's next pass raises (it may pass at any time: the pool's filler
+    # wakes it when it has made the locks).
+    pool.fault_spec.update(faults.parse("arbiter.loop=raise"))
     pool._wake()
     wait_until(lambda: not pool.arbiter_alive, what="the arbiter gone")
     assert isinstance(fut.exception(timeout=10), procpool.PoolBroken)
