@@ -292,9 +292,13 @@ def test_a_failing_teardown_step_still_tears_everything_down():
 
 
 def test_a_failure_of_the_arbiter_loop_fails_every_item_and_close_ends():
-    pool = procpool.WorkerPool(min_workers=1, max_workers=2, faults="arbiter.loop=raise")
+    pool = procpool.WorkerPool(min_workers=1, max_workers=2)
     running = pool.submit(tasks.forever)  # straight to the idle worker
-    waiting = pool.submit(tasks.forever)  # no idle worker: wakes the arbiter to grow, which fails
+    # Armed once the pool's filler is done (it wakes the arbiter when it has made the
+    # locks), before the second item wakes the arbiter to grow: that pass fails.
+    wait_until(lambda: not pool._creator.filler_running(), what="the filler done")
+    pool.fault_spec.update(faults.parse("arbiter.loop=raise"))
+    waiting = pool.submit(tasks.forever)  # no idle worker: wakes the arbiter to grow
     for fut in (running, waiting):
         err = ended_with_named_error(fut, procpool.PoolBroken)
         assert isinstance(err, procpool.ProcpoolError)
@@ -326,8 +330,9 @@ def test_close_from_a_thread_ends_even_if_the_arbiter_thread_is_gone():
     # here we check that waiting on a pool whose arbiter is gone never hangs.
     pool = procpool.WorkerPool(min_workers=1, max_workers=1)
     fut = pool.submit(tasks.forever)
-    # Armed now: the arbiter's next pass raises (it may pass at any time: the pool's filler
-    # wakes it when it has made the locks).
+    # Armed once the pool's filler is done (it wakes the arbiter when it has made the
+    # locks): the arbiter's next pass raises.
+    wait_until(lambda: not pool._creator.filler_running(), what="the filler done")
     pool.fault_spec.update(faults.parse("arbiter.loop=raise"))
     pool._wake()
     wait_until(lambda: not pool.arbiter_alive, what="the arbiter gone")
