@@ -210,6 +210,7 @@ class Spawner:
             # The spawner gets its end as a multiprocessing Connection (fd passing is built
             # into its start); it uses the raw socket underneath.
             theirs_conn = connection.Connection(theirs.detach())
+            _preload_into_forkserver(ctx)
             self._proc = ctx.Process(target=_spawner_main, args=(theirs_conn, os.getpid()), name="procpool-spawner")
             try:
                 self._proc.start()
@@ -933,15 +934,16 @@ def resolve_context(mp_context: Any) -> Any:
             "and every worker would inherit every other worker's pipes); use 'forkserver' (the "
             "default) or 'spawn'"
         )
-    if method == "forkserver":
-        _preload_into_forkserver(ctx)
     return ctx
 
 
 def _preload_into_forkserver(ctx: Any) -> None:
     # Importing procpool once in the fork server, not in the spawner it starts, is most of
-    # that start. Keep whatever preload list the program set (default: ['__main__']).
-    _compat.forkserver_preload(ctx, "procpool.worker")
+    # that start. Keep whatever preload list the program set (default: ['__main__']). Done
+    # when a spawner is to start through it, not when a pool is made: most programs fork
+    # their spawner and never load multiprocessing.forkserver (~1 ms of the first pool).
+    if ctx.get_start_method() == "forkserver":
+        _compat.forkserver_preload(ctx, "procpool.worker")
 
 
 _spawner: Spawner | None = None
