@@ -64,7 +64,7 @@ class Creator:
     ) -> None:
         self.pool_id = pool_id  # I
         self.books = books  # I
-        self.locks = locks  # I: the pool's Manager locks (PoolLocks)
+        self.locks = locks  # I: the pool's Manager locks (procpool.poollocks.PoolLocks)
         self.ctx = ctx  # I
         self.allow_fork = allow_fork  # I
         self.faults = faults  # I (tests arm and clear points in it)
@@ -223,13 +223,14 @@ class Creator:
         _faults.hit(self.faults, "create.before_locks")
 
     def create_first(self, n: int) -> None:
-        """The constructor's first batch, forked before the pool's locks exist (while the
-        Manager server starts, if the program had none). Their ids are allocated
-        without M attach, which is safe here and only here: until the constructor returns, no
-        other thread or process can reach this pool's id table (no worker of it exists yet,
-        the arbiter has not started), so nothing allocates or frees an id meanwhile; the
-        workers forked here free theirs on their way out, which comes after the constructor,
-        under the lock. A failure leaves ``error`` set and fewer workers on the books."""
+        """The constructor's first batch, forked before the pool's locks exist (and before
+        the program's Manager server, if it has none yet). Their ids are allocated without M
+        attach, which is safe here and only here: until the constructor returns, no other
+        thread or process can reach this pool's id table (no worker of it exists yet, the
+        arbiter and the filler have not started), so nothing allocates or frees an id
+        meanwhile; the workers forked here free theirs on their way out, under the lock (made
+        on that first use if need be: docs/design.md, "Pool start"). A failure leaves
+        ``error`` set and fewer workers on the books."""
         table = self.books.table
         assert table is not None
         # The spawner first, outside the failure handling: one that cannot start is the

@@ -275,19 +275,26 @@ class Spawner:
         self, payload: bytes, fds: list[int], maxfds: int, meanwhile: Callable[[], object] | None = None
     ) -> tuple[Any, list[int]]:
         """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too).
-        ``meanwhile`` runs between the request and the answer (its failure is ignored)."""
+        ``meanwhile`` runs between the request and the answer: its failure is ignored, and
+        anything else it raises (KeyboardInterrupt) is raised once the answer is read, so
+        that the next request does not read this one's."""
+        got: list[int] = []
         with self._lock:
             try:
                 _send_frame(self._sock, payload, fds)
-                if meanwhile is not None:
-                    _run_quietly(meanwhile)
+                interrupted = _run_quietly(meanwhile) if meanwhile is not None else None
                 if not maxfds:
-                    return pickle.loads(_recv_frame(self._sock)), []
-                data, got = _recv_frame_fds(self._sock, maxfds)
-                return pickle.loads(data), got
+                    answer = pickle.loads(_recv_frame(self._sock))
+                else:
+                    data, got = _recv_frame_fds(self._sock, maxfds)
+                    answer = pickle.loads(data)
             except (EOFError, OSError):
                 self._lost = True
                 raise
+            if interrupted is not None:
+                close_quietly(got)
+                raise interrupted
+            return answer, got
 
     def start_manager(self, alive_fd: int, host: ServerHost, address: str) -> tuple[Any, int, int]:
         """Have the spawner fork the program's Manager server with ``host``, listening at
@@ -382,13 +389,17 @@ class Spawner:
                 self._proc.join(5)
 
 
-def _run_quietly(fn: Callable[[], object]) -> None:
-    """Run ``fn`` between a request and its answer: whatever it raises must not leave the
-    answer unread (the next request would read it)."""
+def _run_quietly(fn: Callable[[], object]) -> BaseException | None:
+    """Run ``fn`` between a request and its answer, which must be read whatever happens (the
+    next request would read it): an Exception is ignored (the caller's own business: it fails
+    again where it matters); anything else is returned, to be raised after the answer."""
     try:
         fn()
-    except Exception:  # noqa: BLE001 - the caller's own business; it fails again where it matters
+    except Exception:  # noqa: BLE001 - see above
         pass
+    except BaseException as exc:  # noqa: BLE001 - raised by the caller once the answer is read
+        return exc
+    return None
 
 
 def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]

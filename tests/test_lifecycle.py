@@ -445,3 +445,29 @@ def test_a_forked_child_leaves_the_programs_pools_and_workqueues_alone():
         raise
     assert proc.returncode == 0, err
     assert out == "ok\n"
+
+
+def test_an_interrupt_between_a_spawner_request_and_its_answer_keeps_the_socket_in_step():
+    # The constructor loads the Manager's machinery between its request for the first workers
+    # and the spawner's answer. A KeyboardInterrupt there is raised only once the answer is
+    # read: the next request must get its own answer, not this one's.
+    import pickle
+
+    from procpool.spawner import get_spawner, resolve_context
+
+    pool = procpool.WorkerPool(min_workers=1, max_workers=2)
+    try:
+        sp = get_spawner(resolve_context(None))
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            sp._request_fds(pickle.dumps(("drop", None, None)), [], 0, interrupt)
+        assert sp.is_alive()
+        # A spawn request (growth: two items, one worker) gets its own answer.
+        futs = [pool.submit(tasks.sleep_then, 0.2, i) for i in range(2)]
+        assert [f.result(timeout=30) for f in futs] == [0, 1]
+        assert pool.stats().created == 2 and pool.stats().lost == 0
+    finally:
+        pool.close()
