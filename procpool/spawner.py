@@ -100,6 +100,9 @@ FDS_PER_WORKER = 3
 #: ... and a batch may carry this many more, inherited by every worker of the batch (a pool
 #: initializer's arguments': see procpool.calls.MAX_INHERITED_FDS).
 MAX_INHERITED = 12
+#: How long ``Spawner.stop`` waits for the socket (seconds) to tell the spawner to leave the
+#: program's temporary directory alone; past that it stops it without a word.
+STOP_TELL_TIMEOUT = 1.0
 #: The spawner's first word to a program that started it through multiprocessing.
 READY = b"ready"
 #: Descriptors per handover message (the server's ends of new workers' Manager connections,
@@ -219,6 +222,8 @@ class Spawner:
         self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
         self._lost = False  # a request failed on the socket: the spawner is gone (see _request)
         self.pid: int = self._proc.pid
+        self._told_temp_dir = False  # the spawner knows a temp dir of ours to remove (set once here)
+        self._tell_temp_dir(_compat.own_temp_dir())
 
     def _wait_ready(self, ours: socket.socket) -> None:
         """Wait for the first word of a spawner started through multiprocessing. Such a start
@@ -262,6 +267,21 @@ class Spawner:
 
     def is_alive(self) -> bool:
         return not self._lost and self._proc.is_alive()
+
+    def _tell_temp_dir(self, path: str | None) -> None:
+        """Tell the spawner which multiprocessing temporary directory (``pymp-*``) to remove
+        should this program die without its normal exit (module docstring, "Program death
+        takes everything with it"): the program's own when the spawner starts (its fork
+        server's address is there when the spawner was started through one). Nothing is said
+        when there is none. A request like any other, answered: the spawner reads one frame at
+        a time, and a frame sent behind another unanswered one could be read with it."""
+        if path is None:
+            return
+        try:
+            self._request(pickle.dumps(("tempdir", path, None), pickle.HIGHEST_PROTOCOL), [])
+        except (EOFError, OSError):
+            return  # the spawner is gone (marked lost): nothing to tell
+        self._told_temp_dir = True
 
     def _request(self, payload: bytes, fds: list[int]) -> Any:
         """One request and its answer. A socket that fails (the spawner died, perhaps so
@@ -353,6 +373,17 @@ class Spawner:
     def stop(self) -> None:
         """Ask the spawner to exit (it exits when its socket closes) and reap it."""
         try:
+            # The program is alive and stops its spawner in order: its own exit removes its
+            # temporary directory (later, and it may still need it); the spawner must not.
+            # Bounded: a request stuck on a hung spawner must not hold the program's exit.
+            if self._told_temp_dir and self._lock.acquire(timeout=STOP_TELL_TIMEOUT):
+                try:
+                    # The socket's last frame, unanswered: it closes right behind it.
+                    _send_frame(self._sock, pickle.dumps(("tempdir", None, None), pickle.HIGHEST_PROTOCOL))
+                except OSError:
+                    pass  # the spawner is gone: nothing to tell
+                finally:
+                    self._lock.release()
             self._sock.close()
         finally:
             self._proc.join(5)
@@ -484,7 +515,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             traceback.print_exc()  # a bug of ours, with the program alive: say so
             _kill_workers(state.status_w)
             os._exit(1)
-    _program_gone(program, state.status_w, state.host)
+    _program_gone(program, state.status_w, state.host, state.temp_dir)
 
 
 class _SpawnerState:
@@ -500,6 +531,7 @@ class _SpawnerState:
         self.pdeathsig: Callable[[int], None] | None = None  # set by warm_up, before the first fork
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
+        self.temp_dir: str | None = None  # the program's multiprocessing temp dir (Spawner._tell_temp_dir)
 
     def serve(self) -> None:
         """The spawner's loop proper; returns when the program's socket closes, raises on any
@@ -569,7 +601,11 @@ class _SpawnerState:
         except EOFError:
             return False
         kind, specs, sys_path, *more = pickle.loads(payload)
-        if kind == "manager":
+        if kind == "tempdir":
+            self.temp_dir = specs
+            if specs is not None:  # (None: a stopping program's last word, nobody reads an answer)
+                _send_frame(self.sock, pickle.dumps(True, pickle.HIGHEST_PROTOCOL))
+        elif kind == "manager":
             self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         else:
             inherited = fds[len(fds) - more[0] :] if more and more[0] else []
@@ -737,14 +773,16 @@ def _kill_workers(status_w: dict[int, int]) -> None:
         kill_quietly(pid)
 
 
-def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None) -> None:
+def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None, temp_dir: str | None = None) -> None:
     """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
-    unlink any id table of its that teardown did not (a killed program's), stop the Manager
+    unlink any id table of its that teardown did not (a killed program's), remove the
+    multiprocessing temporary directory it told us of (``_remove_temp_dir``), stop the Manager
     server this process forked, reap them all (our children: nobody else would) and leave.
     Every wait here is bounded: os._exit comes whatever happens."""
     try:
         _kill_workers(status_w)
         _unlink_tables_of(program)
+        _remove_temp_dir(temp_dir)
     finally:
         try:
             if host is not None:
@@ -770,6 +808,26 @@ def _unlink_tables_of(program: int) -> None:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _remove_temp_dir(path: str | None) -> None:
+    """Remove the program's multiprocessing temporary directory (``pymp-*``, made by
+    ``util.get_temp_dir``; a threaded program's fork server listens there, the one that started
+    this spawner), which its normal exit would have removed: a program killed, or gone through
+    ``os._exit``, never runs that. Only a real directory (not a symlink: never followed) owned
+    by our uid; ``shutil.rmtree`` does not follow symlinks inside it either. If the program
+    stopped us in order it told us None first (``Spawner.stop``): its exit removes it then."""
+    if not path:
+        return
+    import shutil
+    import stat
+
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass  # gone already (the program's exit removed it), or not ours to look at
 
 
 def _reap_killed(status_w: dict[int, int], timeout: float) -> None:
