@@ -2,9 +2,9 @@
 
 A new CPython may rename or drop any of these; this module is where to look when it does.
 Each helper degrades to a documented fallback when the internal is missing, unless noted.
-Users (grep for ``_compat.``): procpool.worker (exit finalizers), procpool.spawner
-(multiprocessing's helper processes), procpool.manager (proxy internals), procpool.executor
-(interpreter-shutdown hook).
+Users (grep for ``_compat.``): procpool.worker (exit finalizers, its temporary directory),
+procpool.spawner (multiprocessing's helper processes, the program's temporary directory),
+procpool.manager (proxy internals), procpool.executor (interpreter-shutdown hook).
 
 Internals used elsewhere and not (yet) wrapped here, with their reason:
 
@@ -95,7 +95,7 @@ def _own_temp_dir_finalizer() -> Any:
     pid: such a directory is the parent's, never the child's to remove."""
     from multiprocessing import process, util
 
-    path = process.current_process()._config.get("tempdir")
+    path = getattr(process.current_process(), "_config", {}).get("tempdir")
     remove = getattr(util, "_remove_temp_dir", None)
     if not path or remove is None:
         return None

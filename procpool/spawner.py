@@ -27,10 +27,13 @@ EPIPE/ECONNRESET on an answer: the program holds the only other end), and then, 
 (``_program_gone``): SIGKILLs every worker it forked and has not reaped — busy ones included:
 their main thread is in user code and would never look at a pipe again before the item ends,
 and their results have nobody to go to — unlinks the program's id tables from /dev/shm,
-SIGKILLs the Manager server, reaps them all and exits. Any other error in the spawner's loop
-leaves through the same door; only if the program is demonstrably alive (its end of the socket
-has not hung up) does the spawner leave its tables and Manager alone: the program then sees
-its workers' status pipes close and starts a new spawner, which will clean up in its turn.
+removes the program's multiprocessing temporary directory (``pymp-*``: a threaded program's
+fork server listens there; the program's normal exit would have removed it, and told us to
+leave it alone when it stopped us: ``Spawner.stop``), SIGKILLs the Manager server, reaps them
+all and exits. Any other error in the spawner's loop leaves through the same door; only if
+the program is demonstrably alive (its end of the socket has not hung up) does the spawner
+leave its tables and Manager alone: the program then sees its workers' status pipes close and
+starts a new spawner, which will clean up in its turn.
 Workers also set PR_SET_PDEATHSIG(SIGKILL) with the spawner as the parent they watch, so a
 spawner killed together with the program (OOM killer, a supervisor's SIGKILL to both) still
 takes its workers with it; the program already treats the workers of a dead spawner as lost.
