@@ -189,6 +189,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if _runs_tests_here(config):
         _make_temp_dir_private()
+    else:
+        _make_private_temp_root(config)
 
 
 # -- multiprocessing's temporary directories (pymp-*) -------------------------------------------
@@ -203,12 +205,25 @@ def pytest_configure(config: pytest.Config) -> None:
 
 #: This test process's private TMPDIR (None: not made, e.g. in xdist's controller).
 PRIVATE_TMP: str | None = None
+#: Set by xdist's controller for its workers: the directory their private TMPDIRs go in, which
+#: it removes at its end, once every worker is gone (a worker killed mid-run, by a timeout say,
+#: never removes its own).
+TMP_ROOT_VAR = "PROCPOOL_TESTS_TMP_ROOT"
 
 
 def _runs_tests_here(config: pytest.Config) -> bool:
     """An xdist worker, or a run without xdist workers; not xdist's controller, which runs no
     test (its TMPDIR would also be every worker's, inherited at their start)."""
     return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+
+
+def _make_private_temp_root(config: pytest.Config) -> None:
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="procpool-tests-")
+    os.environ[TMP_ROOT_VAR] = root  # (the workers start after pytest_configure: they inherit it)
+    config.add_cleanup(functools.partial(shutil.rmtree, root, ignore_errors=True))
 
 
 def _make_temp_dir_private() -> None:
@@ -220,7 +235,12 @@ def _make_temp_dir_private() -> None:
     base = tempfile.gettempdir()
     # pytest's own tmp_path stays where it was (under xdist, the controller chose it anyway).
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", base)
-    PRIVATE_TMP = tempfile.mkdtemp(prefix=f"procpool-tests-{os.getpid()}-", dir=base)
+    root = os.environ.get(TMP_ROOT_VAR)
+    # Short names: a fork server's socket address in there must fit in 107 bytes.
+    if root and os.path.isdir(root):
+        PRIVATE_TMP = tempfile.mkdtemp(prefix="w-", dir=root)
+    else:
+        PRIVATE_TMP = tempfile.mkdtemp(prefix="procpool-tests-", dir=base)
     os.environ["TMPDIR"] = PRIVATE_TMP
     tempfile.tempdir = PRIVATE_TMP  # (gettempdir() caches its answer)
     # Removed at exit after multiprocessing removed this process's own pymp-* (priority -100).
