@@ -20,6 +20,7 @@ Internals used elsewhere and not (yet) wrapped here, with their reason:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,9 +93,12 @@ def _own_temp_dir_finalizer() -> Any:
     (``util.get_temp_dir``: ``_config['tempdir']``, removed by a ``util.Finalize`` of priority
     -100 at a normal exit), if this very process made it; None otherwise. A forked child
     inherits its parent's ``tempdir`` and that finalizer too, registered under the parent's
-    pid: such a directory is the parent's, never the child's to remove."""
-    from multiprocessing import process, util
-
+    pid: such a directory is the parent's, never the child's to remove. Looked up in
+    sys.modules, no import statement: a worker runs this on its way out (an import there costs
+    copy-on-write faults), and where multiprocessing is not loaded it made no directory."""
+    util, process = sys.modules.get("multiprocessing.util"), sys.modules.get("multiprocessing.process")
+    if util is None or process is None:
+        return None
     path = getattr(process.current_process(), "_config", {}).get("tempdir")
     remove = getattr(util, "_remove_temp_dir", None)
     if not path or remove is None:
