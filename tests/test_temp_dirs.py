@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ import pytest
 from conftest import alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+pytest_plugins = ["pytester"]
 
 #: From the program's death to its spawner's exit (cleanup included), on a loaded machine.
 GONE_WITHIN = 15.0
@@ -207,3 +209,35 @@ def test_a_temp_dir_an_item_made_goes_with_its_worker(tmp_path, tmp):
     # close() returns once every worker exited: its exit removed the directory.
     assert not report["exists_after_close"], report
     assert os.listdir(tmp) == []
+
+
+LEAVES_ONE = """
+import os, tempfile
+
+def test_leaves_one():
+    # What a program killed with its spawner leaves: a pymp-* directory, a socket in it.
+    os.mkdir(os.path.join(tempfile.gettempdir(), "pymp-leftover"))
+    print("TMP", tempfile.gettempdir())
+
+def test_own_one_is_fine():
+    from multiprocessing import util
+
+    assert os.path.isdir(util.get_temp_dir())  # this test process's: it goes at its exit
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["one-process", "xdist"])
+def test_the_suite_fails_a_test_that_leaves_a_temp_dir(pytester: pytest.Pytester, xdist: bool) -> None:
+    """The suite's own check (tests/conftest.py), run on a suite of two tests: the one that
+    leaves a pymp-* directory errors naming it, and its private TMPDIR is gone after the run."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(test_leaves=LEAVES_ONE)
+    pytester.makeini("[pytest]\nprocpool_leaks = true\nprocpool_leak_grace = 1\n")
+    args = ["-n", "2"] if xdist else ["-p", "no:xdist"]
+    result = pytester.runpytest_subprocess(*args, "-p", "no:cacheprovider", "-s", "-rA")
+    result.assert_outcomes(passed=2, errors=1)
+    out = result.stdout.str()
+    assert "test_leaves.py::test_leaves_one left multiprocessing temp directories" in out, out
+    left = re.findall(r"(/\S+/pymp-leftover)", out)
+    assert left, out
+    assert not any(os.path.exists(os.path.dirname(p)) for p in left), "its private TMPDIR is removed at the end"
