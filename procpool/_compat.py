@@ -2,9 +2,9 @@
 
 A new CPython may rename or drop any of these; this module is where to look when it does.
 Each helper degrades to a documented fallback when the internal is missing, unless noted.
-Users (grep for ``_compat.``): procpool.worker (exit finalizers), procpool.spawner
-(multiprocessing's helper processes), procpool.manager (proxy internals), procpool.executor
-(interpreter-shutdown hook).
+Users (grep for ``_compat.``): procpool.worker (exit finalizers, its temporary directory),
+procpool.spawner (multiprocessing's helper processes, the program's temporary directory),
+procpool.manager (proxy internals), procpool.executor (interpreter-shutdown hook).
 
 Internals used elsewhere and not (yet) wrapped here, with their reason:
 
@@ -19,6 +19,8 @@ Internals used elsewhere and not (yet) wrapped here, with their reason:
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +86,49 @@ def forget_program_helpers() -> None:
     for attr in ("_fd", "_pid"):
         if hasattr(rt, attr):
             setattr(rt, attr, None)
+
+
+def _own_temp_dir_finalizer() -> Any:
+    """The finalizer that removes multiprocessing's temporary directory of this process
+    (``util.get_temp_dir``: ``_config['tempdir']``, removed by a ``util.Finalize`` of priority
+    -100 at a normal exit), if this very process made it; None otherwise. A forked child
+    inherits its parent's ``tempdir`` and that finalizer too, registered under the parent's
+    pid: such a directory is the parent's, never the child's to remove. Looked up in
+    sys.modules, no import statement: a worker runs this on its way out (an import there costs
+    copy-on-write faults), and where multiprocessing is not loaded it made no directory."""
+    util, process = sys.modules.get("multiprocessing.util"), sys.modules.get("multiprocessing.process")
+    if util is None or process is None:
+        return None
+    path = getattr(process.current_process(), "_config", {}).get("tempdir")
+    remove = getattr(util, "_remove_temp_dir", None)
+    if not path or remove is None:
+        return None
+    me = os.getpid()
+    for finalizer in list(getattr(util, "_finalizer_registry", {}).values()):
+        args = getattr(finalizer, "_args", None) or ()
+        if getattr(finalizer, "_callback", None) is remove and getattr(finalizer, "_pid", None) == me and path in args:
+            return finalizer
+    return None
+
+
+def own_temp_dir() -> str | None:
+    """The path of multiprocessing's temporary directory (``pymp-*``: a fork server's address
+    lives there) if this process made it, else None (see ``_own_temp_dir_finalizer``).
+    Missing internals: None (the program's spawner then cannot remove it for a killed program)."""
+    finalizer = _own_temp_dir_finalizer()
+    return None if finalizer is None else cast(str, finalizer._args[-1])
+
+
+def remove_own_temp_dir() -> None:
+    """Remove multiprocessing's temporary directory of this process now, if this process made
+    it, as its normal exit would (a worker leaves through ``os._exit``, which skips that).
+    Missing internals: nothing is removed."""
+    finalizer = _own_temp_dir_finalizer()
+    if finalizer is not None:
+        try:
+            finalizer()  # runs once: it leaves the registry (and clears _config['tempdir'])
+        except OSError:
+            pass  # removed already, by hand
 
 
 def forkserver_preload(ctx: Any, module: str) -> None:

@@ -30,10 +30,13 @@ EPIPE/ECONNRESET on an answer: the program holds the only other end), and then, 
 (``_program_gone``): SIGKILLs every worker it forked and has not reaped — busy ones included:
 their main thread is in user code and would never look at a pipe again before the item ends,
 and their results have nobody to go to — unlinks the program's id tables from /dev/shm,
-SIGKILLs the Manager server, reaps them all and exits. Any other error in the spawner's loop
-leaves through the same door; only if the program is demonstrably alive (its end of the socket
-has not hung up) does the spawner leave its tables and Manager alone: the program then sees
-its workers' status pipes close and starts a new spawner, which will clean up in its turn.
+removes the program's multiprocessing temporary directory (``pymp-*``: a threaded program's
+fork server listens there; the program's normal exit would have removed it, and told us to
+leave it alone when it stopped us: ``Spawner.stop``), SIGKILLs the Manager server, reaps them
+all and exits. Any other error in the spawner's loop leaves through the same door; only if
+the program is demonstrably alive (its end of the socket has not hung up) does the spawner
+leave its tables and Manager alone: the program then sees its workers' status pipes close and
+starts a new spawner, which will clean up in its turn.
 Workers also set PR_SET_PDEATHSIG(SIGKILL) with the spawner as the parent they watch, so a
 spawner killed together with the program (OOM killer, a supervisor's SIGKILL to both) still
 takes its workers with it; the program already treats the workers of a dead spawner as lost.
@@ -104,6 +107,9 @@ FDS_PER_WORKER = 3
 #: ... and a batch may carry this many more, inherited by every worker of the batch (a pool
 #: initializer's arguments': see procpool.calls.MAX_INHERITED_FDS).
 MAX_INHERITED = 12
+#: How long ``Spawner.stop`` waits for the socket (seconds) to tell the spawner to leave the
+#: program's temporary directory alone; past that it stops it without a word.
+STOP_TELL_TIMEOUT = 1.0
 #: The spawner's first word to a program that started it through multiprocessing.
 READY = b"ready"
 NOT_BOOTSTRAPPED = (
@@ -221,6 +227,8 @@ class Spawner:
         self._lock = threading.Lock()  # guards self._sock: one request/answer at a time
         self._lost = False  # a request failed on the socket: the spawner is gone (see _request)
         self.pid: int = self._proc.pid
+        self._told_temp_dir = False  # the spawner knows a temp dir of ours to remove (set once here)
+        self._tell_temp_dir(_compat.own_temp_dir())
 
     def _wait_ready(self, ours: socket.socket) -> None:
         """Wait for the first word of a spawner started through multiprocessing. Such a start
@@ -264,6 +272,21 @@ class Spawner:
 
     def is_alive(self) -> bool:
         return not self._lost and self._proc.is_alive()
+
+    def _tell_temp_dir(self, path: str | None) -> None:
+        """Tell the spawner which multiprocessing temporary directory (``pymp-*``) to remove
+        should this program die without its normal exit (module docstring, "Program death
+        takes everything with it"): the program's own when the spawner starts (its fork
+        server's address is there when the spawner was started through one). Nothing is said
+        when there is none. A request like any other, answered: the spawner reads one frame at
+        a time, and a frame sent behind another unanswered one could be read with it."""
+        if path is None:
+            return
+        try:
+            self._request(pickle.dumps(("tempdir", path, None), pickle.HIGHEST_PROTOCOL), [])
+        except (EOFError, OSError):
+            return  # the spawner is gone (marked lost): nothing to tell
+        self._told_temp_dir = True
 
     def _request(self, payload: bytes, fds: list[int]) -> Any:
         """One request and its answer. A socket that fails (the spawner died, perhaps so
@@ -381,6 +404,17 @@ class Spawner:
     def stop(self) -> None:
         """Ask the spawner to exit (it exits when its socket closes) and reap it."""
         try:
+            # The program is alive and stops its spawner in order: its own exit removes its
+            # temporary directory (later, and it may still need it); the spawner must not.
+            # Bounded: a request stuck on a hung spawner must not hold the program's exit.
+            if self._told_temp_dir and self._lock.acquire(timeout=STOP_TELL_TIMEOUT):
+                try:
+                    # The socket's last frame, unanswered: it closes right behind it.
+                    _send_frame(self._sock, pickle.dumps(("tempdir", None, None), pickle.HIGHEST_PROTOCOL))
+                except OSError:
+                    pass  # the spawner is gone: nothing to tell
+                finally:
+                    self._lock.release()
             self._sock.close()
         finally:
             self._proc.join(5)
@@ -525,7 +559,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             traceback.print_exc()  # a bug of ours, with the program alive: say so
             _kill_workers(state.status_w)
             os._exit(1)
-    _program_gone(program, state.status_w, state.host)
+    _program_gone(program, state.status_w, state.host, state.temp_dir)
 
 
 class _SpawnerState:
@@ -544,6 +578,7 @@ class _SpawnerState:
         self.pending: list[int] = []
         self.wake_r = self.wake_w = -1  # SIGCHLD wakes select() through this pipe
         self.pid = os.getpid()  # what a new worker checks its parent against (pdeathsig)
+        self.temp_dir: str | None = None  # the program's multiprocessing temp dir (Spawner._tell_temp_dir)
 
     def serve(self) -> None:
         """The spawner's loop proper; returns when the program's socket closes, raises on any
@@ -608,7 +643,11 @@ class _SpawnerState:
         except EOFError:
             return False
         kind, specs, sys_path, *more = pickle.loads(payload)
-        if kind == "manager":
+        if kind == "tempdir":
+            self.temp_dir = specs
+            if specs is not None:  # (None: a stopping program's last word, nobody reads an answer)
+                _send_frame(self.sock, pickle.dumps(True, pickle.HIGHEST_PROTOCOL))
+        elif kind == "manager":
             self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
         elif kind == "drop":
             self.drop_pending()
@@ -807,14 +846,16 @@ def _kill_workers(status_w: dict[int, int]) -> None:
         kill_quietly(pid)
 
 
-def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None) -> None:
+def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None, temp_dir: str | None = None) -> None:
     """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
-    unlink any id table of its that teardown did not (a killed program's), stop the Manager
+    unlink any id table of its that teardown did not (a killed program's), remove the
+    multiprocessing temporary directory it told us of (``_remove_temp_dir``), stop the Manager
     server this process forked, reap them all (our children: nobody else would) and leave.
     Every wait here is bounded: os._exit comes whatever happens."""
     try:
         _kill_workers(status_w)
         _unlink_tables_of(program)
+        _remove_temp_dir(temp_dir)
     finally:
         try:
             if host is not None:
@@ -840,6 +881,26 @@ def _unlink_tables_of(program: int) -> None:
                 os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _remove_temp_dir(path: str | None) -> None:
+    """Remove the program's multiprocessing temporary directory (``pymp-*``, made by
+    ``util.get_temp_dir``; a threaded program's fork server listens there, the one that started
+    this spawner), which its normal exit would have removed: a program killed, or gone through
+    ``os._exit``, never runs that. Only a real directory (not a symlink: never followed) owned
+    by our uid; ``shutil.rmtree`` does not follow symlinks inside it either. If the program
+    stopped us in order it told us None first (``Spawner.stop``): its exit removes it then."""
+    if not path:
+        return
+    import shutil
+    import stat
+
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass  # gone already (the program's exit removed it), or not ours to look at
 
 
 def _reap_killed(status_w: dict[int, int], timeout: float) -> None:

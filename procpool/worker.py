@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import faults
-from ._compat import raw_signal, run_exit_finalizers
+from ._compat import raw_signal, remove_own_temp_dir, run_exit_finalizers
 from .frames import FrameReader, write_all
 from .idtable import BUSY, DYING, IDLE, IdTable
 from .lockname import LockName
@@ -354,6 +354,12 @@ def _locked_detach(spec: WorkerSpec, table: IdTable, name: LockName) -> None:
 
 
 def _exit(code: int) -> None:
+    try:
+        # What an item made through multiprocessing.util.get_temp_dir (a Listener's socket, a
+        # fork server's address): a stock worker's exit removes it, and our os._exit skips that.
+        remove_own_temp_dir()
+    except Exception:  # noqa: BLE001 - best effort: nothing may stop the exit
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -187,6 +187,105 @@ def pytest_configure(config: pytest.Config) -> None:
             "procpool's pytest plugin with procpool_leaks = true must be active for this suite "
             "(pip install -e '.[test]' registers it)"
         )
+    if _runs_tests_here(config):
+        _make_temp_dir_private()
+    else:
+        _make_private_temp_root(config)
+
+
+# -- multiprocessing's temporary directories (pymp-*) -------------------------------------------
+# multiprocessing makes a ``pymp-*`` directory under TMPDIR in any process that needs one (a fork
+# server's address lives there) and removes it at that process's normal exit. A test must leave
+# none: a program it killed is cleaned up after by its spawner, and a worker removes its own
+# (procpool.spawner, procpool.worker). Other suites run on this machine at the same time, so
+# each test process gets a TMPDIR of its own, inherited by every process it starts (pools'
+# helpers, the programs tests run): what is found there is this process's doing. Its own
+# pymp-* directory (threaded pools in this process started a fork server) is not a leftover:
+# it goes at this process's exit.
+
+#: This test process's private TMPDIR (None: not made, e.g. in xdist's controller).
+PRIVATE_TMP: str | None = None
+#: Set by xdist's controller for its workers: the directory their private TMPDIRs go in, which
+#: it removes at its end, once every worker is gone (a worker killed mid-run, by a timeout say,
+#: never removes its own).
+TMP_ROOT_VAR = "PROCPOOL_TESTS_TMP_ROOT"
+
+
+def _runs_tests_here(config: pytest.Config) -> bool:
+    """An xdist worker, or a run without xdist workers; not xdist's controller, which runs no
+    test (its TMPDIR would also be every worker's, inherited at their start)."""
+    return hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+
+
+def _make_private_temp_root(config: pytest.Config) -> None:
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="procpool-tests-")
+    os.environ[TMP_ROOT_VAR] = root  # (the workers start after pytest_configure: they inherit it)
+    config.add_cleanup(functools.partial(shutil.rmtree, root, ignore_errors=True))
+
+
+def _make_temp_dir_private() -> None:
+    global PRIVATE_TMP
+    import multiprocessing.util
+    import shutil
+    import tempfile
+
+    base = tempfile.gettempdir()
+    # pytest's own tmp_path stays where it was (under xdist, the controller chose it anyway).
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", base)
+    root = os.environ.get(TMP_ROOT_VAR)
+    # Short names: a fork server's socket address in there must fit in 107 bytes.
+    if root and os.path.isdir(root):
+        PRIVATE_TMP = tempfile.mkdtemp(prefix="w-", dir=root)
+    else:
+        PRIVATE_TMP = tempfile.mkdtemp(prefix="procpool-tests-", dir=base)
+    os.environ["TMPDIR"] = PRIVATE_TMP
+    tempfile.tempdir = PRIVATE_TMP  # (gettempdir() caches its answer)
+    # Removed at exit after multiprocessing removed this process's own pymp-* (priority -100).
+    multiprocessing.util.Finalize(
+        None, shutil.rmtree, args=(PRIVATE_TMP,), kwargs={"ignore_errors": True}, exitpriority=-1000
+    )
+
+
+def temp_dirs_left() -> list[str]:
+    """The pymp-* directories in this test process's private TMPDIR but its own."""
+    if PRIVATE_TMP is None:
+        return []
+    from multiprocessing import process
+
+    own = process.current_process()._config.get("tempdir")
+    return sorted(
+        os.path.join(PRIVATE_TMP, n)
+        for n in os.listdir(PRIVATE_TMP)
+        if n.startswith("pymp-") and os.path.join(PRIVATE_TMP, n) != own
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_temp_dir_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a pymp-* directory behind (after the grace the procpool plugin
+    gives exits: a spawner removes a killed program's asynchronously); they are removed then,
+    so that the next test is not blamed."""
+    yield
+    if not temp_dirs_left():
+        return
+    grace = float(request.config.getini("procpool_leak_grace"))
+    deadline = time.monotonic() + grace
+    while (left := temp_dirs_left()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if left:
+        import shutil
+
+        named = [f"{path} holding {sorted(os.listdir(path)) if os.path.isdir(path) else '?'}" for path in left]
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        pytest.fail(
+            f"{request.node.nodeid} left multiprocessing temp directories (still there after {grace:g} s):\n  "
+            + "\n  ".join(named),
+            pytrace=False,
+        )
 
 
 # -- the procpool command (test_cli_*.py) -------------------------------------------------------
