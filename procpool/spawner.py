@@ -278,8 +278,8 @@ class Spawner:
         should this program die without its normal exit (module docstring, "Program death
         takes everything with it"): the program's own when the spawner starts (its fork
         server's address is there when the spawner was started through one). Nothing is said
-        when there is none. A request like any other, answered: the spawner reads one frame at
-        a time, and a frame sent behind another unanswered one could be read with it."""
+        when there is none. A request like any other, answered (one request in flight at a
+        time, as every request)."""
         if path is None:
             return
         try:
@@ -458,7 +458,10 @@ def _recv_frame(sock: socket.socket) -> bytes:
 
 
 def _recv_frame_fds(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
-    data, fds, _flags, _addr = socket.recv_fds(sock, 65536 + _LEN.size, maxfds)
+    """One frame and the descriptors sent with it, reading nothing past the frame: the
+    header first (the descriptors come with its first byte), then exactly the payload. (A
+    first read of up to 64 KiB kept only the first of two frames that arrived together.)"""
+    data, fds, _flags, _addr = socket.recv_fds(sock, _LEN.size, maxfds)
     if not data:
         raise EOFError("program socket closed")
     data = _recv_exact(sock, _LEN.size, data)
@@ -633,6 +636,7 @@ class _SpawnerState:
 
         worker._setproctitle = setproctitle  # (what _set_title would import in each worker)
         _compat.raw_signal()  # looked up here, once, for every worker (_worker_signals)
+        _compat.note_inherited_temp_dir()
         psutil.boot_time()
         self.pdeathsig = _pdeathsig_setter()
 
