@@ -116,6 +116,14 @@ class Creator:
         self.filler = threading.Thread(target=run, name=f"procpool-filler-{self.pool_id}", daemon=True)
         self.filler.start()
 
+    def abandon(self, timeout: float) -> None:
+        """The constructor failed (after the filler started: its arbiter thread could not):
+        start no more workers, and wait up to ``timeout`` for the filler to end, so that the
+        workers it started before that are on the books, where the constructor kills them."""
+        self.no_create, self.filling = True, False
+        if self.filler is not None:
+            self.filler.join(timeout)
+
     def filler_running(self) -> bool:
         return self.filler is not None and self.filler.is_alive()
 

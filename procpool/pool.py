@@ -89,6 +89,10 @@ from .teardown import Teardown
 
 __all__ = ["MAX_WORKERS", "SPIN", "WorkerPool"]
 
+#: How long a failed constructor waits for its filler thread to end (it may be making the
+#: pool's locks, which may start the program's Manager): seconds.
+ABORT_FILLER_JOIN = 10.0
+
 
 # -- pool ids: small ints, unique among this program's live pools ---------------------------
 
@@ -135,21 +139,20 @@ multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
 class WorkerPool:
     """A pool of worker processes with asynchronous worker destruction.
 
-    ``min_workers`` processes start at once (the constructor returns with FIRST_BATCH up, a thread
-    starts the rest: ``Creator.start_first``) and are never culled; a submit that finds no idle
-    worker starts another, up to ``max_workers``; idle workers beyond "2 idle plus 1 per 4 busy"
-    are destroyed once idle for ``idle_timeout`` seconds. Destroying a worker never waits for it:
-    the worker detaches itself on its way out, and only ``close`` waits, once, for the last one.
-
-    ``max_workers`` is at most ``MAX_WORKERS`` (4096; see procpool.idtable for why).
+    ``min_workers`` processes start at once (the constructor returns with the first 4 up; a
+    thread makes the pool's Manager locks and starts the rest: docs/design.md "Pool start") and
+    are never culled; a submit that finds no idle worker starts another, up to ``max_workers``
+    (at most ``MAX_WORKERS``, 4096: see procpool.idtable); idle workers beyond "2 idle plus 1
+    per 4 busy" are destroyed once idle for ``idle_timeout`` seconds. Destroying a worker never
+    waits for it: the worker detaches itself on its way out, and only ``close`` waits, once,
+    for the last one.
 
     ``title_prefix`` replaces ``kworker`` in the process titles; ``title`` replaces a live
     worker's whole title (a workqueue's rescuer: ``kworker/R-name``); both must be printable,
-    without spaces (ValueError). ``linger_dying`` (debug) keeps
-    a dying worker alive that many seconds after it detached, so ``kworker/dying`` and id
-    reuse can be watched in ps/htop. ``faults`` arms fault points (tests only; see
-    ``procpool.faults``). ``mp_context`` is a start method name or context ('forkserver' by
-    default, or 'spawn').
+    without spaces (ValueError). ``linger_dying`` (debug) keeps a dying worker alive that many
+    seconds after it detached, so ``kworker/dying`` and id reuse can be watched in ps/htop.
+    ``faults`` arms fault points (tests only; see ``procpool.faults``). ``mp_context`` is a
+    start method name or context ('forkserver' by default, or 'spawn').
 
     ``initializer(*initargs)`` runs in each worker before its first item; if it raises, the
     pool is broken (see ``InitializerFailed``). With ``max_tasks_per_child`` a worker retires
@@ -211,12 +214,12 @@ class WorkerPool:
         self._owner_pid = os.getpid()  # I: the program; a fork of it must not tear the pool down
         try:
             self._build_parts(init_payload)
+            # The filler first: the arbiter's own fill() passes wait for it to be gone.
+            self._creator.start_filler(self._wake)
+            self._arbiter.thread.start()
         except BaseException:
             self._abort_init()
             raise
-        # The filler first: the arbiter's own fill() passes wait for it to be gone.
-        self._creator.start_filler(self._wake)
-        self._arbiter.thread.start()
         _live_pools.add(self)
 
     def _build_parts(self, init_payload: bytes | None) -> None:
@@ -254,6 +257,8 @@ class WorkerPool:
             os.close(fd)
 
     def _abort_init(self) -> None:
+        if hasattr(self, "_creator"):  # a filler started already (the arbiter could not) adds no more
+            self._creator.abandon(ABORT_FILLER_JOIN)
         for w in list(self._books.workers.values()):
             try:
                 w.proc.kill()
@@ -496,8 +501,7 @@ class WorkerPool:
 
     @property
     def manager_locks(self) -> PoolLocks:
-        """For tests and tools: the pool's Manager locks (attach, arb), as its workers share them
-        (made first if the filler has not made them yet). Raises LOST if they cannot be."""
+        """For tests and tools: the pool's Manager locks (made first if need be; LOST if they cannot be)."""
         self._locks.start()
         return self._locks
 

@@ -202,6 +202,44 @@ def test_a_worker_leaving_before_the_pools_locks_exist_detaches_itself_once_they
     assert_program_left_nothing(proc, token)
 
 
+THREAD_REFUSED = """
+import json, threading, procpool
+from conftest import wait_until, worker_processes
+# The arbiter's thread cannot start (what a program out of threads or memory sees), after the
+# first workers were forked and the filler started.
+real_start = threading.Thread.start
+def start(self):
+    if self.name.startswith("procpool-arbiter-"):
+        raise RuntimeError("can't start new thread")
+    return real_start(self)
+threading.Thread.start = start
+try:
+    procpool.WorkerPool(min_workers=6, max_workers=6)
+    err = None
+except RuntimeError as exc:
+    err = str(exc)
+threading.Thread.start = real_start
+try:
+    wait_until(lambda: not worker_processes(), timeout=20, what="no worker left")
+    gone = True
+except AssertionError:
+    gone = False
+with procpool.WorkerPool(1, 1) as pool:  # the program goes on
+    ok = pool.submit(abs, -2).result(timeout=20) == 2
+print(json.dumps({"err": err, "gone": gone, "ok": ok}))
+"""
+
+
+def test_a_constructor_whose_thread_cannot_start_leaves_no_worker_behind():
+    # The constructor fails with the thread's error and kills the workers it forked, those
+    # the filler (started first) forked included; the program can make pools after it.
+    proc, token = run_program(THREAD_REFUSED)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r == {"err": "can't start new thread", "gone": True, "ok": True}, r
+    assert_program_left_nothing(proc, token)
+
+
 def test_min_workers_beyond_the_first_batch_start_behind_the_constructor():
     # The constructor returns with FIRST_BATCH workers up; the filler starts the rest in
     # batches, while the first ones already answer.
