@@ -252,35 +252,26 @@ def raw_signal() -> Any:
     return _raw_signal
 
 
-def start_manager_server(manager: Any, initializer: Callable[..., None], initargs: tuple) -> Any:
-    """``BaseManager.start`` without its wait for the server's address: fork the server
-    process and return at once the read end (a Connection) on which the server sends its
-    address once it listens. The spawner forks the program's Manager so and goes on forking
-    workers while the server starts; the program reads that end before its first request
-    (EOF there: the server died first). The manager object keeps the process (``_process``,
-    as after ``start``) for ``manager_process``."""
-    from multiprocessing import connection
+def run_manager_server(manager: Any, ready: Any, initializer: Callable[..., None], initargs: tuple) -> None:
+    """Serve as ``manager``'s server in this process, a bare fork made to be it: what
+    ``BaseManager.start`` runs in the process it starts (``_run_server``: serve, having sent
+    the address on ``ready``), after the part of ``Process._bootstrap`` a server needs: the
+    forking process's finalizers are not ours to run, multiprocessing's after-fork hooks
+    (its fork-aware locks) are, and stdin is not ours to read."""
+    from multiprocessing import util
 
-    reader, writer = connection.Pipe(duplex=False)
-    args = (manager._registry, manager._address, manager._authkey, manager._serializer, writer, initializer, initargs)
-    manager._process = manager._ctx.Process(target=type(manager)._run_server, args=args)
-    manager._process.name = f"{type(manager).__name__}-server"
+    util._finalizer_registry.clear()  # type: ignore[attr-defined]
+    util._run_after_forkers()  # type: ignore[attr-defined]
     try:
-        manager._process.start()
-    except BaseException:
-        reader.close()
-        raise
-    finally:
-        writer.close()
-    return reader
+        if sys.stdin is not None:
+            sys.stdin.close()
+            sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    except (OSError, ValueError):
+        pass
+    args = (manager._registry, manager._address, manager._authkey, manager._serializer, ready)
+    type(manager)._run_server(*args, initializer, initargs)
 
 
 def proxy_token(proxy: Any) -> Any:
     """The ``Token`` (type id, address, object id) a proxy refers to."""
     return proxy._token
-
-
-def manager_process(manager: Any) -> Any:
-    """The server process a ``BaseManager.start()`` started (``_process``): to read its pid
-    and to SIGKILL and reap it (the stock ``shutdown`` asks the server, which may be stuck)."""
-    return manager._process

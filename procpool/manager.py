@@ -894,51 +894,26 @@ def _server_init(alive_fd: int, close_fds: list[int], handover_fd: int) -> None:
     threading.Thread(target=watch, name="procpool-program-watch", daemon=True).start()
 
 
-_servers: list[_Manager] = []  # in the spawner: keeps each server's owner object alive
-
-
-def start_server(alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket, int]:
-    """In the spawner: fork a Manager server listening at ``address`` (a fork of a
-    single-threaded process is safe), without waiting for it to listen. Returns its (address,
-    pid), the spawner's end of the handover channel, and the descriptor on which the server
-    says it listens (for the program: ``wait_manager_ready``)."""
-    import multiprocessing
-
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)  # a server that stopped reading must not stall the spawner
-
-    m = _Manager(address=address, ctx=multiprocessing.get_context("fork"))
+def serve_forked(alive_fd: int, close_fds: list[int], handover_fd: int, ready_fd: int, address: str) -> None:
+    """In a bare fork of the spawner (procpool.spawner's ``_fork_server``; a fork of a
+    single-threaded process is safe): serve as the program's Manager server, listening at
+    ``address``; say so on ``ready_fd`` (the program reads it: ``wait_manager_ready``).
+    Never returns: the server's stop (or the program's death, ``_server_init``) ends the
+    process with os._exit."""
+    code = 1
     try:
-        initargs = (alive_fd, [*close_fds, ours.fileno()], theirs.fileno())
-        ready = _compat.start_manager_server(m, _server_init, initargs)
-    except BaseException:
-        ours.close()
-        raise
+        m = _Manager(address=address)  # (the registry, the program's authkey and serializer)
+        ready = connection.Connection(ready_fd, readable=False)
+        _compat.run_manager_server(m, ready, _server_init, (alive_fd, close_fds, handover_fd))
+        code = 0
+    except SystemExit as exc:  # how a stopped server leaves serve_forever
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:  # noqa: BLE001 - a bug of ours: say so, then leave
+        import traceback
+
+        traceback.print_exc()
     finally:
-        theirs.close()
-    _servers.append(m)
-    try:
-        return (address, _compat.manager_process(m).pid), ours, os.dup(ready.fileno())
-    finally:
-        ready.close()
-
-
-def stop_servers() -> None:
-    """In the spawner, on its way out: end the Manager servers it forked and reap them.
-    SIGKILL: a server ignores SIGTERM (see _server_init) and has nothing to save."""
-    for m in _servers:
-        proc = _compat.manager_process(m)
-        proc.kill()
-        proc.join(2)
-
-
-class ManagerHost:
-    """How the spawner forks and stops the Manager server (procpool.spawner.ServerHost).
-    Sent to the spawner by reference with the "manager" request, so the spawner runs this
-    module's code without importing it: the import goes one way, manager -> spawner."""
-
-    start = staticmethod(start_server)
-    stop = staticmethod(stop_servers)
+        os._exit(code)
 
 
 _manager: _Manager | None = None
@@ -1006,7 +981,7 @@ def _start_manager(spawner: SpawnerOf) -> None:
             try:
                 # The spawner may have died since it was last asked: then the request
                 # fails, marks it lost, and a new one is started for the second attempt.
-                address, pid, ready = spawner().start_manager(alive_r, ManagerHost, address)
+                address, pid, ready = spawner().start_manager(alive_r, address)
                 break
             except (EOFError, OSError):
                 if attempt:

@@ -92,7 +92,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing import connection
-from typing import Any, Protocol
+from typing import Any
 
 from . import _compat, faults
 from .lockname import HANDOVER_MAX
@@ -319,16 +319,14 @@ class Spawner:
                 raise interrupted
             return answer, got
 
-    def start_manager(self, alive_fd: int, host: ServerHost, address: str) -> tuple[Any, int, int]:
-        """Have the spawner fork the program's Manager server with ``host``, listening at
-        ``address`` (chosen by the program, so that it can name the server's locks before it
-        exists); returns its address, its pid and the read end of the pipe on which it says it
-        listens (the spawner does not wait for that: it goes on forking workers meanwhile).
-        ``alive_fd`` is the read end of a pipe only the program writes to:
-        the server exits when it reads EOF there, i.e. when the program is gone, whatever
-        became of us. ``host`` travels as a reference (a class): the spawner loads the
-        Manager's module then, and never imports it itself (no import cycle)."""
-        payload = pickle.dumps(("manager", host, address), pickle.HIGHEST_PROTOCOL)
+    def start_manager(self, alive_fd: int, address: str) -> tuple[Any, int, int]:
+        """Have the spawner fork the program's Manager server, listening at ``address``
+        (chosen by the program, so that it can name the server's locks before it exists);
+        returns its address, its pid and the read end of the pipe on which it says it listens
+        (the spawner does not wait for that: it goes on forking workers meanwhile).
+        ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
+        when it reads EOF there, i.e. when the program is gone, whatever became of us."""
+        payload = pickle.dumps(("manager", None, address), pickle.HIGHEST_PROTOCOL)
         answer, fds = self._request_fds(payload, [alive_fd], 1)
         if isinstance(answer, BaseException) or len(fds) != 1:
             close_quietly(fds)
@@ -519,22 +517,6 @@ def _let_go_of(fds: set[int]) -> None:
             os.close(null)
 
 
-class ServerHost(Protocol):
-    """What the spawner needs to fork and stop the program's Manager server (procpool.manager's
-    ``ManagerHost``, handed to it by reference in the "manager" request: the spawner never
-    imports the Manager's module itself, so the two modules form no import cycle)."""
-
-    def start(self, alive_fd: int, close_fds: list[int], address: str) -> tuple[tuple[Any, int], socket.socket, int]:
-        """Fork the server listening at ``address``, without waiting for it to listen; its
-        (address, pid), the spawner's end of the handover channel, and the read end of the
-        pipe on which the server says it listens."""
-        ...
-
-    def stop(self) -> None:
-        """Kill and reap the servers started."""
-        ...
-
-
 def _spawner_loop(sock: socket.socket, program: int) -> None:
     """Single-threaded loop: fork workers on request, reap them, report their exit status.
     Never returns: whatever ends the loop (the program gone, an error) ends in
@@ -562,7 +544,7 @@ def _spawner_loop(sock: socket.socket, program: int) -> None:
             traceback.print_exc()  # a bug of ours, with the program alive: say so
             _kill_workers(state.status_w)
             os._exit(1)
-    _program_gone(program, state.status_w, state.host, state.temp_dir)
+    _program_gone(program, state.status_w, state.servers, state.temp_dir)
 
 
 class _SpawnerState:
@@ -574,7 +556,7 @@ class _SpawnerState:
         # Our end of the channel that hands workers' connections to the Manager we forked; None
         # when we did not fork it (a replacement spawner): workers then connect themselves.
         self.handover: socket.socket | None = None
-        self.host: ServerHost | None = None  # how we forked the Manager server, if we did
+        self.servers: list[int] = []  # the Manager servers we forked (pids; the last one is live)
         self.pdeathsig: Callable[[int], None] | None = None  # set by warm_up, before the first fork
         # The server's ends of the Manager connections of workers forked before we forked the
         # server (the program's first workers: docs/design.md, "Pool start"), for start_manager
@@ -652,7 +634,7 @@ class _SpawnerState:
             if specs is not None:  # (None: a stopping program's last word, nobody reads an answer)
                 _send_frame(self.sock, pickle.dumps(True, pickle.HIGHEST_PROTOCOL))
         elif kind == "manager":
-            self.start_manager(specs, fds[0], sys_path)  # (that slot has the address)
+            self.start_manager(fds[0], sys_path)  # (that slot has the address)
         elif kind == "drop":
             self.drop_pending()
         else:
@@ -661,16 +643,12 @@ class _SpawnerState:
             self.spawn(specs, sys_path, fds, inherited, manager_follows)
         return True
 
-    def start_manager(self, host: ServerHost, alive_fd: int, address: str) -> None:
+    def start_manager(self, alive_fd: int, address: str) -> None:
         answer: Any
         ready: list[int] = []
         try:
-            # The Manager closes every descriptor of ours it inherits (they are the
-            # spawner's, not its own).
-            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *self.status_w.values(), *self.pending]
-            answer, self.handover, ready_fd = host.start(alive_fd, spawner_fds, address)
+            answer, ready_fd = self._fork_server(alive_fd, address)
             ready = [ready_fd]
-            self.host = host
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
         # The connections of workers forked before this server: handed over now, or, with
@@ -683,6 +661,37 @@ class _SpawnerState:
             _send_frame(self.sock, pickle.dumps(answer, pickle.HIGHEST_PROTOCOL), ready)
         finally:
             close_quietly(ready)
+
+    def _fork_server(self, alive_fd: int, address: str) -> tuple[tuple[str, int], int]:
+        """Fork the Manager server, listening at ``address``, with a bare fork: the child
+        loads the Manager's machinery itself (procpool.manager.serve_forked), so that this
+        process never does: its forks of the next workers do not wait ~15-20 ms for that
+        import, and it stays small (so do the workers forked after it). Returns (address,
+        pid) and the read end of the pipe on which the server says it listens; the server
+        ends of workers' connections go to it over ``self.handover`` from now on."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine = [ours.detach(), theirs.detach()]
+        try:
+            ready_r, ready_w = os.pipe()
+            mine += [ready_r, ready_w]
+            # What the server closes at its start: ours, not its own.
+            old = [self.handover.fileno()] if self.handover is not None else []
+            spawner_fds = [self.sock.fileno(), self.wake_r, self.wake_w, *old, *self.status_w.values(), *self.pending]
+            pid = os.fork()
+        except BaseException:
+            close_quietly(mine)
+            raise
+        if pid == 0:
+            _become_server(alive_fd, [*spawner_fds, mine[0], ready_r], mine[1], ready_w, address)
+        os.close(mine[1])
+        os.close(ready_w)
+        handover = socket.socket(fileno=mine[0])
+        handover.setblocking(False)  # a server that stopped reading must not stall the spawner
+        if self.handover is not None:
+            self.handover.close()
+        self.handover = handover
+        self.servers.append(pid)
+        return (address, pid), ready_r
 
     def drop_pending(self) -> None:
         """The program gave up on starting its Manager (``drop_pending`` below): close the
@@ -697,7 +706,7 @@ class _SpawnerState:
         procpool.manager); none when we have no server and will fork none, or are out of
         descriptors (these workers then connect the stock way)."""
         ours: list[int] = []
-        will_have = self.handover is not None or (manager_follows and self.host is None)
+        will_have = self.handover is not None or (manager_follows and not self.servers)
         try:
             for _ in range(n if will_have else 0):
                 a, b = socket.socketpair()
@@ -850,11 +859,11 @@ def _kill_workers(status_w: dict[int, int]) -> None:
         kill_quietly(pid)
 
 
-def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | None, temp_dir: str | None = None) -> None:
+def _program_gone(program: int, status_w: dict[int, int], servers: list[int], temp_dir: str | None = None) -> None:
     """The program is gone (its socket closed; we got EOF or an EPIPE): kill its workers,
     unlink any id table of its that teardown did not (a killed program's), remove the
     multiprocessing temporary directory it told us of (``_remove_temp_dir``), stop the Manager
-    server this process forked, reap them all (our children: nobody else would) and leave.
+    servers this process forked, reap them all (our children: nobody else would) and leave.
     Every wait here is bounded: os._exit comes whatever happens."""
     try:
         _kill_workers(status_w)
@@ -862,9 +871,10 @@ def _program_gone(program: int, status_w: dict[int, int], host: ServerHost | Non
         _remove_temp_dir(temp_dir)
     finally:
         try:
-            if host is not None:
-                host.stop()
-            _reap_killed(status_w, timeout=2.0)
+            # SIGKILL: a server ignores SIGTERM (procpool.manager) and has nothing to save.
+            for pid in servers:
+                kill_quietly(pid)
+            _reap_killed([*status_w, *servers], timeout=2.0)
         finally:
             os._exit(0)
 
@@ -907,11 +917,11 @@ def _remove_temp_dir(path: str | None) -> None:
         pass  # gone already (the program's exit removed it), or not ours to look at
 
 
-def _reap_killed(status_w: dict[int, int], timeout: float) -> None:
-    """Reap the workers just SIGKILLed (a process in uninterruptible sleep dies when it
+def _reap_killed(pids: list[int], timeout: float) -> None:
+    """Reap the children just SIGKILLed (a process in uninterruptible sleep dies when it
     wakes: give up after ``timeout``; the spawner's exit hands them to init)."""
     deadline = time.monotonic() + timeout
-    left = set(status_w)
+    left = set(pids)
     while left and time.monotonic() < deadline:
         for pid in list(left):
             try:
@@ -921,6 +931,21 @@ def _reap_killed(status_w: dict[int, int], timeout: float) -> None:
                 left.discard(pid)
         if left:
             time.sleep(0.005)
+
+
+def _become_server(alive_fd: int, close_fds: list[int], handover_fd: int, ready_fd: int, address: str) -> None:
+    """In a bare fork of the spawner: become the program's Manager server (never returns).
+    Imported here, after the fork, not before it (see ``_fork_server``); procpool.manager does
+    not import this module, so that makes no cycle."""
+    try:
+        from . import manager
+
+        manager.serve_forked(alive_fd, close_fds, handover_fd, ready_fd, address)
+    except BaseException:  # noqa: BLE001 - (serve_forked leaves through os._exit: only its import fails here)
+        import traceback
+
+        traceback.print_exc()
+    os._exit(1)
 
 
 def _child(spec: Any, rx: int, tx: int, completion_fd: int, sys_path: list[str], mgr: int) -> None:
