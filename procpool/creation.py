@@ -4,8 +4,11 @@
 
    start_first()       [__init__] create_first: alloc n ids (no M attach: nobody else can
       reach the table yet) ─► spawner forks them (no Manager needed) ─► adopt each
-   start_filler()      [__init__, then its own thread] PoolLocks.start (the Manager started
-      if the program has none, the locks made) ─► fill() until min_workers were reached
+      ─► reserve the ids of the rest of min_workers (same reason)
+   start_filler()      [__init__, then its own thread] PoolLocks.begin (the program's
+      Manager server forked if it has none, not waited for) ─► fork_reserved: the spawner
+      forks the reserved ids while the server starts (R: not past teardown's point of no
+      return) ─► PoolLocks.start (the locks made) ─► fill() until min_workers were reached
    create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
       M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
       ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
@@ -73,11 +76,22 @@ class Creator:
         self.init_fds = init_fds  # I: the descriptors initargs hold, for workers to inherit
         self.adopt = adopt  # I: registers a new worker with the arbiter's selector (L held)
         self.send = send  # I
-        self.no_create = False  # M arb: teardown passed the point of no return
+        self.no_create = False  # M arb (and R): teardown passed the point of no return
+        # Ids the constructor allocated for the filler's first batch (fork_reserved); emptied
+        # under L, where create_workers counts them against max_workers
+        self.reserved: list[tuple[int, int]] = []
+        # R: guards the reserved step (fork_reserved) against teardown's point of no return
+        # (Teardown._install_completion takes it before M arb): the step forks without M arb,
+        # which does not exist yet in a new program. Held across one spawner request.
+        self.reserved_lock = threading.Lock()
         # Written by the thread that fills (the filler while it runs, then the arbiter), read
         # racily by the arbiter: min_workers not all started yet (see fill)
         self.filling = books.cfg.min_workers > FIRST_BATCH
         self.filler: threading.Thread | None = None  # I (set once by start_filler)
+        # True from start_filler until the filler's last step, read racily by the arbiter:
+        # cleared *before* the filler's final wake, so that the pass it wakes fills (the
+        # thread itself is still alive then)
+        self.filler_active = False
         # These three: written by the creating threads (module docstring), one value each
         self.retry_at = 0.0  # creation cooldown after the OS refused a process
         self.error: BaseException | None = None  # why the last creation failed
@@ -104,6 +118,8 @@ class Creator:
 
         def run() -> None:
             try:
+                self.locks.begin()
+                self.fork_reserved()
                 try:
                     self.locks.start()
                 except LOST as exc:
@@ -111,10 +127,16 @@ class Creator:
                 while self.filling and time.monotonic() >= self.retry_at:
                     self.fill()
             finally:
+                self.filler_active = False
                 wake()
 
         self.filler = threading.Thread(target=run, name=f"procpool-filler-{self.pool_id}", daemon=True)
-        self.filler.start()
+        self.filler_active = True
+        try:
+            self.filler.start()
+        except BaseException:
+            self.filler_active = False
+            raise
 
     def abandon(self, timeout: float) -> None:
         """The constructor failed (after the filler started: its arbiter thread could not):
@@ -125,7 +147,7 @@ class Creator:
             self.filler.join(timeout)
 
     def filler_running(self) -> bool:
-        return self.filler is not None and self.filler.is_alive()
+        return self.filler_active
 
     def fill(self) -> None:
         """Start up to FILL_BATCH more of ``min_workers``: the filler thread's step, and the
@@ -173,7 +195,7 @@ class Creator:
                 # take turns, and the workers of a turn are on the books before it ends, so the
                 # next one counts them and max_workers holds.
                 with b.lock:
-                    n = min(n, b.cfg.max_workers - len(b.workers))
+                    n = min(n, b.cfg.max_workers - len(b.workers) - len(self.reserved))
                 if n <= 0:
                     return 0
                 with self.locks.held("attach"):
@@ -228,7 +250,42 @@ class Creator:
         self.create_first(first)
         if len(self.books.workers) < first:
             raise OSError(f"procpool: could not start {first} workers") from self.error
+        table = self.books.table
+        assert table is not None
+        # The rest of min_workers, for the filler to fork while the Manager server starts
+        # (fork_reserved); allocated here, unlocked, for create_first's reason.
+        while len(self.reserved) < self.books.cfg.min_workers - first and (got := table.alloc()) is not None:
+            self.reserved.append(got)
         _faults.hit(self.faults, "create.before_locks")
+
+    def fork_reserved(self) -> None:
+        """The filler's first step: fork the workers whose ids the constructor reserved, in
+        one spawner request, while the program's Manager server starts (its import and start
+        take ~10-15 ms; the ids need no M attach, they are allocated already). M arb, which
+        would keep teardown and other creators out, may not exist yet: R does the former
+        (teardown takes it before its point of no return), and create_workers counts the
+        reserved ids against max_workers until they are on the books. A closing pool past
+        that point (or a constructor that failed) forks none and gives the ids back."""
+        b = self.books
+        with self.reserved_lock:
+            ids = self.reserved
+            if not ids:
+                return
+            started: list[Worker] = []
+            refused: list[tuple[tuple[int, int], BaseException]] = []
+            try:
+                _faults.hit(self.faults, "create.reserved")
+                if not self.no_create:
+                    started, refused = self.start_processes(ids, self.locks.manager_follows)
+            except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
+                refused = [(i, exc) for i in ids]
+            with b.lock:
+                self.reserved = []
+            if refused:
+                self.creation_failed([i for i, _why in refused], refused[0][1])
+            elif not started:
+                self.free_ids(ids)
+            self._put_to_work(started)
 
     def create_first(self, n: int) -> None:
         """The constructor's first batch, forked before the pool's locks exist (and before
@@ -327,13 +384,8 @@ class Creator:
             started.append(Worker(wid, gen, res, parent_end, parent_rend, FrameReader(parent_rend.fileno())))
         return started, refused
 
-    def creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
-        """The OS (or a fault point, or a Manager that is gone) refused new workers: give the
-        ids back, retry after a cooldown (the kernel's 1 s).
-
-        A closing pool with no worker left whose creation failed twice in a row (the retry
-        after the cooldown too) fails its waiting items with PoolBroken instead of waiting for
-        creation to recover: close() must end."""
+    def free_ids(self, ids: list[tuple[int, int]]) -> None:
+        """Give back ids no process got, under M attach."""
         table = self.books.table
         assert table is not None
         try:
@@ -347,6 +399,15 @@ class Creator:
             # was the last one out, which teardown repairs (free_leftover_ids).
             for wid, gen in ids:
                 table.free(wid, gen)
+
+    def creation_failed(self, ids: list[tuple[int, int]], exc: BaseException) -> None:
+        """The OS (or a fault point, or a Manager that is gone) refused new workers: give the
+        ids back, retry after a cooldown (the kernel's 1 s).
+
+        A closing pool with no worker left whose creation failed twice in a row (the retry
+        after the cooldown too) fails its waiting items with PoolBroken instead of waiting for
+        creation to recover: close() must end."""
+        self.free_ids(ids)
         now = time.monotonic()
         self.retry_at = now + CREATE_COOLDOWN
         self.error = exc

@@ -26,7 +26,10 @@ Points (worker side unless marked parent):
 ``create.after_alloc``      parent: ids allocated under the lock, processes not yet started
 ``create.start``            parent: just before one worker process is started
 ``create.before_locks``     parent: the constructor's first workers forked, before it returns
+``create.reserved``         parent: the filler, before it forks the ids the constructor reserved
                             (the pool's locks are made behind it)
+``locks.begin``             parent: the filler, before it has the program's Manager server
+                            forked (if it has none); a ``raise`` is ``locks.start``'s to report
 ``locks.start``             parent: the pool's locks are about to be made (by the filler thread,
                             or the first use), the program's Manager started with them if it
                             has none; the first workers run already
@@ -66,6 +69,8 @@ POINTS = frozenset(
         "create.after_alloc",
         "create.start",
         "create.before_locks",
+        "create.reserved",
+        "locks.begin",
         "locks.start",
         "teardown.before_wait",
         "reap",

@@ -5,6 +5,8 @@
    PoolLocks()      [constructor] names both (lockname.plan_address: where the program's
                     server is or will be); nothing of procpool.manager loaded, no process
                     started ─► workers may be forked with ``attach_name()`` at once
+   begin()          [the filler thread] the program's Manager server forked if it has none,
+                    not waited for (its start overlaps the filler's next forks)
    start()          [the filler thread, or the first ``held``] the program's Manager server
                     started if it has none, both locks made in one request (once; a failed
                     start is tried again by the next caller)
@@ -99,6 +101,19 @@ class PoolLocks:
         self.start()
         assert self._attach is not None
         return self._attach
+
+    def begin(self) -> None:
+        """Have the program's Manager server forked if it has none, without waiting for it to
+        listen (a spawner round trip, ~1 ms): the filler then forks the reserved workers
+        while the server loads and starts, and ``start`` finds it ready or nearly. A failure
+        here is ``start``'s to report (it tries again)."""
+        if self.made:
+            return
+        try:
+            faults.hit(self._faults, "locks.begin")
+            _manager().get_manager(self._spawner)
+        except Exception:  # noqa: BLE001 - start() tries again and raises what it finds
+            pass
 
     def start(self) -> None:
         """Make the locks, once (every later call returns at once; a failed one is tried again

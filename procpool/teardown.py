@@ -148,6 +148,11 @@ class Teardown:
         table = self.books.table
         assert table is not None
         self.creator.no_create = True  # also set under M arb below; set first in case that fails
+        # The filler's reserved step forks without M arb: wait for it to end (bounded: one
+        # spawner request), so that the workers it forked are on the books, or their ids given
+        # back, before the ids still allocated are counted.
+        with self.creator.reserved_lock:
+            pass
         try:
             with self._locks.held("arb"):
                 self.creator.no_create = True

@@ -171,10 +171,10 @@ def test_manager_killed_while_the_first_pool_starts_its_first_workers_running():
 FIRST_WORKER_LEAVES_EARLY = """
 import json, os, time, procpool, tasks
 from conftest import alive, title_of, wait_until
-# The filler waits before it makes the pool's locks (and starts the program's Manager), and
-# the server, once started, before it makes them: the first worker runs its one item and
-# leaves before either exists, and its detach reaches the server before the locks are made.
-faults = "locks.start=delay:3,manager.create=delay:2"
+# The filler waits before it has the program's Manager server forked, and the server, once
+# started, before it makes the pool's locks: the first worker runs its one item and leaves
+# before either exists, and its detach reaches the server before the locks are made.
+faults = "locks.begin=delay:3,manager.create=delay:2"
 pool = procpool.WorkerPool(min_workers=1, max_workers=1, max_tasks_per_child=1, faults=faults)
 first = pool.workers()[0].pid
 assert pool.submit(tasks.square, 3).result(timeout=20) == 9
@@ -286,6 +286,60 @@ def test_close_right_after_the_constructor_stops_the_filler():
     # close() does not join the filler: it ends on its own once it sees the pool closing (it
     # may still be in its last wake() when close returns, on a loaded machine).
     wait_until(lambda: not pool._creator.filler_running(), timeout=10, what="the filler thread ended")
+
+
+def test_growth_while_the_reserved_workers_are_forked_never_passes_max_workers():
+    # The constructor reserves the ids of the rest of min_workers for the filler, which forks
+    # them without M arb (the Manager may not exist yet). Held back here, the arbiter grows
+    # for the waiting work meanwhile (it makes the locks itself): it must count the reserved
+    # ids, or the pool ends with min_workers + what it grew.
+    from procpool.creation import FIRST_BATCH
+
+    n = FIRST_BATCH + 8
+    pool = procpool.WorkerPool(min_workers=n, max_workers=n, faults="create.reserved=delay:0.5")
+    try:
+        futs = [pool.submit(tasks.sleep_then, 0.05, i) for i in range(3 * n)]
+        assert [f.result(timeout=60) for f in futs] == list(range(3 * n))
+        wait_until(lambda: pool.stats().nr_workers == n, timeout=30, what=f"{n} workers")
+        assert pool.stats().created == n
+        assert sorted(w.id for w in pool.workers()) == list(range(n))
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
+
+
+def test_close_during_the_reserved_step_waits_for_it_and_forks_none():
+    # close() right after the constructor, the filler held back before its reserved step:
+    # teardown waits for the step (R) before it counts the ids still allocated; the step finds
+    # the pool past its point of no return, forks nothing and gives the ids back. Only the
+    # constructor's workers ever existed, and every id is free.
+    from procpool.creation import FIRST_BATCH
+
+    pool = procpool.WorkerPool(
+        min_workers=FIRST_BATCH + 4, max_workers=FIRST_BATCH + 4, faults="create.reserved=delay:0.5"
+    )
+    close_within(pool)
+    st = pool.stats()
+    assert_books_add_up(st)
+    assert st.created == FIRST_BATCH, st
+    wait_until(lambda: not pool._creator.filler_running(), timeout=10, what="the filler thread ended")
+
+
+def test_a_failed_reserved_step_is_a_creation_failure_and_the_pool_fills_later():
+    # The reserved ids go back; the arbiter retries after the cooldown and reaches min_workers
+    # with the lowest ids; the work submitted meanwhile runs.
+    from procpool.creation import FIRST_BATCH
+
+    n = FIRST_BATCH + 3
+    pool = procpool.WorkerPool(min_workers=n, max_workers=n, faults="create.reserved=raise")
+    try:
+        assert [pool.submit(tasks.square, i).result(timeout=20) for i in range(5)] == [i * i for i in range(5)]
+        wait_until(lambda: pool.stats().nr_workers == n, timeout=30, what=f"{n} workers")
+        assert sorted(w.id for w in pool.workers()) == list(range(n))
+        assert pool.stats().created == n
+    finally:
+        close_within(pool)
+    assert_books_add_up(pool.stats())
 
 
 # -- trigger 4: creation keeps failing; a teardown step fails ------------------------------------
