@@ -7,8 +7,9 @@
       ─► reserve the ids of the rest of min_workers (same reason)
    start_filler()      [__init__, then its own thread] PoolLocks.begin (the program's
       Manager server forked if it has none, not waited for) ─► fork_reserved: the spawner
-      forks the reserved ids while the server starts (R: not past teardown's point of no
-      return) ─► PoolLocks.start (the locks made) ─► fill() until min_workers were reached
+      forks the reserved ids while the server starts (under reserved_lock: never past
+      teardown's point of no return) ─► PoolLocks.start (the locks made) ─► fill() until
+      min_workers were reached
    create_workers(n)   [arbiter thread (growth, fill), or the filler thread (fill)]
       M arb ─► no_create? stop ─► at most max_workers - attached ─► M attach: alloc n ids
       ─► spawner forks them (one request) ─► L: adopt each (selector, books) and put it to
@@ -76,11 +77,11 @@ class Creator:
         self.init_fds = init_fds  # I: the descriptors initargs hold, for workers to inherit
         self.adopt = adopt  # I: registers a new worker with the arbiter's selector (L held)
         self.send = send  # I
-        self.no_create = False  # M arb (and R): teardown passed the point of no return
+        self.no_create = False  # M arb (and reserved_lock): teardown passed the point of no return
         # Ids the constructor allocated for the filler's first batch (fork_reserved); emptied
         # under L, where create_workers counts them against max_workers
         self.reserved: list[tuple[int, int]] = []
-        # R: guards the reserved step (fork_reserved) against teardown's point of no return
+        # guards the reserved step (fork_reserved) against teardown's point of no return
         # (Teardown._install_completion takes it before M arb): the step forks without M arb,
         # which does not exist yet in a new program. Held across one spawner request.
         self.reserved_lock = threading.Lock()
@@ -262,7 +263,7 @@ class Creator:
         """The filler's first step: fork the workers whose ids the constructor reserved, in
         one spawner request, while the program's Manager server starts (its import and start
         take ~10-15 ms; the ids need no M attach, they are allocated already). M arb, which
-        would keep teardown and other creators out, may not exist yet: R does the former
+        would keep teardown and other creators out, may not exist yet: ``reserved_lock`` does the former
         (teardown takes it before its point of no return), and create_workers counts the
         reserved ids against max_workers until they are on the books. A closing pool past
         that point (or a constructor that failed) forks none and gives the ids back."""

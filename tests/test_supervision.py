@@ -310,7 +310,7 @@ def test_growth_while_the_reserved_workers_are_forked_never_passes_max_workers()
 
 def test_close_during_the_reserved_step_waits_for_it_and_forks_none():
     # close() right after the constructor, the filler held back before its reserved step:
-    # teardown waits for the step (R) before it counts the ids still allocated; the step finds
+    # teardown waits for the step (reserved_lock) before it counts the ids still allocated; the step finds
     # the pool past its point of no return, forks nothing and gives the ids back. Only the
     # constructor's workers ever existed, and every id is free.
     from procpool.creation import FIRST_BATCH
