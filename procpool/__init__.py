@@ -4,7 +4,7 @@
 first use (PEP 562 ``__getattr__``), so a program that imports procpool and never makes a
 pool, or makes one later, does not pay for multiprocessing, concurrent.futures and the rest
 at import time. ``from procpool import WorkerPool`` loads what a pool needs, and no more:
-the Manager's machinery (multiprocessing.managers, psutil) waits for the first pool.
+the Manager's client (procpool.manager) and psutil wait for the first pool.
 Submodules (``procpool.pool``, ``procpool.manager``, ...) are reachable as attributes too.
 """
 

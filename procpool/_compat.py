@@ -4,7 +4,8 @@ A new CPython may rename or drop any of these; this module is where to look when
 Each helper degrades to a documented fallback when the internal is missing, unless noted.
 Users (grep for ``_compat.``): procpool.worker (exit finalizers, its temporary directory),
 procpool.spawner (multiprocessing's helper processes, the program's temporary directory),
-procpool.manager (proxy internals), procpool.executor (interpreter-shutdown hook).
+procpool.lockserver (running a Manager server in a bare fork), procpool.executor
+(interpreter-shutdown hook).
 
 Internals used elsewhere and not (yet) wrapped here, with their reason:
 
@@ -13,8 +14,9 @@ Internals used elsewhere and not (yet) wrapped here, with their reason:
 * ``Future._state`` / ``Future._condition`` (procpool.future, procpool.workqueue): a future
   made without a fresh Condition per item, and a workqueue item put back to PENDING when its
   run is requeued; ``concurrent.futures`` has no public API for either.
-* ``multiprocessing.managers.Server.id_to_obj`` / ``serve_client`` (procpool.manager): the
-  handover thread answers lock requests of handed-over connections itself.
+* ``multiprocessing.managers.Server.id_to_obj`` / ``id_to_refcount`` / ``mutex`` /
+  ``serve_client`` (procpool.lockserver): the handover thread answers lock requests of
+  handed-over connections itself, and the server makes and drops the program's locks.
 """
 
 from __future__ import annotations
@@ -182,59 +184,6 @@ def spawning_popen(popen: Any) -> Iterator[None]:
         context.set_spawning_popen(None)
 
 
-def proxy_call(proxy: Any, method: str, args: tuple = ()) -> Any:
-    """``proxy._callmethod(method, args)``: documented, but typed as returning None."""
-    return proxy._callmethod(method, args)
-
-
-# -- multiprocessing.managers proxies (procpool.manager) -----------------------------------------
-# A BaseProxy keeps its connection per thread in ``_tls.connection`` and its server reference in
-# ``_token``; neither has a public accessor. procpool needs both: a worker's lock proxy adopts a
-# connection the spawner handed over (no connect, no handshake on a worker's way out), and a
-# lock pickles as its token alone (no incref round trip per worker).
-
-
-def proxy_adopt_connection(proxy: Any, conn: Any) -> None:
-    """Make ``conn`` this thread's connection of ``proxy``."""
-    proxy._tls.connection = conn
-
-
-def proxy_drop_connection(proxy: Any) -> None:
-    """Forget this thread's connection of ``proxy``: its next call connects the stock way."""
-    try:
-        del proxy._tls.connection
-    except AttributeError:
-        pass
-
-
-def proxy_owns_reference(proxy: Any) -> None:
-    """``proxy`` was made with ``incref=False`` for an object whose server already counts a
-    reference for it (made in the same request that created the object): give it the decref
-    on collection that its own incref would have registered, without that round trip."""
-    from multiprocessing import util
-    from multiprocessing.managers import BaseProxy
-
-    proxy._idset.add(proxy._id)
-    proxy._close = util.Finalize(
-        proxy,
-        cast(Any, BaseProxy)._decref,
-        args=(proxy._token, proxy._authkey, None, proxy._tls, proxy._idset, proxy._Client),
-        exitpriority=10,
-    )
-
-
-def manager_request(address: Any, authkey: bytes, method: str, args: tuple) -> Any:
-    """One request to a Manager server on a connection of its own (the stock ``dispatch``):
-    what ``BaseManager._create`` does for ``create``, for a method of our server."""
-    from multiprocessing import connection, managers
-
-    conn = connection.Client(address, authkey=authkey)
-    try:
-        return cast(Any, managers).dispatch(conn, None, method, args)
-    finally:
-        conn.close()
-
-
 _raw_signal: Any = None
 
 
@@ -270,8 +219,3 @@ def run_manager_server(manager: Any, ready: Any, initializer: Callable[..., None
         pass
     args = (manager._registry, manager._address, manager._authkey, manager._serializer, ready)
     type(manager)._run_server(*args, initializer, initargs)
-
-
-def proxy_token(proxy: Any) -> Any:
-    """The ``Token`` (type id, address, object id) a proxy refers to."""
-    return proxy._token

@@ -378,7 +378,7 @@ class Arbiter:
     def publish(self) -> None:
         """Counters and helper pids into the id table's header, for ``procpool monitor`` and
         ``procpool ps`` (other processes). Once per turn: one struct write."""
-        from .manager import server_pid  # loaded by the constructor already (PoolLocks.preload)
+        from .manager import server_pid  # (light: the Manager's client)
 
         helpers = spawner_pid() or 0, server_pid() or 0  # their own locks, taken before L
         b = self.books

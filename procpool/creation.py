@@ -180,11 +180,15 @@ class Creator:
         LOCKING: takes M arb (one creator at a time, excluded from teardown), then M attach
         for the ids; starts processes holding only M arb; takes L (under M arb) to adopt them.
         """
-        if n <= 0:
+        b = self.books
+        with b.lock:
+            room = b.cfg.max_workers - len(b.workers) - len(self.reserved)
+        if n <= 0 or room <= 0:
+            # No room (checked again under M arb): no Manager round trip for nothing, nor a
+            # wait for the locks while the program's server starts (growth asks every pass).
             return 0
         table = self.books.table
         assert table is not None
-        b = self.books
         started: list[Worker] = []
         ids: list[tuple[int, int]] = []
         adopted = False
@@ -313,9 +317,8 @@ class Creator:
             for wid, _gen in ids:
                 _faults.hit(self.faults, "create.start", wid)
             # No server yet? The spawner keeps its ends of their Manager connections for
-            # the server it will fork (procpool.spawner, "pending" handovers). We load the
-            # Manager's machinery while it forks (PoolLocks.preload).
-            started, refused = self.start_processes(ids, self.locks.manager_follows, self.locks.preload)
+            # the server it will fork (procpool.spawner, "pending" handovers).
+            started, refused = self.start_processes(ids, self.locks.manager_follows)
         except Exception as exc:  # noqa: BLE001 - any failure to create is a creation failure
             refused = [(i, exc) for i in ids]
         for (wid, gen), why in refused:
@@ -327,7 +330,6 @@ class Creator:
         self,
         ids: list[tuple[int, int]],
         manager_follows: bool = False,
-        meanwhile: Callable[[], object] | None = None,
     ) -> tuple[list[Worker], list[tuple[tuple[int, int], BaseException]]]:
         """Have the spawner fork one worker per (id, gen), in one request. M arb held, or the
         constructor's first batch (create_first). Returns the workers started, and the ids the
@@ -364,7 +366,6 @@ class Creator:
                 self.completion_fd,
                 self.init_fds(),
                 manager_follows,
-                meanwhile,
             )
         except Exception as exc:  # noqa: BLE001 - the spawner refused: each worker of the batch failed
             results = [exc] * len(ids)

@@ -14,7 +14,7 @@ from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 
 #: The errors a Manager request raises when the server is gone (refused, reset, EOF). Here,
 #: not in procpool.manager, so that the parent's modules can catch them without importing
-#: the Manager's machinery (multiprocessing.managers) before the first pool needs it.
+#: the Manager's client before the first pool needs it.
 LOST = (EOFError, OSError)
 
 

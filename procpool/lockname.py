@@ -1,20 +1,20 @@
-"""What a worker holds of its pool's attach lock: the lock's name, not a proxy.
+"""What a worker holds of its pool's attach lock: the lock's name, not a connection.
 
 A worker takes its pool's attach lock once, on its way out, and then almost always through
 the connection the spawner handed over to the Manager server (``detach``: one request, one
-answer, see procpool.manager). So what it is forked with is only the lock's *name* (the
+answer, see procpool.lockserver). So what it is forked with is only the lock's *name* (the
 server's address and the lock's ident) and, once forked, that connection's descriptor::
 
-    program: ManagerLock (a proxy)  ──pickle──►  LockName(address, ident)  ──► spawner ──► worker
+    program: ManagerLock  ──pickle──►  LockName(address, ident)  ──► spawner ──► worker
     worker on its way out:  detach ──► raw request on the handed-over connection (``ask``)
                             (rare: no handed-over connection, or the fault point
-                            detach.locked) ──► procpool.manager.lock_for(name): a full
+                            detach.locked) ──► procpool.manager.lock_for(name): a
                             ManagerLock, to acquire and release
 
-Why not the proxy itself: rebuilding one needs ``multiprocessing.managers`` (and hmac, and
-OpenSSL: ~8 ms to import), in the spawner that unpickles every spec and in every worker. With
-names, neither imports it; the spawner can fork a program's first workers before the program
-has loaded the Manager's machinery or started its server (docs/design.md, "Pool start").
+Why a name: it is all a worker needs to carry, nothing of the Manager's client is loaded to
+unpickle it (in the spawner, which unpickles every spec, nor in the worker), and the spawner
+can fork a program's first workers before the program has started its server (docs/design.md,
+"Pool start").
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 from typing import Any
 
 #: Descriptors per handover message (the server's ends of new workers' Manager connections,
-#: see procpool.manager): a spawner batch's worth (SCM_RIGHTS allows 253).
+#: see procpool.lockserver): a spawner batch's worth (SCM_RIGHTS allows 253).
 HANDOVER_MAX = 128
 
 
@@ -130,7 +130,7 @@ def ask(fd: int, payload: bytes) -> bytes:
 class LockName:
     """A Manager lock as a worker holds it (module docstring): the server's ``address``, the
     lock's ``ident`` there, and the handed-over connection once ``adopt_connection`` gave it.
-    To hold the lock itself (acquire, release), a worker builds the full lock from it
+    To hold the lock itself (acquire, release), a worker builds the lock's client from it
     (``procpool.manager.lock_for``)."""
 
     __slots__ = ("address", "ident", "name", "_fd")
@@ -159,12 +159,12 @@ class LockName:
 
     def detach(self, table: str, created: float, wid: int, gen: int) -> bool:
         """Have the Manager free id ``wid`` (allocation ``gen``) of id table ``table`` under
-        this lock on our behalf (procpool.manager, "A teardown must not pass the attach lock
+        this lock on our behalf (procpool.lockserver, "A teardown must not pass the attach lock
         through 64 processes one at a time"); True if we are the last one out of a teardown
         and must send the detach completion. Only where ``batched``; raises EOFError or
         OSError if the connection fails (``acquire`` then connects anew).
 
-        The request is the proxy call's own message in multiprocessing's framing, written
+        The request is the stock server's own message in multiprocessing's framing, written
         and read with ``os.write``/``os.read`` and the plain pickle module: a freshly woken
         worker pays a copy-on-write fault for every object it touches first, and the proxy's
         way touched ~50 pages and cost ~0.3 ms of CPU per worker, against 8-10 pages and
@@ -190,6 +190,6 @@ class LockName:
 
     def take_connection(self) -> int:
         """The handed-over connection's descriptor, now the caller's (-1 if none): for the
-        full lock a worker builds on the rare path (``procpool.manager.lock_for``)."""
+        lock a worker builds on the rare path (``procpool.manager.lock_for``)."""
         fd, self._fd = self._fd, -1
         return fd

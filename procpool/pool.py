@@ -131,8 +131,8 @@ def _close_live_pools() -> None:
 # joining its own multiprocessing children *before* atexit runs (Process._bootstrap calls
 # util._exit_function directly); a spawner started through multiprocessing is such a child,
 # and it leaves only once the program is gone: that join would wait forever. Finalizers of
-# priority >= 0 run before that join, so the same clean-up runs there first (idempotent). Above
-# the manager proxies' own finalizers (priority 10), which would forget the pools' locks first.
+# priority >= 0 run before that join, so the same clean-up runs there first (idempotent), before
+# any other finalizer of the program's.
 multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
 
 

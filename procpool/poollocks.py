@@ -11,17 +11,18 @@
                     started if it has none, both locks made in one request (once; a failed
                     start is tried again by the next caller)
    held(name)       start(), then take the lock; a dead server ─► new server, new locks
+   (gone)           the server is told to drop both (``free_locks``, not waited for)
 
 Made on first use so that a pool's first workers are forked, and its constructor returns,
-before the Manager's machinery is even loaded in a new program (docs/design.md, "Pool
-start"). A worker forked before the locks exist uses its attach lock only on its way out;
-should that come first, the server makes the lock on that first use
-(``procpool.manager._Server._planned_object``).
+before the program's server even exists (docs/design.md, "Pool start"). A worker forked
+before the locks exist uses its attach lock only on its way out; should that come first, the
+server makes the lock on that first use (``procpool.lockserver._Server._planned_object``).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -70,18 +71,11 @@ class PoolLocks:
         self._first_faults = {point: v for point, v in fault_spec.items() if point.startswith("manager.")}  # I
         address, self.manager_follows = plan_address()  # I: no server yet, start() starts it
         self._names = self._plan(address)
-        self._arb: ManagerLock | None = None  # the proxies, once made
+        self._arb: ManagerLock | None = None  # the locks' clients, once made
         self._attach: ManagerLock | None = None
 
     def _plan(self, address: str) -> tuple[LockName, LockName]:
         return name_lock(address, f"pool{self._pool_id}.manager_arb"), name_lock(address, f"pool{self._pool_id}.attach")
-
-    @staticmethod
-    def preload() -> None:
-        """Load the Manager's machinery (~8 ms): the constructor does it while the spawner
-        forks the first workers, so that the filler's ``start``, right after, does not hold
-        the GIL that long while the first items' results come in."""
-        _manager()
 
     def attach_name(self) -> LockName:
         """What a worker forked now is given of the attach lock (procpool.lockname)."""
@@ -90,14 +84,14 @@ class PoolLocks:
 
     @property
     def arb(self) -> ManagerLock:
-        """The arb lock's proxy (made first if need be: tests and tools)."""
+        """The arb lock (made first if need be: tests and tools)."""
         self.start()
         assert self._arb is not None
         return self._arb
 
     @property
     def attach(self) -> ManagerLock:
-        """The attach lock's proxy (made first if need be: tests and tools)."""
+        """The attach lock (made first if need be: tests and tools)."""
         self.start()
         assert self._attach is not None
         return self._attach
@@ -145,7 +139,14 @@ class PoolLocks:
 
     def _make(self) -> None:
         m = _manager()
-        address = m.address_of(m.get_manager(self._spawner))
+        address = m.get_manager(self._spawner)
+        # Its start waited for here, not under _guard: ``attach_name`` (every creation) takes
+        # it, and the filler forks the reserved workers meanwhile. (A server that died first:
+        # LOST from make_locks below, which replaces it.)
+        try:
+            m.wait_manager_ready()
+        except LOST:
+            pass
         with self._guard:
             if not m.same_address(self._names[0].address, address):
                 self._names = self._plan(address)
@@ -153,6 +154,7 @@ class PoolLocks:
             try:
                 m.make_locks(locks, self._first_faults)
                 self._arb, self._attach = locks
+                self._free_when_gone(locks)
                 return
             except LOST:
                 if not m.replace_dead_manager(self._spawner, address):
@@ -163,11 +165,18 @@ class PoolLocks:
     def _new(self) -> None:
         """_guard held: name and make locks on the program's (new) server."""
         m = _manager()
-        names = self._plan(m.address_of(m.get_manager(self._spawner)))
+        names = self._plan(m.get_manager(self._spawner))
         locks = [m.lock_for(name) for name in names]
         m.make_locks(locks)
         self._names = names
         self._arb, self._attach = locks
+        self._free_when_gone(locks)
+
+    def _free_when_gone(self, locks: list[ManagerLock]) -> None:
+        """The server keeps ``locks`` as long as this object lives (the pool, and anything that
+        reads them after its close: their ``broken`` count, say), then is told to drop them
+        (``free_locks``: not waited for). Not at the program's exit: the server goes with it."""
+        weakref.finalize(self, _manager().free_locks, locks).atexit = False
 
     @contextmanager
     def held(self, name: str) -> Iterator[None]:

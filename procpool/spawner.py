@@ -18,7 +18,7 @@ it, and no worker ever stays a zombie.
 
 The spawner also forks the program's Manager server, and makes each worker's connection to
 it as it forks the worker: one end of a new socket pair stays in the worker, the other goes
-to the server over a private channel (see procpool.manager), so no worker ever connects or
+to the server over a private channel (see procpool.lockserver), so no worker ever connects or
 authenticates on its way out. A program's first workers are forked before its server (the
 request says so: ``manager_follows``): their server ends wait here (``pending``) and are
 handed over when the server is forked, or closed if it cannot be. The spawner warms up (loads
@@ -72,7 +72,7 @@ program's descriptors, only the two multiprocessing hands every child: the fork 
 spawner then forgets multiprocessing's handles on the program's fork server and resource
 tracker, so a worker that needs one starts its own instead of writing into /dev/null. The
 Manager server, forked by the spawner, closes the spawner's own descriptors in its turn (see
-procpool.manager).
+procpool.lockserver).
 
 If the spawner dies, every status pipe closes: the program treats the workers as lost (and
 kills any that survive), then starts a new spawner.
@@ -294,18 +294,12 @@ class Spawner:
         get_spawner() starts a new one instead of handing this one out again."""
         return self._request_fds(payload, fds, 0)[0]
 
-    def _request_fds(
-        self, payload: bytes, fds: list[int], maxfds: int, meanwhile: Callable[[], object] | None = None
-    ) -> tuple[Any, list[int]]:
-        """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too).
-        ``meanwhile`` runs between the request and the answer: its failure is ignored, and
-        anything else it raises (KeyboardInterrupt) is raised once the answer is read, so
-        that the next request does not read this one's."""
+    def _request_fds(self, payload: bytes, fds: list[int], maxfds: int) -> tuple[Any, list[int]]:
+        """``_request`` whose answer may carry up to ``maxfds`` descriptors (returned too)."""
         got: list[int] = []
         with self._lock:
             try:
                 _send_frame(self._sock, payload, fds)
-                interrupted = _run_quietly(meanwhile) if meanwhile is not None else None
                 if not maxfds:
                     answer = pickle.loads(_recv_frame(self._sock))
                 else:
@@ -314,24 +308,22 @@ class Spawner:
             except (EOFError, OSError):
                 self._lost = True
                 raise
-            if interrupted is not None:
-                close_quietly(got)
-                raise interrupted
             return answer, got
 
-    def start_manager(self, alive_fd: int, address: str) -> tuple[Any, int, int]:
+    def start_manager(self, alive_fd: int, address: str) -> tuple[Any, int, int, int]:
         """Have the spawner fork the program's Manager server, listening at ``address``
         (chosen by the program, so that it can name the server's locks before it exists);
-        returns its address, its pid and the read end of the pipe on which it says it listens
-        (the spawner does not wait for that: it goes on forking workers meanwhile).
+        returns its address, its pid, the read end of the pipe on which it says it listens
+        (the spawner does not wait for that: it goes on forking workers meanwhile), and the
+        program's end of its link to the server (procpool.manager).
         ``alive_fd`` is the read end of a pipe only the program writes to: the server exits
         when it reads EOF there, i.e. when the program is gone, whatever became of us."""
         payload = pickle.dumps(("manager", None, address), pickle.HIGHEST_PROTOCOL)
-        answer, fds = self._request_fds(payload, [alive_fd], 1)
-        if isinstance(answer, BaseException) or len(fds) != 1:
+        answer, fds = self._request_fds(payload, [alive_fd], 2)
+        if isinstance(answer, BaseException) or len(fds) != 2:
             close_quietly(fds)
-            raise answer if isinstance(answer, BaseException) else OSError("the spawner sent no Manager pipe")
-        return (*answer, fds[0])
+            raise answer if isinstance(answer, BaseException) else OSError("the spawner sent no Manager pipe and link")
+        return (*answer, fds[0], fds[1])
 
     def spawn(
         self,
@@ -340,15 +332,13 @@ class Spawner:
         completion_fd: int,
         inherited: list[int] = (),  # type: ignore[assignment]
         manager_follows: bool = False,
-        meanwhile: Callable[[], object] | None = None,
     ) -> list[WorkerProcess | BaseException]:
         """Fork one worker per spec; ``conn_fds[i]`` (the read end of its work pipe, the
         write end of its result pipe) become worker i's channel; every worker also gets the
         ``inherited`` descriptors (its pool's initargs', at most MAX_INHERITED), as
         ``spec.inherited_fds``. ``manager_follows``: the program has no Manager server yet and
         will have this spawner fork one (the workers' connections to it are kept pending until
-        then). ``meanwhile``: something for this thread to do while the spawner forks (once).
-        Returns a handle, or the exception that refused it, per spec."""
+        then). Returns a handle, or the exception that refused it, per spec."""
         out: list[WorkerProcess | BaseException] = []
         for start in range(0, len(specs), MAX_BATCH):
             out += self._spawn_batch(
@@ -357,7 +347,6 @@ class Spawner:
                 completion_fd,
                 list(inherited),
                 manager_follows,
-                meanwhile if start == 0 else None,
             )
         return out
 
@@ -368,7 +357,6 @@ class Spawner:
         completion_fd: int,
         inherited: list[int],
         manager_follows: bool,
-        meanwhile: Callable[[], object] | None,
     ) -> list[WorkerProcess | BaseException]:
         pipes = [os.pipe() for _ in specs]
         try:
@@ -378,7 +366,7 @@ class Spawner:
             for (rx, tx), (_, status_w) in zip(conn_fds, pipes, strict=True):
                 fds += [rx, tx, status_w]
             fds += inherited
-            answer = self._request_fds(payload, fds, 0, meanwhile)[0]
+            answer = self._request_fds(payload, fds, 0)[0]
         except BaseException:
             for r, w in pipes:
                 os.close(r)
@@ -419,19 +407,6 @@ class Spawner:
             if self._proc.exitcode is None:
                 self._proc.kill()
                 self._proc.join(5)
-
-
-def _run_quietly(fn: Callable[[], object]) -> BaseException | None:
-    """Run ``fn`` between a request and its answer, which must be read whatever happens (the
-    next request would read it): an Exception is ignored (the caller's own business: it fails
-    again where it matters); anything else is returned, to be raised after the answer."""
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - see above
-        pass
-    except BaseException as exc:  # noqa: BLE001 - raised by the caller once the answer is read
-        return exc
-    return None
 
 
 def _send_frame(sock: socket.socket, payload: bytes, fds: list[int] = ()) -> None:  # type: ignore[assignment]
@@ -647,8 +622,7 @@ class _SpawnerState:
         answer: Any
         ready: list[int] = []
         try:
-            answer, ready_fd = self._fork_server(alive_fd, address)
-            ready = [ready_fd]
+            answer, ready = self._fork_server(alive_fd, address)
         except Exception as exc:  # noqa: BLE001 - answered to the program, which raises it
             answer = exc
         # The connections of workers forked before this server: handed over now, or, with
@@ -662,16 +636,19 @@ class _SpawnerState:
         finally:
             close_quietly(ready)
 
-    def _fork_server(self, alive_fd: int, address: str) -> tuple[tuple[str, int], int]:
+    def _fork_server(self, alive_fd: int, address: str) -> tuple[tuple[str, int], list[int]]:
         """Fork the Manager server, listening at ``address``, with a bare fork: the child
-        loads the Manager's machinery itself (procpool.manager.serve_forked), so that this
+        loads the Manager's machinery itself (procpool.lockserver.serve_forked), so that this
         process never does: its forks of the next workers do not wait ~15-20 ms for that
         import, and it stays small (so do the workers forked after it). Returns (address,
-        pid) and the read end of the pipe on which the server says it listens; the server
-        ends of workers' connections go to it over ``self.handover`` from now on."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        mine = [ours.detach(), theirs.detach()]
+        pid), and for the program the read end of the pipe on which the server says it
+        listens and its end of its link to the server; the server ends of workers'
+        connections go to it over ``self.handover`` from now on."""
+        mine: list[int] = []
         try:
+            for _ in range(2):  # the handover channel, the program's link: [ours, the server's]
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                mine += [a.detach(), b.detach()]
             ready_r, ready_w = os.pipe()
             mine += [ready_r, ready_w]
             # What the server closes at its start: ours, not its own.
@@ -681,17 +658,18 @@ class _SpawnerState:
         except BaseException:
             close_quietly(mine)
             raise
+        handover_fd, server_handover, link_fd, server_link = mine[:4]
         if pid == 0:
-            _become_server(alive_fd, [*spawner_fds, mine[0], ready_r], mine[1], ready_w, address)
-        os.close(mine[1])
-        os.close(ready_w)
-        handover = socket.socket(fileno=mine[0])
+            theirs = [*spawner_fds, handover_fd, link_fd, ready_r]
+            _become_server(alive_fd, theirs, [server_handover, server_link], ready_w, address)
+        close_quietly([server_handover, server_link, ready_w])
+        handover = socket.socket(fileno=handover_fd)
         handover.setblocking(False)  # a server that stopped reading must not stall the spawner
         if self.handover is not None:
             self.handover.close()
         self.handover = handover
         self.servers.append(pid)
-        return (address, pid), ready_r
+        return (address, pid), [ready_r, link_fd]
 
     def drop_pending(self) -> None:
         """The program gave up on starting its Manager (``drop_pending`` below): close the
@@ -703,7 +681,7 @@ class _SpawnerState:
 
     def _manager_pairs(self, n: int, manager_follows: bool) -> list[int]:
         """A Manager connection per worker (both ends, flat), to hand over to the server (see
-        procpool.manager); none when we have no server and will fork none, or are out of
+        procpool.lockserver); none when we have no server and will fork none, or are out of
         descriptors (these workers then connect the stock way)."""
         ours: list[int] = []
         will_have = self.handover is not None or (manager_follows and not self.servers)
@@ -933,14 +911,14 @@ def _reap_killed(pids: list[int], timeout: float) -> None:
             time.sleep(0.005)
 
 
-def _become_server(alive_fd: int, close_fds: list[int], handover_fd: int, ready_fd: int, address: str) -> None:
+def _become_server(alive_fd: int, close_fds: list[int], channels: list[int], ready_fd: int, address: str) -> None:
     """In a bare fork of the spawner: become the program's Manager server (never returns).
-    Imported here, after the fork, not before it (see ``_fork_server``); procpool.manager does
-    not import this module, so that makes no cycle."""
+    Imported here, after the fork, not before it (see ``_fork_server``); procpool.lockserver
+    does not import this module, so that makes no cycle."""
     try:
-        from . import manager
+        from . import lockserver
 
-        manager.serve_forked(alive_fd, close_fds, handover_fd, ready_fd, address)
+        lockserver.serve_forked(alive_fd, close_fds, channels, ready_fd, address)
     except BaseException:  # noqa: BLE001 - (serve_forked leaves through os._exit: only its import fails here)
         import traceback
 

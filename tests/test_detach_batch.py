@@ -1,5 +1,5 @@
 """Batched detach: the Manager performs the attach lock's critical section for every worker
-leaving at the same time (procpool.manager, ``_RobustLockServer.detach``).
+leaving at the same time (procpool.lockserver, ``_RobustLockServer.detach``).
 
 The invariants are those of a worker's own detach: ids are freed under the attach lock (with
 the generation check), at most one detacher completes the detach completion, and a worker
@@ -18,7 +18,7 @@ from multiprocessing import connection
 import pytest
 from conftest import assert_program_left_nothing, run_program, title_of, wait_until
 
-from procpool import lockname, manager
+from procpool import lockname, lockserver
 from procpool.idtable import DYING, FREE, IdTable
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,14 +55,14 @@ def table():
         t.destroy()
 
 
-def _requests(table: IdTable, ids: list[tuple[int, int]], replies: Replies) -> list[manager.Detach]:
-    return [manager.Detach(table.name, table.created, wid, gen, replies.reply_for(wid)) for wid, gen in ids]
+def _requests(table: IdTable, ids: list[tuple[int, int]], replies: Replies) -> list[lockserver.Detach]:
+    return [lockserver.Detach(table.name, table.created, wid, gen, replies.reply_for(wid)) for wid, gen in ids]
 
 
 def test_a_batch_frees_every_id_and_completes_once(table):
     ids = [table.alloc() for _ in range(4)]
     table.install_completion()
-    lock = manager._RobustLockServer()
+    lock = lockserver._RobustLockServer()
     replies = Replies()
     lock.detach(_requests(table, ids, replies))
     assert [s.state for s in table.slots()[:4]] == [FREE] * 4
@@ -74,7 +74,7 @@ def test_a_batch_frees_every_id_and_completes_once(table):
 
 def test_no_completion_while_ids_remain_or_nobody_waits(table):
     ids = [table.alloc() for _ in range(3)]
-    lock = manager._RobustLockServer()
+    lock = lockserver._RobustLockServer()
     replies = Replies()
     lock.detach(_requests(table, ids[:1], replies))  # nobody waits yet
     table.install_completion()
@@ -90,7 +90,7 @@ def test_no_completion_while_ids_remain_or_nobody_waits(table):
 def test_a_batch_waits_for_the_holder_and_takes_late_requests_along(table):
     ids = [table.alloc() for _ in range(4)]
     table.install_completion()
-    lock = manager._RobustLockServer()
+    lock = lockserver._RobustLockServer()
     me = os.getpid()
     assert lock.acquire(me)
     replies = Replies()
@@ -106,9 +106,9 @@ def test_a_batch_waits_for_the_holder_and_takes_late_requests_along(table):
 
 def test_a_table_of_a_later_pool_with_the_same_name_is_not_touched(table):
     wid, gen = table.alloc()
-    lock = manager._RobustLockServer()
+    lock = lockserver._RobustLockServer()
     replies = Replies()
-    stale = manager.Detach(table.name, table.created - 1.0, wid, gen, replies.reply_for(wid))
+    stale = lockserver.Detach(table.name, table.created - 1.0, wid, gen, replies.reply_for(wid))
     lock.detach([stale])
     assert table.slot(wid).state != FREE
     assert replies.got == [(wid, False)]
@@ -298,7 +298,7 @@ def test_the_detach_answer_closes_the_workers_connection(pair, outcome):
     # handover thread is not woken once more by each exiting worker. The worker still reads
     # the whole answer, then EOF.
     conn, fd = pair
-    reply = manager._Reply(conn)
+    reply = lockserver._Reply(conn)
     if outcome == "answer":
         reply.send(True)
         assert pickle.loads(_one_frame(fd)) == ("#RETURN", True)

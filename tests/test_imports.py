@@ -41,7 +41,10 @@ def test_a_pool_class_loads_the_pool_but_not_the_manager():
     assert not {"multiprocessing.managers", "psutil", "procpool.manager"} & loaded
 
 
-def test_the_first_pool_loads_the_manager():
+def test_the_first_pool_loads_the_managers_client_but_not_multiprocessing_managers():
+    # The program talks to its Manager server through procpool.manager's client (the link the
+    # spawner gave it): no multiprocessing.managers, no hmac/OpenSSL for a handshake. The
+    # server (procpool.lockserver) is loaded in the server's process only.
     code = (
         "import procpool\n"
         "def main():\n"
@@ -50,7 +53,9 @@ def test_the_first_pool_loads_the_manager():
         "if __name__ == '__main__':\n"
         "    main()"
     )
-    assert {"procpool.manager", "multiprocessing.managers"} <= _modules_after(code)
+    loaded = _modules_after(code)
+    assert "procpool.manager" in loaded
+    assert not {"multiprocessing.managers", "procpool.lockserver", "hmac", "_hashlib"} & loaded
 
 
 def test_every_public_name_and_submodule_resolves():
@@ -79,13 +84,14 @@ def test_procpool_ps_loads_neither_dataclasses_nor_typing():
 def test_the_first_workers_are_forked_before_the_manager_machinery_loads():
     # The constructor forks its first workers before it loads the Manager's machinery (and
     # before the program's server exists): neither the spawner nor they pay for it
-    # (procpool.lockname). Workers forked later may have it (the spawner loads it to fork the
-    # server); the first ones must not, or the first result waits for that import again.
+    # (procpool.lockname), nor the server's (procpool.lockserver, loaded in the server's own
+    # process after its fork).
     code = (
         "import json, procpool\n"
         "def main():\n"
         "    with procpool.WorkerPool(min_workers=1, max_workers=1) as p:\n"
-        "        probe = \"sorted(m for m in ('multiprocessing.managers', 'procpool.manager', 'hmac') \"\n"
+        "        probe = \"sorted(m for m in ('multiprocessing.managers', 'procpool.manager', \"\n"
+        "        probe += \"'procpool.lockserver', 'hmac') \"\n"
         "        probe += \"if m in __import__('sys').modules)\"\n"
         "        print(json.dumps(p.submit(eval, probe).result(timeout=20)))\n"
         "if __name__ == '__main__':\n"

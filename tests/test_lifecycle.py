@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,17 @@ import threading
 import psutil
 import pytest
 import tasks
-from conftest import alive, comm_of, live_titles, my_segments, named_workers, title_of, wait_until
+from conftest import (
+    alive,
+    assert_program_left_nothing,
+    comm_of,
+    live_titles,
+    my_segments,
+    named_workers,
+    run_program,
+    title_of,
+    wait_until,
+)
 
 import procpool
 from procpool.idtable import IdTable
@@ -144,17 +155,20 @@ assert " ".join(mgr.cmdline()).strip() == "procpool: manager"
 
 def unnamed_sockets():
     # The handed-over connections are socket pairs: no address. Connections through the
-    # listener (this program's threads, short-lived clients) carry its abstract name and come
-    # and go on their own schedule; they are not what this test counts.
+    # listener (short-lived clients) carry its abstract name and come and go on their own
+    # schedule; they are not what this test counts. The program's threads have handed-over
+    # connections too, one per thread that takes a lock: here only the arbiter's (it takes M
+    # arb to start the workers), made with the first worker.
     return sum(1 for c in mgr.net_connections(kind="unix") if not c.laddr and not c.raddr)
 
 
 
 spawner = psutil.Process(mgr.ppid())  # forked by this program, or by the fork server
 assert (spawner.ppid() == os.getpid()) != threaded
-# Counted before the pool has any worker: the Manager gets each worker's socket from the
-# spawner asynchronously, so a count taken with one worker could miss that worker's.
-counts = [unnamed_sockets()]
+# The base: the two channels connections are handed over on (the spawner's, the program's
+# link) and the arbiter's connection. (Not counted before the first worker: the server end of
+# the connection that made the pool's locks may still be closing then.)
+counts = [3]
 assert pool.submit(tasks.square, 3).result(timeout=10) == 9
 futs = [pool.submit(tasks.wait_for_file, release) for _ in range(4)]
 wait_until(lambda: pool.stats().nr_busy == 4, timeout=30, what="four busy workers")
@@ -447,27 +461,40 @@ def test_a_forked_child_leaves_the_programs_pools_and_workqueues_alone():
     assert out == "ok\n"
 
 
-def test_an_interrupt_between_a_spawner_request_and_its_answer_keeps_the_socket_in_step():
-    # The constructor loads the Manager's machinery between its request for the first workers
-    # and the spawner's answer. A KeyboardInterrupt there is raised only once the answer is
-    # read: the next request must get its own answer, not this one's.
-    import pickle
+LOCKS_DROPPED = """
+import gc, json, procpool
+from multiprocessing import connection, current_process, managers
+from conftest import wait_until
 
-    from procpool.spawner import get_spawner, resolve_context
-
-    pool = procpool.WorkerPool(min_workers=1, max_workers=2)
+def objects(address):
+    # The stock server's own count, asked the stock way (the authkey handshake).
+    conn = connection.Client(address, authkey=bytes(current_process().authkey))
     try:
-        sp = get_spawner(resolve_context(None))
-
-        def interrupt() -> None:
-            raise KeyboardInterrupt
-
-        with pytest.raises(KeyboardInterrupt):
-            sp._request_fds(pickle.dumps(("drop", None, None)), [], 0, interrupt)
-        assert sp.is_alive()
-        # A spawn request (growth: two items, one worker) gets its own answer.
-        futs = [pool.submit(tasks.sleep_then, 0.2, i) for i in range(2)]
-        assert [f.result(timeout=30) for f in futs] == [0, 1]
-        assert pool.stats().created == 2 and pool.stats().lost == 0
+        return managers.dispatch(conn, None, "number_of_objects", ())
     finally:
-        pool.close()
+        conn.close()
+
+pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+address = pool.manager_locks.arb.address
+with_pool = objects(address)
+second = procpool.WorkerPool(min_workers=1, max_workers=1)
+with_two = objects(second.manager_locks.arb.address)
+second.close()
+after_close = objects(address)  # kept while the pool object lives: its locks can still be read
+del second
+gc.collect()
+wait_until(lambda: objects(address) == with_pool, what="the second pool's locks dropped")
+pool.close()
+print(json.dumps([with_pool, with_two, after_close]))
+"""
+
+
+def test_a_pools_locks_are_dropped_by_the_server_once_the_pool_is_gone():
+    # Each pool makes two locks on the program's server; the program holds the server's
+    # reference while the pool object lives, and gives it back (not waited for) once it is
+    # gone, so a program that makes pools in a loop does not grow its server.
+    proc, token = run_program(LOCKS_DROPPED)
+    assert proc.returncode == 0, proc.err
+    with_pool, with_two, after_close = json.loads(proc.out)
+    assert with_two == with_pool + 2 and after_close == with_two
+    assert_program_left_nothing(proc, token)

@@ -29,7 +29,7 @@ import pytest
 from conftest import dead_pid, wait_until
 
 import procpool
-from procpool import idtable, manager
+from procpool import idtable, lockserver, manager
 from procpool.pool import MAX_WORKERS
 
 SHM = Path(idtable.SHM_DIR)
@@ -342,7 +342,7 @@ def test_manager_threads_stay_bounded_under_idle_connections() -> None:
         base = _threads(server)
         # At most HANDSHAKE_MAX threads authenticating, and the program's own connections
         # (its pool's arbiter may open one while the flood lasts): a small constant more.
-        bound = base + manager.HANDSHAKE_MAX + 2
+        bound = base + lockserver.HANDSHAKE_MAX + 2
         socks: list[socket.socket] = []
         most = base
         stop = threading.Event()
