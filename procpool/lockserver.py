@@ -551,10 +551,15 @@ class _Server(Server):
             for channel in channels:
                 sel.register(channel, selectors.EVENT_READ)
             self._handed_over_loop(channels, sel)
+        except BaseException:  # noqa: BLE001 - a bug of ours: say so, and end the server
+            # Without this thread the program's own requests go unanswered (they come on
+            # handed-over connections): a server that cannot serve them must not look alive.
+            # Its death is what the program and the workers handle (a new server, new locks).
+            traceback.print_exc()
+            os._exit(1)
         finally:
-            # Normally the spawner is gone and nothing is held. Should this thread fail, the
-            # spawner's next handover fails (it then stops handing over) and the workers
-            # whose connections we held see them close: they connect the stock way.
+            # Normally the spawner and the program are gone (both channels at EOF) and
+            # nothing is held.
             for key in list(sel.get_map().values()):
                 cast(Any, key.fileobj).close()  # every one registered is a socket or Connection
             sel.close()

@@ -139,8 +139,8 @@ multiprocessing.util.Finalize(None, _close_live_pools, exitpriority=100)
 class WorkerPool:
     """A pool of worker processes with asynchronous worker destruction.
 
-    ``min_workers`` processes start at once (the constructor returns with the first 4 up; a
-    thread makes the pool's Manager locks and starts the rest: docs/design.md "Pool start") and
+    ``min_workers`` processes start at once (the constructor returns with the first 2 up; a
+    thread starts the rest and makes the pool's Manager locks: docs/design.md "Pool start") and
     are never culled; a submit that finds no idle worker starts another, up to ``max_workers``
     (at most ``MAX_WORKERS``, 4096: see procpool.idtable); idle workers beyond "2 idle plus 1
     per 4 busy" are destroyed once idle for ``idle_timeout`` seconds. Destroying a worker never

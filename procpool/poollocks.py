@@ -5,8 +5,8 @@
    PoolLocks()      [constructor] names both (lockname.plan_address: where the program's
                     server is or will be); nothing of procpool.manager loaded, no process
                     started ─► workers may be forked with ``attach_name()`` at once
-   begin()          [the filler thread] the program's Manager server forked if it has none,
-                    not waited for (its start overlaps the filler's next forks)
+   begin()          [the filler thread, after its reserved workers] the program's Manager
+                    server forked if it has none, not waited for
    start()          [the filler thread, or the first ``held``] the program's Manager server
                     started if it has none, both locks made in one request (once; a failed
                     start is tried again by the next caller)
@@ -98,9 +98,9 @@ class PoolLocks:
 
     def begin(self) -> None:
         """Have the program's Manager server forked if it has none, without waiting for it to
-        listen (a spawner round trip, ~1 ms): the filler then forks the reserved workers
-        while the server loads and starts, and ``start`` finds it ready or nearly. A failure
-        here is ``start``'s to report (it tries again)."""
+        listen (a spawner round trip, ~1 ms): the filler's step between its reserved workers
+        and ``start``, which waits for the server. A failure here is ``start``'s to report (it
+        tries again)."""
         if self.made:
             return
         try:

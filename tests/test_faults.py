@@ -112,6 +112,8 @@ LATER = ",".join(f"detach.before_lock@{i}=delay:0.05" for i in (1, 2, 3))
 def _hold_attach_lock_and_close(pool) -> tuple[threading.Thread, dict[int, int]]:
     """Close ``pool`` in a thread while its worker 0 holds the attach lock (fault point) and
     the others, dying, wait for it; returns the closing thread and the workers' pids by id."""
+    n = pool.min_workers
+    wait_until(lambda: pool.stats().nr_workers == n, what=f"{n} workers")  # (some start behind the constructor)
     pids = {w.id: w.pid for w in pool.workers()}
     closer = threading.Thread(target=pool.close)
     closer.start()
@@ -239,6 +241,10 @@ PARENT_SCRIPT = textwrap.dedent(
             threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
         ctx = "forkserver" if sys.argv[1] == "explicit-forkserver" else None
         pool = procpool.WorkerPool(min_workers=3, max_workers=3, mp_context=ctx)
+        pool.manager_locks  # the Manager exists once they are made (behind the constructor)
+        deadline = time.monotonic() + 30  # the rest of min_workers start behind it too
+        while pool.stats().nr_workers < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         pids = [w.pid for w in pool.workers()]
         helpers = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in pids]
         print(pool.table_name, ",".join(map(str, pids)), ",".join(map(str, helpers)), flush=True)
