@@ -149,6 +149,29 @@ def floor_exit(n: int) -> dict[str, float]:
     return {"fork": forked, "teardown": teardown, "rss_mb": rss_mb()}
 
 
+@contextlib.contextmanager
+def manager_alongside() -> Any:
+    """A multiprocessing Manager server starting alongside whatever the block does, as the
+    brief's Manager does beside procpool's first workers: a bare fork that loads
+    ``multiprocessing.managers`` and serves on an abstract socket until it is killed on the
+    way out. The cold start of cf fork inside this block is the floor under procpool's own
+    cold start that the Manager alone sets (procpool adds its spawner to it)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from multiprocessing.managers import BaseManager
+
+            server = BaseManager(address=f"\0procpool-bench-floor-{os.getpid()}", authkey=os.urandom(16)).get_server()
+            server.serve_forever()
+        finally:
+            os._exit(0)
+    try:
+        yield
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
 def rss_mb() -> float:
     """Resident set size now (ru_maxrss would not do: Linux keeps it across exec)."""
     with open("/proc/self/statm") as f:

@@ -27,11 +27,20 @@ from collections.abc import Callable
 from typing import Any
 
 from . import benchmarks as bm
-from .floors import FLOOR_PROCS, floor_exit, floor_pingpong, rss_mb
+from .floors import FLOOR_PROCS, floor_exit, floor_pingpong, manager_alongside, rss_mb
 from .items import barrier_round
 from .peers import ALL_PEERS, CONTENDERS, managed
 from .report import Bench, W, fmt, load, print_bench
-from .targets import START_COLD, START_COLD_FIRST, START_WARM, START_WORKERS, Run, evaluate, print_targets
+from .targets import (
+    START_COLD,
+    START_COLD_FIRST,
+    START_COLD_MANAGER_FLOOR,
+    START_WARM,
+    START_WORKERS,
+    Run,
+    evaluate,
+    print_targets,
+)
 
 #: ``--only`` takes these names; "teardown" and "start" name both of their variants.
 BENCH_NAMES = (
@@ -182,6 +191,12 @@ def _pingpong(kind: str, items: int) -> Sampler:
     return lambda c: floor_pingpong(kind, items)
 
 
+def _cold_with_manager(c: str) -> float:
+    """cf fork's cold start (all ran an item) with a Manager server starting alongside."""
+    res = bm.run_child(["--child", "start-manager", "--contender", "cf-fork", "--n", str(START_WORKERS)])
+    return float(res["value"])
+
+
 # -- the session ------------------------------------------------------------------------------
 
 
@@ -265,6 +280,10 @@ class Session:
             self.floors.append((exit_b, self._exit_floor(fork_b, fresh)))
             self.floor_benches += [fork_b, exit_b]
         # Printed in this order: the ping-pongs, then fork and exit here, then fresh.
+        if "start-cold" in self.chosen and "cf-fork" in self.contenders:
+            b = Bench(START_COLD_MANAGER_FLOOR, "ms", 1e3, False, ("floor",))
+            self.floors.append((b, _cold_with_manager))
+            self.floor_benches.append(b)
 
     def _exit_floor(self, fork_b: Bench, fresh: bool) -> Sampler:
         def fn(c: str) -> float:
@@ -534,6 +553,10 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "start":
         extra = bm.bench_cold_start(c, args.n)
         value = extra.pop("all")
+    elif args.child == "start-manager":
+        with manager_alongside():
+            extra = bm.bench_cold_start(c, args.n)
+        value = extra.pop("all")
     elif args.child == "map":
         value = bm.bench_map(c, args.items, args.chunksize)
     else:
@@ -550,7 +573,7 @@ def main(description: str) -> int:
     ap.add_argument("--only", metavar="NAME[,NAME]", help=f"run these benchmarks only: {', '.join(BENCH_NAMES)}")
     ap.add_argument("--peers", metavar="NAME[,NAME]", help=f"peers to run (default all): {', '.join(ALL_PEERS)}")
     ap.add_argument("--json", metavar="FILE", help="write raw samples and the summary here")
-    ap.add_argument("--child", choices=("start", "map", "throughput"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("start", "start-manager", "map", "throughput"), help=argparse.SUPPRESS)
     ap.add_argument("--contender", choices=tuple(CONTENDERS), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--items", type=int, default=20000, help=argparse.SUPPRESS)

@@ -24,6 +24,8 @@ START_COLD = f"start-{START_WORKERS} cold"
 START_COLD_FIRST = f"start-{START_WORKERS} cold, first result"
 MEMORY = f"memory per idle worker (USS, {MEMORY_WORKERS} idle)"
 EXIT_FLOOR_FRESH = f"wake+exit+reap {FLOOR_PROCS}, fresh"
+#: The floor the brief's Manager sets under the cold start (floors.manager_alongside).
+START_COLD_MANAGER_FLOOR = f"start-{START_WORKERS} cold, cf-fork + a Manager"
 
 Row = dict[str, Any]
 Benches = Mapping[str, Bench]
@@ -153,6 +155,18 @@ def _latency_floor(by: Benches) -> list[tuple[str, str, float | None]]:
     return [("procpool round trip / Connection ping-pong floor", f"{pm / fm:.2f}x", None)]
 
 
+def _cold_start_floor(by: Benches) -> list[tuple[str, str, float | None]]:
+    cold, fl = by.get(START_COLD), by.get(START_COLD_MANAGER_FLOOR)
+    if cold is None or fl is None or not fl.median("floor") or not cold.median("cf-fork"):
+        return []
+    figures = (cold.median("procpool"), cold.median("cf-fork"), fl.median("floor"))
+    if not all(figures):
+        return []
+    pm, cm, fm = figures
+    measured = f"{pm * 1e3:.1f} / {cm * 1e3:.1f} / {fm * 1e3:.1f} ({pm / fm:.2f}x the floor)"
+    return [(f"{START_COLD}, all: procpool / cf-fork / cf-fork + a Manager (floor), ms", measured, None)]
+
+
 def _teardown_floor(by: Benches) -> list[tuple[str, str, float | None]]:
     td, fl = by.get("teardown-64"), by.get(EXIT_FLOOR_FRESH)
     if td is None or fl is None or not fl.median("floor"):
@@ -201,6 +215,7 @@ TARGETS: tuple[Ratio | Destroy | Info, ...] = (
     Ratio(G_MIXED, "mixed", "mixed blocking + CPU items: procpool <= 0.4x {peer}", 0.4, vs=CF),
     Info(G_FLOORS, _latency_floor),
     Info(G_FLOORS, _teardown_floor),
+    Info(G_FLOORS, _cold_start_floor),
 )
 
 
