@@ -498,3 +498,54 @@ def test_a_pools_locks_are_dropped_by_the_server_once_the_pool_is_gone():
     with_pool, with_two, after_close = json.loads(proc.out)
     assert with_two == with_pool + 2 and after_close == with_two
     assert_program_left_nothing(proc, token)
+
+
+THREAD_CONNECTIONS = """
+import gc, json, threading, psutil, procpool, tasks
+from conftest import wait_until
+
+pool = procpool.WorkerPool(min_workers=1, max_workers=1)
+assert pool.submit(tasks.square, 2).result(timeout=20) == 4
+pool.manager_locks
+mgr = psutil.Process(procpool.manager.server_pid())
+
+def unnamed():
+    return sum(1 for c in mgr.net_connections(kind="unix") if not c.laddr and not c.raddr)
+
+# The two channels connections are handed over on (the spawner's, the program's link) and the
+# first pool's worker. (Counted once settled: the server end of the connection that made the
+# pool's locks may still be closing.)
+base = 3
+wait_until(lambda: unnamed() == base, timeout=30, what="the server's connections settled")
+seen = []
+
+def close_and_count(p):
+    p.close()
+    seen.append(unnamed())  # this thread's connection still open: it ends with the thread
+
+for _ in range(10):
+    # Closed from a thread of its own, which takes the pool's locks (teardown), so gets a
+    # connection of its own to the server, then ends.
+    other = procpool.WorkerPool(min_workers=1, max_workers=1)
+    t = threading.Thread(target=close_and_count, args=(other,))
+    t.start()
+    t.join(30)
+    del other
+most = max(seen)
+gc.collect()
+wait_until(lambda: unnamed() == base, timeout=30, what="the server back to its connections before the loop")
+pool.close()
+print(json.dumps({"base": base, "most": most}))
+"""
+
+
+def test_a_threads_connection_to_the_server_goes_with_the_thread():
+    # The program's threads each get a connection to the server (handed over through the
+    # link) on their first lock request; a thread that ends takes its connection with it, so
+    # a program that closes pools from short-lived threads does not grow the server's
+    # descriptors (it held 10 more here before a thread's connections were its own).
+    proc, token = run_program(THREAD_CONNECTIONS)
+    assert proc.returncode == 0, proc.err
+    r = json.loads(proc.out)
+    assert r["most"] > r["base"], r  # the threads did connect (and were counted)
+    assert_program_left_nothing(proc, token)
