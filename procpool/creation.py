@@ -111,11 +111,11 @@ class Creator:
         return max(0.0, time.monotonic() - since)
 
     def start_filler(self, wake: Callable[[], None]) -> None:
-        """Make the pool's Manager locks (starting the program's server if it has none), then
-        start the rest of ``min_workers`` behind the constructor's first batch, in a thread of
-        its own: the constructor returns without waiting for either, and the arbiter must not
-        wait for the Manager or for forks while the first workers' results come in. The
-        thread ends when the pool has had min_workers at once, when it closes, or at the
+        """In a thread of its own: fork the reserved rest of ``min_workers`` (``fork_reserved``),
+        have the program's Manager server forked if it has none, make the pool's locks, and
+        fill any rest. The constructor returns without waiting for any of it, and the arbiter
+        must not wait for the Manager or for forks while the first workers' results come in.
+        The thread ends when the pool has had min_workers at once, when it closes, or at the
         first failure (making the locks or creating): the arbiter then goes on after the
         cooldown (``wake``s it, whose next pass calls ``fill``)."""
 
@@ -259,8 +259,8 @@ class Creator:
             raise OSError(f"procpool: could not start {first} workers") from self.error
         table = self.books.table
         assert table is not None
-        # The rest of min_workers, for the filler to fork while the Manager server starts
-        # (fork_reserved); allocated here, unlocked, for create_first's reason.
+        # The rest of min_workers, for the filler to fork before the Manager server even
+        # exists (fork_reserved); allocated here, unlocked, for create_first's reason.
         while len(self.reserved) < self.books.cfg.min_workers - first and (got := table.alloc()) is not None:
             self.reserved.append(got)
         _faults.hit(self.faults, "create.before_locks")

@@ -134,7 +134,7 @@ def _connect_stock(address: str) -> connection.Connection:
 def _new_connection(address: str, stock: bool = True) -> connection.Connection | None:
     """A new connection to the server at ``address``: through the program's link to it if it
     is the program's server, else the stock way (or None if not ``stock``)."""
-    link = _link if _link is not None and _link_pid == os.getpid() and _link.address == address else None
+    link = _link if _link is not None and _manager_pid == os.getpid() and _link.address == address else None
     if link is not None:
         return link.connect()
     return _connect_stock(address) if stock else None
@@ -250,12 +250,11 @@ def lock_for(name: LockName) -> ManagerLock:
 
 _address = ""  # the program's server's address ("" until it has one)
 _manager_pid = 0  # the process _address and the rest belong to (a fork's child has none)
-_link: _Link | None = None
-_link_pid = 0
+_link: _Link | None = None  # the program's link to its server (belongs to _manager_pid too)
 _manager_ready: connection.Connection | None = None  # the started server says here it listens
 _manager_alive_w = -1  # the program's end of the Manager's "program alive" pipe
 _server: Owner = (0, 0.0)  # the Manager server process: (pid, start time)
-# guards _address, _manager_pid, _link, _link_pid, _manager_alive_w, _server, _manager_ready
+# guards _address, _manager_pid, _link, _manager_alive_w, _server, _manager_ready
 _manager_lock = threading.Lock()
 
 
@@ -300,7 +299,7 @@ def get_manager(spawner: SpawnerOf) -> str:
 
 def _start_manager(spawner: SpawnerOf) -> None:
     """_manager_lock held. Listens at the planned address (lockname.plan_address), once."""
-    global _address, _manager_pid, _link, _link_pid, _manager_alive_w, _server, _manager_ready
+    global _address, _manager_pid, _link, _manager_alive_w, _server, _manager_ready
     address = lockname.take_planned()
     alive_r, alive_w = os.pipe()
     try:
@@ -326,7 +325,7 @@ def _start_manager(spawner: SpawnerOf) -> None:
     if mine and _manager_ready is not None:
         _manager_ready.close()  # a server that died before it listened
     _address, _manager_pid, _manager_alive_w = os.fsdecode(address), os.getpid(), alive_w
-    _link, _link_pid = _Link(_address, link), os.getpid()
+    _link = _Link(_address, link)
     lockname.set_live(_address)
     _manager_ready = connection.Connection(ready, writable=False)
     _server = _identify(pid)

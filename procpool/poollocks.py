@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 
 def _manager() -> Any:
-    from . import manager  # the Manager's machinery: loaded when the first pool makes its locks
+    from . import manager  # the Manager's client (light): loaded by the first pool's filler
 
     return manager
 

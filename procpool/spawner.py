@@ -701,6 +701,8 @@ class _SpawnerState:
         completion_fd, rest = fds[0], fds[1 : len(fds) - len(inherited)]
         answer: list[int | BaseException] = []
         ours = self._manager_pairs(len(specs), manager_follows)
+        if not ours:
+            _warm_for_stock_connections()  # these workers will connect the stock way
         given: list[int] = []  # the server's ends of the workers that were forked
         # What every worker of the batch closes but its own: the spawner's descriptors, the
         # request's and the Manager pairs', as runs of consecutive numbers (worked out once
@@ -770,8 +772,7 @@ def _warm_for_stock_connections() -> None:
     """Before forking workers that will connect to the Manager themselves on their way out
     (no connection to hand over: a replacement spawner, say): the handshake imports hmac (and
     OpenSSL with it) on first use, ~1-2 ms of CPU per worker at the worst moment, a teardown
-    of many at once; imported here once instead. (A no-op once this spawner loaded the
-    Manager's module, which imports them.)"""
+    of many at once; imported here once instead (a no-op after the first time)."""
     import hashlib  # noqa: F401
     import hmac  # noqa: F401
 
