@@ -46,6 +46,14 @@ def wait_until(
         time.sleep(interval)
 
 
+def started_workers(pool: Any, timeout: float = 30.0) -> list[Any]:
+    """``pool.workers()`` once all of ``min_workers`` are on the books: the constructor returns
+    with the first few (procpool.creation.FIRST_BATCH), the filler starts the rest behind it."""
+    n = pool.min_workers
+    wait_until(lambda: pool.stats().nr_workers >= n, timeout=timeout, what=f"{n} workers started")
+    return pool.workers()
+
+
 def dead_pid() -> int:
     """The pid of a process that has exited and been reaped (no process has it now, unless the
     kernel reuses it: pids wrap slowly, and the tests that use one tolerate that)."""

@@ -16,7 +16,7 @@ import threading
 from multiprocessing import connection
 
 import pytest
-from conftest import assert_program_left_nothing, run_program, title_of, wait_until
+from conftest import assert_program_left_nothing, run_program, started_workers, title_of, wait_until
 
 from procpool import lockname, lockserver
 from procpool.idtable import DYING, FREE, IdTable
@@ -117,7 +117,7 @@ def test_a_table_of_a_later_pool_with_the_same_name_is_not_touched(table):
 def _close_while_holding_attach(pool) -> tuple[threading.Thread, dict[int, int]]:
     """Hold the pool's attach lock here, close the pool in a thread, and wait until every
     worker is dying (its detach request, batched, waits for the lock)."""
-    pids = {w.id: w.pid for w in pool.workers()}
+    pids = {w.id: w.pid for w in started_workers(pool)}
     closer = threading.Thread(target=pool.close)
     closer.start()
     wait_until(lambda: all(pool.id_table.slot(wid).state == DYING for wid in pids), what="all workers dying")

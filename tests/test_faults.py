@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 import tasks
-from conftest import alive, my_segments, title_of, wait_until
+from conftest import alive, my_segments, started_workers, title_of, wait_until
 
 import procpool
 from procpool.idtable import IdTable
@@ -112,9 +112,7 @@ LATER = ",".join(f"detach.before_lock@{i}=delay:0.05" for i in (1, 2, 3))
 def _hold_attach_lock_and_close(pool) -> tuple[threading.Thread, dict[int, int]]:
     """Close ``pool`` in a thread while its worker 0 holds the attach lock (fault point) and
     the others, dying, wait for it; returns the closing thread and the workers' pids by id."""
-    n = pool.min_workers
-    wait_until(lambda: pool.stats().nr_workers == n, what=f"{n} workers")  # (some start behind the constructor)
-    pids = {w.id: w.pid for w in pool.workers()}
+    pids = {w.id: w.pid for w in started_workers(pool)}
     closer = threading.Thread(target=pool.close)
     closer.start()
     wait_until(lambda: (pool.manager_locks.attach.owner() or (0,))[0] == pids[0], what="worker 0 holds the attach lock")
@@ -400,8 +398,7 @@ def test_each_worker_holds_its_own_pipes_and_no_other_workers():
     # the pool's completion pipe and its Manager connection, nothing of its batch-mates'.
     # Six workers: the constructor's batch and the filler's.
     with procpool.WorkerPool(min_workers=6, max_workers=6) as pool:
-        wait_until(lambda: pool.stats().nr_workers == 6, what="six workers")
-        pids = [w.pid for w in pool.workers()]
+        pids = [w.pid for w in started_workers(pool)]
         wait_until(lambda: all((title_of(p) or "").startswith("kworker/") for p in pids), what="workers set up")
         held = {}
         for pid in pids:

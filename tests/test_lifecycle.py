@@ -20,6 +20,7 @@ from conftest import (
     my_segments,
     named_workers,
     run_program,
+    started_workers,
     title_of,
     wait_until,
 )
@@ -31,7 +32,7 @@ from procpool.idtable import IdTable
 def test_submit_returns_results_and_workers_are_titled():
     with procpool.WorkerPool(min_workers=3, max_workers=3) as pool:
         assert pool.submit(tasks.square, 9).result(timeout=10) == 81
-        workers = pool.workers()
+        workers = started_workers(pool)
         assert sorted(w.id for w in workers) == [0, 1, 2]
         for w in workers:
             expected = f"kworker/u{pool.id}:{w.id}"
@@ -131,7 +132,7 @@ def test_close_waits_for_every_detach_and_leaves_nothing():
     # then (however slowly this machine runs it), so that completion is waited for.
     faults = "detach.before_lock=delay:0.3,detach.before_lock@0=delay:2"
     pool = procpool.WorkerPool(min_workers=4, max_workers=4, faults=faults)
-    pids = [w.pid for w in pool.workers()]
+    pids = [w.pid for w in started_workers(pool)]
     name = pool.table_name
     pool.close()
     assert pool.completions == 1  # the last detacher completed the teardown wait, once

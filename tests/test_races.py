@@ -8,7 +8,7 @@ import threading
 import time
 
 import tasks
-from conftest import alive, live_titles, named_workers, title_of, wait_until
+from conftest import alive, live_titles, named_workers, started_workers, title_of, wait_until
 
 import procpool
 from procpool.idtable import IdTable
@@ -48,8 +48,8 @@ def test_completion_completes_exactly_once_while_workers_die_during_teardown():
     # complete it, once.
     hold = ",".join(f"detach.before_lock@{i}=delay:60" for i in (0, 1))
     pool = procpool.WorkerPool(min_workers=6, max_workers=6, faults=f"detach.before_lock=delay:0.3,{hold}")
+    pids = [w.pid for w in started_workers(pool)]
     victims = [w.pid for w in pool.workers() if w.id in (0, 1)]
-    pids = [w.pid for w in pool.workers()]
     table = IdTable.attach(pool.table_name, writable=False)
     errors: list[BaseException] = []
 

@@ -141,12 +141,11 @@ def test_manager_killed_then_the_pool_grows_and_loses_a_worker():
 
 MANAGER_DIES_AT_START = """
 import json, os, sys, time, psutil, procpool, tasks
-from conftest import wait_until
+from conftest import started_workers
 # A fresh program: its first pool forks its workers, then starts the Manager, whose server is
 # SIGKILLed (manager.create=kill) while it makes the pool's locks.
 pool = procpool.WorkerPool(min_workers=3, max_workers=3, idle_timeout=60, faults="manager.create=kill")
-wait_until(lambda: pool.stats().nr_workers == 3, timeout=30, what="3 workers")
-first = {w.id: w.pid for w in pool.workers()}
+first = {w.id: w.pid for w in started_workers(pool)}
 assert len(first) == 3, first
 pool.manager_locks  # the filler makes them behind the constructor: the server is replaced then
 server = procpool.manager.server_pid()
